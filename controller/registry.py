@@ -1,0 +1,86 @@
+"""The worker registry: who is in the cluster, how to reach them, and whether they are alive."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lmshare.stats import WorkerCounters
+
+
+@dataclass
+class WorkerRecord:
+    """A registered worker."""
+
+    worker_id: str
+    epoch: int
+    host: str
+    data_port: int
+    host_id: str
+    transports: list[str]
+    capacity_bytes: int
+    extra: dict = field(default_factory=dict)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    last_seq: int = 0
+    syncing: bool = False
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    previous_counters: WorkerCounters | None = None
+    previous_heartbeat: float = 0.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.data_port}"
+
+    def heartbeat_age(self, now: float | None = None) -> float:
+        return (now if now is not None else time.monotonic()) - self.last_heartbeat
+
+    def record_heartbeat(self, counters: WorkerCounters) -> None:
+        now = time.monotonic()
+        self.previous_counters, self.previous_heartbeat = self.counters, self.last_heartbeat
+        self.counters, self.last_heartbeat = counters, now
+
+    def rate(self, name: str) -> float:
+        """Per-second change of a counter between the last two heartbeats."""
+        if self.previous_counters is None:
+            return 0.0
+        elapsed = self.last_heartbeat - self.previous_heartbeat
+        if elapsed <= 0:
+            return 0.0
+        delta = getattr(self.counters, name) - getattr(self.previous_counters, name)
+        return max(0.0, delta / elapsed)
+
+    def peer_info(self) -> dict:
+        return {"worker_id": self.worker_id, "host": self.host, "data_port": self.data_port,
+                "host_id": self.host_id, "transports": self.transports, "extra": self.extra}
+
+
+class WorkerRegistry:
+    """Registered workers by id, with liveness from heartbeat age."""
+
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.workers: dict[str, WorkerRecord] = {}
+
+    def get(self, worker_id: str, epoch: int) -> WorkerRecord | None:
+        """The worker if it is registered under this epoch (a stale epoch counts as unknown)."""
+        record = self.workers.get(worker_id)
+        return record if record is not None and record.epoch == epoch else None
+
+    def add(self, record: WorkerRecord) -> WorkerRecord | None:
+        """Register; returns the record it replaces (same id, older incarnation), if any."""
+        previous = self.workers.get(record.worker_id)
+        self.workers[record.worker_id] = record
+        return previous
+
+    def remove(self, worker_id: str) -> WorkerRecord | None:
+        return self.workers.pop(worker_id, None)
+
+    def state(self, record: WorkerRecord, now: float | None = None) -> str:
+        age = record.heartbeat_age(now)
+        if age > self.heartbeat_timeout_s:
+            return "dead"
+        return "suspect" if age > self.heartbeat_timeout_s / 2 else "alive"
+
+    def expired(self, now: float | None = None) -> list[WorkerRecord]:
+        now = time.monotonic() if now is None else now
+        return [w for w in self.workers.values() if w.heartbeat_age(now) > self.heartbeat_timeout_s]

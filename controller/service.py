@@ -1,0 +1,317 @@
+"""The controller service: one ROUTER socket, one thread, every message validated.
+
+Handlers never raise out of the loop: a bad message gets an error reply (and counts as refused),
+and the controller keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from lmshare.controller.index import ChunkIndex
+from lmshare.controller.registry import WorkerRecord, WorkerRegistry
+
+from lmshare import protocol
+from lmshare.errors import ConfigError, ProtocolError
+from lmshare.keys import KEY_BYTES
+from lmshare.protocol import ErrorCode
+from lmshare.stats import ClusterEvent, ClusterStats, WorkerCounters, WorkerView
+
+log = logging.getLogger(__name__)
+
+DEPARTED_SHOWN_S = 120.0  # how long stats keep showing a worker that left or died
+CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
+                    "ping"}
+
+
+@dataclass
+class ControllerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7800
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
+    max_lookup_keys: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(f"heartbeat timeout ({self.heartbeat_timeout_s}s) must be longer "
+                              f"than the heartbeat interval ({self.heartbeat_interval_s}s)")
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ControllerService:
+    """Owns the registry and the index; serves requests until :meth:`stop`."""
+
+    def __init__(self, config: ControllerConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.controller_id = uuid.uuid4().hex[:12]
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self.epoch = int(self.started_at * 1000)
+        self._next_epoch = self.epoch
+        self.registry = WorkerRegistry(config.heartbeat_timeout_s)
+        self.index = ChunkIndex()
+        self.events: deque[ClusterEvent] = deque(maxlen=200)
+        self.lookup_us: deque[float] = deque(maxlen=20000)
+        self.lookups = 0
+        self.refused = 0
+        # workers that left or died recently: id → (record, "left" | "dead", unix time)
+        self.departed: dict[str, tuple[WorkerRecord, str, float]] = {}
+        self._hit_history: deque[tuple[int, int, int]] = deque(maxlen=60)
+        self._last_hit_totals: tuple[int, int, int] | None = None
+        self._last_sample = 0.0
+        self._stop = threading.Event()
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * 4)
+        try:
+            self._socket.bind(f"tcp://{config.host}:{config.port}")
+        except zmq.ZMQError as exc:
+            self._socket.close()
+            raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); "
+                              "choose another --port or stop the process using it") from None
+        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.port = int(endpoint.rsplit(":", 1)[1])
+        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "register": self._on_register, "heartbeat": self._on_heartbeat,
+            "batch": self._on_batch, "sync": self._on_sync, "deregister": self._on_deregister,
+            "lookup": self._on_lookup, "stats": self._on_stats, "ping": self._on_ping,
+        }
+        self.event("restart", f"controller {self.controller_id} started (pid {os.getpid()})")
+
+    # ------------------------------------------------------------------ loop
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        log.info("controller %s listening on %s:%d", self.controller_id, self.config.host, self.port)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(50):
+                    for _ in range(1000):  # drain what is queued, then check timers
+                        try:
+                            frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                self._check_liveness()
+                self._sample_hits()
+        finally:
+            self._socket.close(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def event(self, kind: str, detail: str) -> None:
+        self.events.append(ClusterEvent(time.time(), kind, detail))
+        log.info("%s: %s", kind, detail)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        envelope, payload = frames[:-1], frames[-1]
+        request_id = 0
+        try:
+            try:
+                message = protocol.decode_request(payload, CONTROLLER_TYPES,
+                                                  self.config.max_message_bytes)
+            except ProtocolError as exc:
+                raise _Refused(protocol.error_code_of(exc), str(exc)) from None
+            request_id = message["id"]
+            reply = self._handlers[message["type"]](message)
+            reply.setdefault("id", request_id)
+        except _Refused as refused:
+            if refused.code not in (ErrorCode.UNKNOWN_WORKER, ErrorCode.UNKNOWN_NAMESPACE):
+                self.refused += 1
+                self.event("refused", refused.message[:200])
+            reply = protocol.error(request_id, refused.code, refused.message)
+        except Exception as exc:  # a bug in a handler must not take the controller down
+            log.exception("handler failed")
+            reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
+        try:
+            self._socket.send_multipart([*envelope, protocol.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("reply dropped: %s", exc)
+
+    # ------------------------------------------------------------------ helpers
+    def _worker(self, message: dict[str, Any]) -> WorkerRecord:
+        record = self.registry.get(message["worker_id"], message["epoch"])
+        if record is None:
+            raise _Refused(ErrorCode.UNKNOWN_WORKER,
+                           f"worker {message['worker_id']!r} (epoch {message['epoch']}) is not "
+                           "registered here (controller restarted or worker declared dead); "
+                           "register again")
+        return record
+
+    @staticmethod
+    def _check_keys(keys: Any) -> list[bytes]:
+        if not isinstance(keys, (list, tuple)) or not all(
+                isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
+            raise _Refused(ErrorCode.BAD_MESSAGE, f"keys must be a list of {KEY_BYTES}-byte strings")
+        return list(keys)
+
+    def _apply_entries(self, record: WorkerRecord, entries: dict) -> None:
+        for namespace, keys in entries.items():
+            if not isinstance(namespace, bytes) or len(namespace) != KEY_BYTES:
+                raise _Refused(ErrorCode.BAD_MESSAGE, "namespace must be 16 bytes")
+            self.index.add(record.worker_id, namespace, self._check_keys(keys))
+
+    def _drop_worker(self, worker_id: str, kind: str, detail: str) -> None:
+        record = self.registry.remove(worker_id)
+        chunks = self.index.drop_worker(worker_id)
+        if record is not None:
+            self.departed[worker_id] = (record, "left" if kind == "leave" else "dead", time.time())
+        self.event(kind, f"{worker_id} {detail}; {chunks} chunks left the index")
+
+    # ------------------------------------------------------------------ handlers
+    def _on_register(self, m: dict[str, Any]) -> dict[str, Any]:
+        worker_id = m["worker_id"]
+        if not worker_id or len(worker_id) > 200:
+            raise _Refused(ErrorCode.BAD_MESSAGE, "worker_id must be 1-200 characters")
+        if not 0 < m["data_port"] < 65536:
+            raise _Refused(ErrorCode.BAD_MESSAGE, f"data_port {m['data_port']} is not a port")
+        self._next_epoch += 1
+        record = WorkerRecord(worker_id, self._next_epoch, m["host"], m["data_port"],
+                              m["host_id"], [str(t) for t in m["transports"]],
+                              m["capacity_bytes"], dict(m.get("extra") or {}))
+        previous = self.registry.add(record)
+        if previous is not None:
+            self.index.drop_worker(worker_id)
+            self.event("join", f"{worker_id} re-registered at {record.address} (replaces epoch "
+                               f"{previous.epoch})")
+        else:
+            self.event("join", f"{worker_id} joined at {record.address}")
+        self.departed.pop(worker_id, None)
+        return protocol.ok(m["id"], epoch=record.epoch, controller_id=self.controller_id,
+                           heartbeat_interval_s=self.config.heartbeat_interval_s,
+                           heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+
+    def _on_heartbeat(self, m: dict[str, Any]) -> dict[str, Any]:
+        record = self._worker(m)
+        record.record_heartbeat(WorkerCounters.from_dict(m["stats"]))
+        resync = record.syncing or record.last_seq != m["seq"]
+        return protocol.ok(m["id"], resync=resync)
+
+    def _on_batch(self, m: dict[str, Any]) -> dict[str, Any]:
+        record = self._worker(m)
+        if record.syncing or m["seq"] != record.last_seq + 1:
+            return protocol.ok(m["id"], resync=True)
+        self._apply_entries(record, m["admit"])
+        self.index.remove(record.worker_id, self._check_keys(m["evict"]))
+        record.last_seq = m["seq"]
+        record.last_heartbeat = time.monotonic()
+        return protocol.ok(m["id"], resync=False)
+
+    def _on_sync(self, m: dict[str, Any]) -> dict[str, Any]:
+        record = self._worker(m)
+        if m["part"] == 0:
+            self.index.drop_worker(record.worker_id)
+            record.syncing = True
+        elif not record.syncing:
+            return protocol.ok(m["id"], resync=True)
+        self._apply_entries(record, m["entries"])
+        if m["final"]:
+            record.syncing = False
+            record.last_seq = m["seq"]
+            self.event("resync", f"{record.worker_id} synced "
+                                 f"{self.index.worker_chunks(record.worker_id)} chunks")
+        record.last_heartbeat = time.monotonic()
+        return protocol.ok(m["id"], resync=False)
+
+    def _on_deregister(self, m: dict[str, Any]) -> dict[str, Any]:
+        record = self._worker(m)
+        self._drop_worker(record.worker_id, "leave", "left gracefully")
+        return protocol.ok(m["id"])
+
+    def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        keys = m["keys"]
+        if len(keys) > self.config.max_lookup_keys:
+            raise _Refused(ErrorCode.TOO_LARGE, f"lookup of {len(keys)} keys exceeds "
+                                                f"{self.config.max_lookup_keys}; split it")
+        namespace = m["namespace"]
+        if not isinstance(namespace, bytes) or len(namespace) != KEY_BYTES:
+            raise _Refused(ErrorCode.BAD_MESSAGE, "namespace must be 16 bytes")
+        if not self.index.knows_namespace(namespace):
+            raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
+                           "no worker holds chunks of this namespace (model signature); nothing "
+                           "was stored under it yet, or the signature differs from the writer's")
+        holders = self.index.longest_prefix(self._check_keys(keys))
+        involved = {w for chunk in holders for w in chunk}
+        workers = {w: self.registry.workers[w].peer_info() for w in involved
+                   if w in self.registry.workers}
+        self.lookups += 1
+        self.lookup_us.append((time.perf_counter() - started) * 1e6)
+        return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers)
+
+    def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:
+        return protocol.ok(m["id"], controller_id=self.controller_id)
+
+    def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
+        return protocol.ok(m["id"], stats=self.cluster_stats().to_dict())
+
+    # ------------------------------------------------------------------ timers
+    def _check_liveness(self) -> None:
+        for record in self.registry.expired():
+            self._drop_worker(record.worker_id, "dead",
+                              f"missed heartbeats for {record.heartbeat_age():.1f}s")
+
+    def _sample_hits(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sample < 1.0:
+            return
+        self._last_sample = now
+        totals = (0, 0, 0)
+        for w in self.registry.workers.values():
+            c = w.counters
+            totals = (totals[0] + c.local_hit_chunks, totals[1] + c.peer_hit_chunks,
+                      totals[2] + c.miss_chunks)
+        if self._last_hit_totals is not None:
+            delta = tuple(max(0, a - b) for a, b in zip(totals, self._last_hit_totals))
+            self._hit_history.append(delta)  # type: ignore[arg-type]
+        self._last_hit_totals = totals
+
+    def cluster_stats(self) -> ClusterStats:
+        now = time.monotonic()
+        workers = [
+            WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
+                       self.registry.state(w, now), round(w.heartbeat_age(now), 3),
+                       self.index.worker_chunks(w.worker_id), w.counters,
+                       w.rate("bytes_served"), w.rate("bytes_fetched"))
+            for w in self.registry.workers.values()
+        ]
+        horizon = time.time() - DEPARTED_SHOWN_S
+        for worker_id, (w, state, when) in list(self.departed.items()):
+            if when < horizon:
+                del self.departed[worker_id]
+                continue
+            workers.append(WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
+                                      state, round(time.time() - when, 3), 0, w.counters))
+        samples = sorted(self.lookup_us)
+        p50 = samples[len(samples) // 2] if samples else 0.0
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] if samples else 0.0
+        return ClusterStats(
+            controller_id=self.controller_id, controller_epoch=self.epoch,
+            uptime_s=round(now - self._started_mono, 3), workers=workers,
+            chunks_indexed=len(self.index), multi_holder_chunks=self.index.multi_holder_chunks(),
+            namespaces=self.index.namespaces, lookups=self.lookups,
+            lookup_p50_us=round(p50, 1), lookup_p99_us=round(p99, 1),
+            hit_history=list(self._hit_history), events=list(self.events),
+            refused_messages=self.refused)

@@ -1,0 +1,3 @@
+from lmshare.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""The ``lmshare`` command: controller | worker | status | dashboard | demo | bench.
+
+The only module that knows every part; the parts are imported lazily so that, for example,
+``lmshare controller`` never imports torch or the dashboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from lmshare.errors import LMShareError
+from lmshare.units import parse_address, parse_size
+
+log = logging.getLogger("lmshare")
+
+EXIT_USAGE = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    import signal
+
+    from lmshare.controller import ControllerConfig, ControllerService
+
+    service = ControllerService(ControllerConfig(
+        host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        max_message_bytes=parse_size(args.max_message_bytes)))
+    if args.metrics_port is not None:
+        from lmshare.controller.metrics import start_controller_metrics
+
+        start_controller_metrics(service, args.metrics_port, args.host)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop())
+    print(f"lmshare controller listening on {args.host}:{service.port}", flush=True)
+    service.serve_forever()
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from lmshare.worker import WorkerAgent, WorkerConfig
+
+    host, port = parse_address(args.controller)
+    config = WorkerConfig(
+        controller_host=host, controller_port=port, cache_bytes=parse_size(args.cache_size),
+        slab_bytes=parse_size(args.slab_size), host=args.host, port=args.port,
+        endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
+        fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
+        **({"name": args.name} if args.name else {}))
+    agent = WorkerAgent(config).start()
+    if args.metrics_port is not None:
+        from lmshare.worker.metrics import start_worker_metrics
+
+        start_worker_metrics(agent, args.metrics_port)
+    print(f"lmshare worker {agent.worker_id} registered in "
+          f"{agent.link.last_register_s * 1000:.2f} ms; peers on "
+          f"{agent.peer_server.host}:{agent.peer_server.port}, clients on {agent.endpoint}",
+          flush=True)
+    agent.run()
+    return 0
+
+
+def fetch_cluster_stats(controller: str, timeout_s: float):
+    """The controller's ClusterStats (shared by ``status`` and the dashboard)."""
+    from lmshare.control import ControllerClient
+    from lmshare.stats import ClusterStats
+
+    host, port = parse_address(controller)
+    client = ControllerClient(host, port, timeout_s)
+    try:
+        return ClusterStats.from_dict(client.call("stats")["stats"])
+    finally:
+        client.close()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    stats = fetch_cluster_stats(args.controller, args.timeout)
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2, default=str))
+        return 0
+    from rich.console import Console
+
+    from lmshare.status_view import status_table
+
+    Console().print(status_table(stats))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lmshare.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmshare", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="info", help="debug | info | warning | error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("controller", help="run the controller")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7800, help="control port (default 7800)")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S",
+                   help="declare a worker dead after this long without heartbeats (default 5)")
+    p.add_argument("--max-message-bytes", default="64MiB")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
+    p.set_defaults(func=_cmd_controller)
+
+    p = commands.add_parser("worker", help="run a worker beside a vLLM instance")
+    p.add_argument("--controller", required=True, metavar="HOST:PORT")
+    p.add_argument("--cache-size", default="8GiB", help="shared-memory pool size (default 8GiB)")
+    p.add_argument("--name", default=None, help="worker name, unique in the cluster "
+                                                "(default HOSTNAME-PID)")
+    p.add_argument("--slab-size", default="256KiB", help="pool allocation unit (default 256KiB)")
+    p.add_argument("--host", default="", help="data-plane address to listen on and advertise "
+                                              "(default: the address that reaches the controller)")
+    p.add_argument("--port", type=int, default=0, help="data-plane port (default: any free port)")
+    p.add_argument("--endpoint", default="", help="local client endpoint (default: an IPC "
+                                                  "socket named after the worker)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--fetch-timeout", type=float, default=5.0, metavar="S",
+                   help="deadline of one peer fetch (default 5)")
+    p.add_argument("--checksum", action="store_true", help="verify a CRC32 of every peer chunk")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
+    p.set_defaults(func=_cmd_worker)
+
+    p = commands.add_parser("status", help="print the cluster's workers and numbers")
+    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="S")
+    p.set_defaults(func=_cmd_status)
+
+    p = commands.add_parser("demo", help="embedded local cluster with synthetic shared-prefix "
+                                         "traffic and the live dashboard")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after this many seconds (default: run until q or Ctrl-C)")
+    p.add_argument("--port", type=int, default=0, help="controller port (default: a free port)")
+    p.add_argument("--no-dashboard", action="store_true", help="print a summary instead")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except LMShareError as exc:
+        print(f"lmshare {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `lmshare status --json | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

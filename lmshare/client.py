@@ -1,0 +1,229 @@
+"""The Python client of a local worker: what applications and the vLLM connector use.
+
+A client talks to the worker on the same host over its local endpoint (an IPC socket) and maps
+the worker's shared-memory pool, so chunk bytes never pass through a socket on this host:
+``put`` writes straight into reserved slabs, ``acquire`` pins a prefix and exposes its slabs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmshare.control import RpcClient
+from lmshare.errors import ConfigError, WorkerUnavailable
+from lmshare.keys import ModelSignature, signature_keys
+from lmshare.shm import SharedRegion
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 30.0
+
+
+def runtime_dir() -> Path:
+    """Where workers put their local endpoints: $LMSHARE_RUNTIME_DIR or a per-user temp dir."""
+    configured = os.environ.get("LMSHARE_RUNTIME_DIR")
+    if configured:
+        return Path(configured)
+    return Path(tempfile.gettempdir()) / f"lmshare-{os.getuid()}"
+
+
+def worker_endpoint(name: str) -> str:
+    """The local endpoint of the worker called ``name`` on this host."""
+    return f"ipc://{runtime_dir() / f'worker-{name}.sock'}"
+
+
+class _WorkerRpc(RpcClient):
+    unavailable_error = WorkerUnavailable
+    what = "local worker"
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How many prefix tokens the cluster can supply, split by where they are."""
+
+    tokens: int
+    local_tokens: int
+    peer_tokens: int
+    chunk_tokens: int
+
+    @property
+    def chunks(self) -> int:
+        return self.tokens // self.chunk_tokens if self.chunk_tokens else 0
+
+
+class Hit:
+    """A pinned prefix of chunks in the local pool. Read its views, then :meth:`release`."""
+
+    def __init__(self, client: Client, handle: int, chunks: list[tuple[list[int], int]],
+                 local: int, peer: int) -> None:
+        self._client = client
+        self.handle = handle
+        self._chunks = chunks
+        self.local_chunks = local
+        self.peer_chunks = peer
+        self.released = False
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def nbytes(self, index: int) -> int:
+        return self._chunks[index][1]
+
+    def views(self, index: int) -> list[memoryview]:
+        """Read-only views of chunk ``index``'s bytes, slab by slab (valid until release)."""
+        if self.released:
+            raise ValueError("hit was released; acquire again")
+        slabs, nbytes = self._chunks[index]
+        return [v.toreadonly() for v in self._client._slab_views(slabs, nbytes)]
+
+    def read(self, index: int) -> bytes:
+        return b"".join(self.views(index))
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self.handle:
+                self._client._release(self.handle)
+
+    def __enter__(self) -> Hit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Client:
+    """Connects to the local worker by name (``worker="node-a"``) or endpoint.
+
+    Thread-safe. Every call has a deadline (``timeout_s``); a worker that does not answer raises
+    :class:`~lmshare.errors.WorkerUnavailable`.
+    """
+
+    def __init__(self, worker: str | None = None, endpoint: str | None = None,
+                 timeout_s: float = 10.0) -> None:
+        if endpoint is None:
+            if not worker:
+                raise ConfigError("Client needs the local worker's name (worker=...) or endpoint")
+            endpoint = worker_endpoint(worker)
+        self.endpoint = endpoint
+        self._rpc = _WorkerRpc(endpoint, timeout_s)
+        self._lock = threading.Lock()
+        info = self._call("hello")
+        self.worker_id: str = info["worker_id"]
+        self.slab_bytes: int = info["slab_bytes"]
+        self._region = SharedRegion.attach(info["region_path"], info["region_bytes"])
+
+    def _call(self, type_: str, **fields: object) -> dict:
+        with self._lock:
+            return self._rpc.call(type_, **fields)
+
+    def _slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
+        views, remaining = [], nbytes
+        buffer = self._region.buffer
+        for slab in slabs:
+            size = min(remaining, self.slab_bytes)
+            start = slab * self.slab_bytes
+            views.append(buffer[start : start + size])
+            remaining -= size
+        return views
+
+    def _release(self, handle: int) -> None:
+        try:
+            self._call("release", handle=handle)
+        except WorkerUnavailable as exc:  # the lease expires on its own
+            log.warning("could not release lease %d: %s", handle, exc)
+
+    # ------------------------------------------------------------------ key-level API
+    def put_keys(self, namespace: bytes, keys: Sequence[bytes],
+                 chunks: Sequence[bytes | memoryview]) -> int:
+        """Store ``chunks[i]`` under ``keys[i]``; returns how many were new to the pool."""
+        if len(chunks) > len(keys):
+            raise ValueError(f"{len(chunks)} chunks but only {len(keys)} full-chunk keys")
+        keys = list(keys[: len(chunks)])
+        if not keys:
+            return 0
+        datas = [memoryview(c).cast("B") for c in chunks]
+        reply = self._call("reserve", namespace=namespace, keys=keys,
+                           sizes=[d.nbytes for d in datas])
+        handles = []
+        try:
+            for data, slot in zip(datas, reply["reservations"]):
+                if slot is None:
+                    continue  # already stored
+                handle, slabs = slot
+                offset = 0
+                for view in self._slab_views(slabs, data.nbytes):
+                    view[:] = data[offset : offset + view.nbytes]
+                    offset += view.nbytes
+                handles.append(handle)
+        except BaseException:
+            if handles:
+                self._call("abort", handles=handles)
+            raise
+        if not handles:
+            return 0
+        return int(self._call("commit", handles=handles)["committed"])
+
+    def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True) -> tuple[int, int]:
+        """(local, peer) chunk counts of the longest available prefix of ``keys``."""
+        if not keys:
+            return (0, 0)
+        reply = self._call("local_lookup", namespace=namespace, keys=list(keys), peers=peers)
+        return int(reply["local"]), int(reply["peer"])
+
+    def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
+                     lease_s: float = DEFAULT_LEASE_S) -> Hit:
+        """Pin the longest available prefix of ``keys`` in the local pool, fetching chunks held
+        only by peers first. A failed or late peer chunk truncates the prefix before it."""
+        if not keys:
+            return Hit(self, 0, [], 0, 0)
+        reply = self._call("acquire", namespace=namespace, keys=list(keys), peers=peers,
+                           lease_s=float(lease_s))
+        chunks = [(list(slabs), int(nbytes)) for slabs, nbytes in reply["chunks"]]
+        return Hit(self, int(reply["handle"]), chunks, int(reply["local"]), int(reply["peer"]))
+
+    # ------------------------------------------------------------------ token-level API
+    def put(self, signature: ModelSignature, token_ids: Sequence[int],
+            chunks: Sequence[bytes | memoryview]) -> int:
+        """Store the KV bytes of the first ``len(chunks)`` full chunks of ``token_ids``."""
+        return self.put_keys(signature.namespace(), signature_keys(signature, token_ids), chunks)
+
+    def lookup(self, signature: ModelSignature, token_ids: Sequence[int],
+               peers: bool = True) -> LookupResult:
+        """How many prefix tokens of ``token_ids`` are available, locally and from peers."""
+        local, peer = self.lookup_keys(signature.namespace(),
+                                       signature_keys(signature, token_ids), peers)
+        size = signature.chunk_tokens
+        return LookupResult((local + peer) * size, local * size, peer * size, size)
+
+    def acquire(self, signature: ModelSignature, token_ids: Sequence[int], peers: bool = True,
+                lease_s: float = DEFAULT_LEASE_S) -> Hit:
+        """Pin the available prefix of ``token_ids`` (see :meth:`acquire_keys`)."""
+        return self.acquire_keys(signature.namespace(), signature_keys(signature, token_ids),
+                                 peers, lease_s)
+
+    def get(self, signature: ModelSignature, token_ids: Sequence[int],
+            peers: bool = True) -> list[bytes]:
+        """The bytes of every chunk of the available prefix, fetched from peers when needed."""
+        with self.acquire(signature, token_ids, peers) as hit:
+            return [hit.read(i) for i in range(len(hit))]
+
+    def stats(self) -> dict:
+        """The worker's counters and pool state."""
+        return self._call("worker_stats")
+
+    def close(self) -> None:
+        self._rpc.close()
+        self._region.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

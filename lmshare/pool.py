@@ -1,0 +1,341 @@
+"""The KV pool: one shared-memory region carved into fixed-size slabs.
+
+An entry (the KV bytes of one chunk) spans one or more slabs. It is written in three steps —
+:meth:`KVPool.reserve` (take free slabs, evicting LRU entries if needed), fill the reservation's
+buffers, :meth:`Reservation.commit` — and is visible to readers only after commit. Readers
+:meth:`KVPool.pin` an entry, copy from its slabs, and unpin it; eviction never takes a pinned
+entry, so a pinned entry's bytes cannot change under a reader.
+
+Locking: entries live in hash buckets, each with its own lock; the free-slab list has its own
+lock. Locks are held only to change that bookkeeping, never while bytes are copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from lmshare.errors import ConfigError, EntryTooLarge, PoolFullError
+from lmshare.shm import SharedRegion
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLAB_BYTES = 256 * 1024
+DEFAULT_BUCKETS = 64
+
+# (event, namespace, key) with event "admit" or "evict"
+PoolListener = Callable[[str, bytes, bytes], None]
+
+
+@dataclass
+class Entry:
+    """A committed chunk: its key, where its bytes are, and who is reading it."""
+
+    namespace: bytes
+    key: bytes
+    slabs: list[int]
+    nbytes: int
+    pins: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class PoolStats:
+    capacity_bytes: int
+    slab_bytes: int
+    used_bytes: int  # bytes of committed entries
+    reserved_bytes: int  # bytes of reservations not yet committed
+    slabs_total: int
+    slabs_free: int
+    entries: int
+    pinned_entries: int
+    admits: int
+    evictions: int
+
+
+class Reservation:
+    """Slabs taken for one entry that is being written. Commit or abort it exactly once."""
+
+    def __init__(self, pool: KVPool, namespace: bytes, key: bytes, slabs: list[int], nbytes: int):
+        self.pool = pool
+        self.namespace = namespace
+        self.key = key
+        self.slabs = slabs
+        self.nbytes = nbytes
+        self.done = False
+
+    def buffers(self) -> list[memoryview]:
+        """Writable views covering exactly ``nbytes``, slab by slab."""
+        return self.pool.slab_views(self.slabs, self.nbytes)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Copy ``data`` (exactly ``nbytes`` long) into the reservation."""
+        data = memoryview(data).cast("B")
+        if data.nbytes != self.nbytes:
+            raise ValueError(f"reservation holds {self.nbytes} bytes, got {data.nbytes}")
+        offset = 0
+        for view in self.buffers():
+            view[:] = data[offset : offset + view.nbytes]
+            offset += view.nbytes
+
+    def commit(self) -> bool:
+        """Make the entry visible. False if the key was already present (this copy is dropped)."""
+        return self.pool.commit(self)
+
+    def abort(self) -> None:
+        self.pool.abort(self)
+
+
+class _Bucket:
+    __slots__ = ("lock", "entries")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()  # LRU order: oldest first
+
+
+class KVPool:
+    """Slab-allocated, LRU-evicted store of KV chunks in a shared-memory region."""
+
+    def __init__(self, capacity_bytes: int, slab_bytes: int = DEFAULT_SLAB_BYTES,
+                 name: str = "pool", region: SharedRegion | None = None,
+                 num_buckets: int = DEFAULT_BUCKETS) -> None:
+        if slab_bytes <= 0:
+            raise ConfigError(f"slab size must be positive, got {slab_bytes}")
+        num_slabs = capacity_bytes // slab_bytes
+        if num_slabs < 1:
+            raise ConfigError(f"cache size {capacity_bytes} bytes is smaller than one slab "
+                              f"({slab_bytes} bytes); give a larger --cache-size")
+        self.slab_bytes = slab_bytes
+        self.num_slabs = num_slabs
+        self.capacity_bytes = num_slabs * slab_bytes
+        self.region = region or SharedRegion.create(name, self.capacity_bytes)
+        self._buffer = self.region.buffer
+        self._free_lock = threading.Lock()
+        self._free: list[int] = list(range(num_slabs - 1, -1, -1))
+        self._buckets = [_Bucket() for _ in range(num_buckets)]
+        self._counter_lock = threading.Lock()
+        self._used_bytes = 0
+        self._reserved_bytes = 0
+        self._entries = 0
+        self._admits = 0
+        self._evictions = 0
+        self._listeners: list[PoolListener] = []
+
+    # ----------------------------------------------------------------- bookkeeping helpers
+    def add_listener(self, listener: PoolListener) -> None:
+        """Call ``listener(event, namespace, key)`` on every admit and eviction."""
+        self._listeners.append(listener)
+
+    def _bucket(self, key: bytes) -> _Bucket:
+        return self._buckets[int.from_bytes(key[:4], "little") % len(self._buckets)]
+
+    def slabs_for(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // self.slab_bytes))
+
+    def slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
+        views = []
+        remaining = nbytes
+        for slab in slabs:
+            size = min(remaining, self.slab_bytes)
+            start = slab * self.slab_bytes
+            views.append(self._buffer[start : start + size])
+            remaining -= size
+        return views
+
+    def _emit(self, event: str, namespace: bytes, key: bytes) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event, namespace, key)
+            except Exception:  # a listener must never break the data path
+                log.exception("pool listener failed on %s", event)
+
+    # ----------------------------------------------------------------- write path
+    def reserve(self, namespace: bytes, key: bytes, nbytes: int) -> Reservation:
+        """Take slabs for an entry of ``nbytes``, evicting least-recently-used entries if needed."""
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        needed = self.slabs_for(nbytes)
+        if needed > self.num_slabs:
+            raise EntryTooLarge(f"an entry of {nbytes} bytes needs {needed} slabs but the pool "
+                                f"has {self.num_slabs}; give a larger --cache-size")
+        slabs: list[int] = []
+        while True:
+            with self._free_lock:
+                take = min(needed - len(slabs), len(self._free))
+                for _ in range(take):
+                    slabs.append(self._free.pop())
+            if len(slabs) == needed:
+                break
+            if not self._evict_one():
+                self._release_slabs(slabs)
+                raise PoolFullError(f"no room for {nbytes} bytes: every entry is pinned or being "
+                                    "written; retry later or give a larger --cache-size")
+        with self._counter_lock:
+            self._reserved_bytes += nbytes
+        return Reservation(self, namespace, key, slabs, nbytes)
+
+    def commit(self, reservation: Reservation) -> bool:
+        self._finish(reservation)
+        bucket = self._bucket(reservation.key)
+        with bucket.lock:
+            duplicate = reservation.key in bucket.entries
+            if not duplicate:
+                bucket.entries[reservation.key] = Entry(
+                    reservation.namespace, reservation.key, reservation.slabs, reservation.nbytes)
+        if duplicate:
+            self._release_slabs(reservation.slabs)
+            return False
+        with self._counter_lock:
+            self._used_bytes += reservation.nbytes
+            self._entries += 1
+            self._admits += 1
+        self._emit("admit", reservation.namespace, reservation.key)
+        return True
+
+    def abort(self, reservation: Reservation) -> None:
+        self._finish(reservation)
+        self._release_slabs(reservation.slabs)
+
+    def _finish(self, reservation: Reservation) -> None:
+        if reservation.done:
+            raise ValueError("reservation was already committed or aborted")
+        reservation.done = True
+        with self._counter_lock:
+            self._reserved_bytes -= reservation.nbytes
+
+    def _release_slabs(self, slabs: Iterable[int]) -> None:
+        with self._free_lock:
+            self._free.extend(slabs)
+
+    def put(self, namespace: bytes, key: bytes, data: bytes | memoryview) -> bool:
+        """Reserve, fill and commit in one call. False if the key was already present."""
+        data = memoryview(data).cast("B")
+        reservation = self.reserve(namespace, key, data.nbytes)
+        try:
+            reservation.write(data)
+        except BaseException:
+            reservation.abort()
+            raise
+        return reservation.commit()
+
+    # ----------------------------------------------------------------- eviction
+    def _evict_one(self) -> bool:
+        """Evict the least-recently-used unpinned entry. False if there is none."""
+        for _ in range(4):  # entries may be pinned or touched between the scan and the removal
+            oldest: Entry | None = None
+            oldest_bucket: _Bucket | None = None
+            for bucket in self._buckets:
+                with bucket.lock:
+                    for entry in bucket.entries.values():
+                        if entry.pins == 0:
+                            if oldest is None or entry.last_used < oldest.last_used:
+                                oldest, oldest_bucket = entry, bucket
+                            break
+            if oldest is None or oldest_bucket is None:
+                return False
+            with oldest_bucket.lock:
+                current = oldest_bucket.entries.get(oldest.key)
+                if current is not oldest or oldest.pins:
+                    continue
+                del oldest_bucket.entries[oldest.key]
+            self._drop(oldest)
+            return True
+        return False
+
+    def _drop(self, entry: Entry) -> None:
+        self._release_slabs(entry.slabs)
+        with self._counter_lock:
+            self._used_bytes -= entry.nbytes
+            self._entries -= 1
+            self._evictions += 1
+        self._emit("evict", entry.namespace, entry.key)
+
+    def remove(self, key: bytes) -> bool:
+        """Drop an entry now if it is not pinned. False if absent or pinned."""
+        bucket = self._bucket(key)
+        with bucket.lock:
+            entry = bucket.entries.get(key)
+            if entry is None or entry.pins:
+                return False
+            del bucket.entries[key]
+        self._drop(entry)
+        return True
+
+    # ----------------------------------------------------------------- read path
+    def contains(self, key: bytes) -> bool:
+        bucket = self._bucket(key)
+        with bucket.lock:
+            return key in bucket.entries
+
+    def prefix_length(self, keys: Iterable[bytes]) -> int:
+        """How many of ``keys``, from the first, are present."""
+        count = 0
+        for key in keys:
+            if not self.contains(key):
+                break
+            count += 1
+        return count
+
+    def pin(self, key: bytes) -> Entry | None:
+        """Pin an entry for reading (marks it recently used). None if absent."""
+        bucket = self._bucket(key)
+        with bucket.lock:
+            entry = bucket.entries.get(key)
+            if entry is None:
+                return None
+            entry.pins += 1
+            entry.last_used = time.monotonic()
+            bucket.entries.move_to_end(key)
+            return entry
+
+    def unpin(self, entry: Entry) -> None:
+        bucket = self._bucket(entry.key)
+        with bucket.lock:
+            if entry.pins <= 0:
+                raise ValueError("unpin of an entry that is not pinned")
+            entry.pins -= 1
+
+    def views(self, entry: Entry) -> list[memoryview]:
+        """Views of a pinned entry's bytes, slab by slab."""
+        return self.slab_views(entry.slabs, entry.nbytes)
+
+    def read(self, key: bytes) -> bytes | None:
+        """A copy of an entry's bytes, or None if absent."""
+        entry = self.pin(key)
+        if entry is None:
+            return None
+        try:
+            return b"".join(self.views(entry))
+        finally:
+            self.unpin(entry)
+
+    # ----------------------------------------------------------------- inspection
+    def entries_by_namespace(self) -> dict[bytes, list[bytes]]:
+        """Every committed key, grouped by namespace (for a full sync)."""
+        result: dict[bytes, list[bytes]] = {}
+        for bucket in self._buckets:
+            with bucket.lock:
+                for entry in bucket.entries.values():
+                    result.setdefault(entry.namespace, []).append(entry.key)
+        return result
+
+    def stats(self) -> PoolStats:
+        with self._free_lock:
+            free = len(self._free)
+        pinned = 0
+        for bucket in self._buckets:
+            with bucket.lock:
+                pinned += sum(1 for entry in bucket.entries.values() if entry.pins)
+        with self._counter_lock:
+            return PoolStats(self.capacity_bytes, self.slab_bytes, self._used_bytes,
+                             self._reserved_bytes, self.num_slabs, free, self._entries, pinned,
+                             self._admits, self._evictions)
+
+    def close(self) -> None:
+        self._buffer = None
+        self.region.close()

@@ -1,0 +1,116 @@
+"""The cluster's live numbers, as the controller reports them. ``lmshare status`` and the
+dashboard both read this one data model (from the controller's ``stats`` reply)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class WorkerCounters:
+    """Counters a worker reports in every heartbeat (monotonic, since the worker started)."""
+
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    entries: int = 0
+    pinned_entries: int = 0
+    local_hit_chunks: int = 0
+    peer_hit_chunks: int = 0
+    miss_chunks: int = 0
+    bytes_served: int = 0
+    bytes_fetched: int = 0
+    fetch_failures: int = 0
+    in_flight_fetches: int = 0
+    lookups: int = 0
+    admits: int = 0
+    evictions: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerCounters:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in data.items() if k in names and isinstance(v, (int, float))})
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class WorkerView:
+    """One worker as the controller sees it."""
+
+    worker_id: str
+    address: str
+    host_id: str
+    transports: list[str]
+    state: str  # "alive" | "suspect" | "dead" | "left"
+    heartbeat_age_s: float
+    chunks_indexed: int
+    counters: WorkerCounters
+    # per-second rates over the last heartbeats
+    served_bytes_per_s: float = 0.0
+    fetched_bytes_per_s: float = 0.0
+
+
+@dataclass
+class ClusterEvent:
+    time: float  # unix time
+    kind: str  # join | leave | dead | restart | refused | resync
+    detail: str
+
+
+@dataclass
+class ClusterStats:
+    """Everything the dashboard and ``lmshare status`` show."""
+
+    controller_id: str
+    controller_epoch: int
+    uptime_s: float
+    workers: list[WorkerView]
+    chunks_indexed: int
+    multi_holder_chunks: int
+    namespaces: int
+    lookups: int
+    lookup_p50_us: float
+    lookup_p99_us: float
+    # cluster hit rates over the last minute, one sample per second: (local, peer, miss) chunks
+    hit_history: list[tuple[int, int, int]] = field(default_factory=list)
+    events: list[ClusterEvent] = field(default_factory=list)
+    refused_messages: int = 0
+
+    @property
+    def bytes_cached(self) -> int:
+        return sum(w.counters.used_bytes for w in self.workers if w.state in ("alive", "suspect"))
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(w.counters.capacity_bytes for w in self.workers if w.state in ("alive", "suspect"))
+
+    def count(self, state: str) -> int:
+        return sum(1 for w in self.workers if w.state == state)
+
+    def hit_rates(self) -> tuple[float, float, float]:
+        """(local, peer, miss) fractions of chunks asked for over the history window."""
+        local = sum(h[0] for h in self.hit_history)
+        peer = sum(h[1] for h in self.hit_history)
+        miss = sum(h[2] for h in self.hit_history)
+        total = local + peer + miss
+        if not total:
+            return (0.0, 0.0, 0.0)
+        return (local / total, peer / total, miss / total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterStats:
+        workers = []
+        for w in data.get("workers", []):
+            w = dict(w)
+            w["counters"] = WorkerCounters.from_dict(w.get("counters", {}))
+            w["transports"] = list(w.get("transports", []))
+            workers.append(WorkerView(**w))
+        events = [ClusterEvent(**e) for e in data.get("events", [])]
+        history = [tuple(h) for h in data.get("hit_history", [])]
+        rest = {k: v for k, v in data.items() if k not in ("workers", "events", "hit_history")}
+        return cls(workers=workers, events=events, hit_history=history, **rest)

@@ -1,0 +1,30 @@
+"""The table ``lmshare status`` prints (the dashboard reuses its formatting helpers)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from lmshare.stats import ClusterStats
+from lmshare.units import format_size
+
+
+def status_table(stats: ClusterStats) -> Table:
+    local, peer, miss = stats.hit_rates()
+    table = Table(title=(
+        f"controller {stats.controller_id} · up {stats.uptime_s:.0f}s · "
+        f"{stats.count('alive')} alive / {stats.count('suspect')} suspect / "
+        f"{stats.count('dead')} dead · {stats.chunks_indexed} chunks · "
+        f"{format_size(stats.bytes_cached)} of {format_size(stats.capacity_bytes)} · "
+        f"hits local {local:.0%} peer {peer:.0%} miss {miss:.0%} · "
+        f"lookup p50 {stats.lookup_p50_us:.0f}µs p99 {stats.lookup_p99_us:.0f}µs"))
+    for column in ("worker", "address", "state", "hb age", "chunks", "used", "capacity",
+                   "local hits", "peer hits", "served", "fetched"):
+        table.add_column(column)
+    for w in sorted(stats.workers, key=lambda w: w.worker_id):
+        c = w.counters
+        table.add_row(w.worker_id, w.address, w.state, f"{w.heartbeat_age_s:.1f}s",
+                      str(w.chunks_indexed), format_size(c.used_bytes),
+                      format_size(c.capacity_bytes), str(c.local_hit_chunks),
+                      str(c.peer_hit_chunks), format_size(c.bytes_served),
+                      format_size(c.bytes_fetched))
+    return table

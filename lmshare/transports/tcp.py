@@ -1,0 +1,290 @@
+"""TCP data path.
+
+Wire format on one persistent connection, per request:
+  client → server: ``u32 length`` + msgpack ``{"v", "type": "fetch", "keys", "checksum"}``
+  server → client: per key, a 16-byte header ``(u8 status, 3 pad, u32 crc32, u64 nbytes)``
+                   followed by ``nbytes`` bytes when status is OK.
+The server sends straight from its pool slabs with ``socket.sendmsg`` (no intermediate copy);
+the client ``recv_into``s the destination slabs. Every socket wait has the request's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+
+import msgpack
+
+from lmshare.errors import TransferError
+from lmshare.protocol import PROTOCOL_VERSION
+from lmshare.transports.base import ChunkSink, PeerInfo, Transport
+
+log = logging.getLogger(__name__)
+
+CHUNK_HEADER = struct.Struct("<B3xIQ")
+REQUEST_LENGTH = struct.Struct("<I")
+STATUS_OK = 0
+STATUS_MISSING = 1
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def crc32_of(views: list[memoryview]) -> int:
+    crc = 0
+    for view in views:
+        crc = zlib.crc32(view, crc)
+    return crc
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("transfer deadline passed")
+    return left
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    received = 0
+    total = view.nbytes
+    while received < total:
+        sock.settimeout(_remaining(deadline))
+        count = sock.recv_into(view[received:], total - received)
+        if count == 0:
+            raise ConnectionError("peer closed the connection")
+        received += count
+
+
+def _send_all(sock: socket.socket, views: list[memoryview], deadline: float) -> None:
+    pending = [v for v in views if v.nbytes]
+    while pending:
+        sock.settimeout(_remaining(deadline))
+        sent = sock.sendmsg(pending[:512])
+        while sent:
+            head = pending[0]
+            if sent >= head.nbytes:
+                sent -= head.nbytes
+                pending.pop(0)
+            else:
+                pending[0] = head[sent:]
+                sent = 0
+
+
+# (key) -> (views, release) of a pinned entry, or None if absent
+ChunkSource = Callable[[bytes], "tuple[list[memoryview], Callable[[], None]] | None"]
+
+
+class TcpTransport(Transport):
+    """Client side: one persistent connection per peer, reused across fetches."""
+
+    name = "tcp"
+
+    def __init__(self, connect_timeout_s: float = 2.0) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def _connect(self, peer: PeerInfo, deadline: float) -> socket.socket:
+        address = (peer.host, peer.data_port)
+        with self._lock:
+            idle = self._idle.get(address)
+            if idle:
+                return idle.pop()
+        timeout = min(self.connect_timeout_s, _remaining(deadline))
+        sock = socket.create_connection(address, timeout=timeout)
+        _tune(sock)
+        return sock
+
+    def _give_back(self, peer: PeerInfo, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.setdefault((peer.host, peer.data_port), []).append(sock)
+
+    def fetch(self, peer: PeerInfo, keys: list[bytes], sink: ChunkSink, deadline: float,
+              checksum: bool = False) -> int:
+        if not keys:
+            return 0
+        try:
+            sock = self._connect(peer, deadline)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot connect to peer %s at %s:%d: %s", peer.worker_id, peer.host,
+                        peer.data_port, exc)
+            return 0
+        delivered = 0
+        healthy = False
+        try:
+            body = msgpack.packb({"v": PROTOCOL_VERSION, "type": "fetch", "keys": list(keys),
+                                  "checksum": checksum})
+            _send_all(sock, [memoryview(REQUEST_LENGTH.pack(len(body))), memoryview(body)],
+                      deadline)
+            header = bytearray(CHUNK_HEADER.size)
+            for key in keys:
+                _recv_exact_into(sock, memoryview(header), deadline)
+                status, crc, nbytes = CHUNK_HEADER.unpack(header)
+                if status != STATUS_OK:
+                    break
+                if not self._receive_chunk(sock, key, nbytes, crc, checksum, sink, deadline):
+                    break
+                delivered += 1
+            else:
+                healthy = True
+        except (OSError, TimeoutError, ConnectionError, TransferError) as exc:
+            log.warning("fetch of %d chunks from peer %s stopped after %d: %s", len(keys),
+                        peer.worker_id, delivered, exc)
+        if healthy:
+            self._give_back(peer, sock)
+        else:
+            sock.close()  # the stream position is unknown: never reuse it
+        return delivered
+
+    def _receive_chunk(self, sock: socket.socket, key: bytes, nbytes: int, crc: int,
+                       checksum: bool, sink: ChunkSink, deadline: float) -> bool:
+        buffers = sink.begin(key, nbytes)
+        if buffers is None:
+            raise TransferError(f"no room for a chunk of {nbytes} bytes")
+        ok = False
+        try:
+            for view in buffers:
+                _recv_exact_into(sock, view, deadline)
+            ok = not checksum or crc32_of(buffers) == crc
+            if not ok:
+                raise TransferError("checksum mismatch: chunk dropped")
+            return True
+        finally:
+            sink.end(key, ok)
+
+    def close(self) -> None:
+        with self._lock:
+            for sockets in self._idle.values():
+                for sock in sockets:
+                    sock.close()
+            self._idle.clear()
+
+
+class TcpPeerServer:
+    """Serves chunks of the local pool to peers. One thread per connection."""
+
+    def __init__(self, source: ChunkSource, host: str = "127.0.0.1", port: int = 0,
+                 send_timeout_s: float = 10.0) -> None:
+        self.source = source
+        self.send_timeout_s = send_timeout_s
+        self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self.host, self.port = self._listener.getsockname()[:2]
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._in_flight = 0
+        self._state = threading.Condition()
+        self.bytes_served = 0
+        self.chunks_served = 0
+        self._thread = threading.Thread(target=self._accept_loop, name="lmshare-peer-accept",
+                                        daemon=True)
+
+    def start(self) -> TcpPeerServer:
+        self._thread.start()
+        return self
+
+    def in_flight(self) -> int:
+        with self._state:
+            return self._in_flight
+
+    def _accept_loop(self) -> None:
+        self._listener.settimeout(0.2)
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            _tune(conn)
+            with self._state:
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="lmshare-peer-conn",
+                             daemon=True).start()
+
+    def _read_request(self, conn: socket.socket) -> dict | None:
+        head = bytearray(REQUEST_LENGTH.size)
+        conn.settimeout(None)
+        count = conn.recv_into(head, len(head), socket.MSG_WAITALL)
+        if count == 0:
+            return None
+        if count != len(head):
+            raise ConnectionError("short request header")
+        (length,) = REQUEST_LENGTH.unpack(head)
+        if length > MAX_REQUEST_BYTES:
+            raise ConnectionError(f"request of {length} bytes is too large")
+        body = bytearray(length)
+        _recv_exact_into(conn, memoryview(body), time.monotonic() + self.send_timeout_s)
+        request = msgpack.unpackb(bytes(body), raw=False)
+        if (not isinstance(request, dict) or request.get("v") != PROTOCOL_VERSION
+                or request.get("type") != "fetch" or not isinstance(request.get("keys"), list)):
+            raise ConnectionError("malformed fetch request")
+        return request
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while not self._stopping.is_set():
+                request = self._read_request(conn)
+                if request is None:
+                    break
+                with self._state:
+                    self._in_flight += 1
+                try:
+                    self._answer(conn, request)
+                finally:
+                    with self._state:
+                        self._in_flight -= 1
+                        self._state.notify_all()
+        except Exception as exc:  # one bad peer never takes the server down
+            if not self._stopping.is_set():
+                log.info("peer connection closed: %s", exc)
+        finally:
+            with self._state:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _answer(self, conn: socket.socket, request: dict) -> None:
+        checksum = bool(request.get("checksum"))
+        deadline = time.monotonic() + self.send_timeout_s
+        for key in request["keys"]:
+            found = self.source(key) if isinstance(key, bytes) else None
+            if found is None:
+                _send_all(conn, [memoryview(CHUNK_HEADER.pack(STATUS_MISSING, 0, 0))], deadline)
+                return
+            views, release = found
+            try:
+                nbytes = sum(v.nbytes for v in views)
+                crc = crc32_of(views) if checksum else 0
+                _send_all(conn, [memoryview(CHUNK_HEADER.pack(STATUS_OK, crc, nbytes)), *views],
+                          deadline)
+                self.bytes_served += nbytes
+                self.chunks_served += 1
+            finally:
+                release()
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to the timeout), close everything."""
+        self._stopping.set()
+        self._listener.close()
+        deadline = time.monotonic() + drain_timeout_s
+        with self._state:
+            while self._in_flight and time.monotonic() < deadline:
+                self._state.wait(timeout=0.05)
+            for conn in list(self._connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._thread.join(timeout=1.0)

@@ -1,0 +1,319 @@
+"""The worker agent: pool + peer server + controller link + local endpoint, in one process.
+
+One fetch, end to end: a client's ``acquire`` arrives on the local endpoint →
+:meth:`WorkerAgent.plan` finds the local prefix and asks the controller who holds the rest →
+:class:`~lmshare.worker.peer_fetch.PeerFetcher` pulls those chunks from the holders'
+:class:`~lmshare.transports.tcp.TcpPeerServer` straight into local pool slabs → the prefix is
+pinned under a lease and its slab numbers go back to the client, which reads them from the
+shared-memory pool it has mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from lmshare.worker.config import WorkerConfig, host_identity
+from lmshare.worker.control_link import ControlLink
+from lmshare.worker.leases import LeaseTable
+from lmshare.worker.local_server import LocalServer
+from lmshare.worker.peer_fetch import PeerFetcher
+
+from lmshare import protocol
+from lmshare.client import worker_endpoint
+from lmshare.control import ControllerClient
+from lmshare.errors import (
+    ConfigError,
+    ControllerUnavailable,
+    LMShareError,
+    PoolFullError,
+    RemoteError,
+)
+from lmshare.keys import KEY_BYTES
+from lmshare.pool import Entry, KVPool
+from lmshare.protocol import ErrorCode
+from lmshare.shm import remove_stale_regions
+from lmshare.stats import WorkerCounters
+from lmshare.transports.base import PeerInfo
+from lmshare.transports.tcp import TcpPeerServer, TcpTransport
+
+log = logging.getLogger(__name__)
+
+
+class _RequestError(LMShareError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _keys(message: dict[str, Any]) -> tuple[bytes, list[bytes]]:
+    namespace, keys = message["namespace"], message["keys"]
+    if len(namespace) != KEY_BYTES or not all(
+            isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
+        raise _RequestError(ErrorCode.BAD_MESSAGE, f"namespace and keys must be {KEY_BYTES} bytes")
+    return namespace, keys
+
+
+class WorkerAgent:
+    """Everything one worker runs. ``start()`` registers (or raises), ``run()`` serves until
+    SIGTERM/SIGINT, ``shutdown()`` deregisters, drains in-flight reads and frees the pool."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.name
+        remove_stale_regions()
+        self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)
+        self.counters = WorkerCounters(capacity_bytes=self.pool.capacity_bytes)
+        self._counter_lock = threading.Lock()
+        self.leases = LeaseTable(self.pool)
+        self._stopped = threading.Event()
+        self._closed = False
+        host = config.advertised_host()
+        try:
+            self.peer_server = TcpPeerServer(self._serve_chunk, host, config.port)
+        except OSError as exc:
+            self.pool.close()
+            raise ConfigError(f"cannot listen for peers on {host}:{config.port} ({exc.strerror}); "
+                              "choose another --port or stop the process using it") from None
+        self.fetcher = PeerFetcher(self.pool, [TcpTransport()], config.fetch_timeout_s,
+                                   config.checksum)
+        self.host_id = host_identity()
+        registration = {
+            "worker_id": self.worker_id, "host": host, "data_port": self.peer_server.port,
+            "transports": ["tcp"], "capacity_bytes": self.pool.capacity_bytes,
+            "host_id": self.host_id,
+            "extra": {"region_path": str(self.pool.region.path),
+                      "region_bytes": self.pool.capacity_bytes,
+                      "slab_bytes": self.pool.slab_bytes, "pid": os.getpid()},
+        }
+        self.link = ControlLink(
+            ControllerClient(config.controller_host, config.controller_port, config.rpc_timeout_s),
+            self.pool, registration, self.counter_snapshot)
+        self._lookup_clients = threading.local()
+        self.endpoint = config.endpoint or worker_endpoint(config.name)
+        if self.endpoint.startswith("ipc://"):
+            os.makedirs(os.path.dirname(self.endpoint[len("ipc://"):]), exist_ok=True)
+        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
+            "commit": self._on_commit, "abort": self._on_abort, "acquire": self._on_acquire,
+            "release": self._on_release, "worker_stats": self._on_stats,
+            "ping": lambda m: protocol.ok(m["id"]),
+        }
+        try:
+            self.local_server = LocalServer(self.endpoint, handlers, config.client_threads)
+        except ConfigError:
+            self.peer_server.stop(0)
+            self.pool.close()
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> WorkerAgent:
+        """Register with the controller (raises ControllerUnavailable) and start serving."""
+        try:
+            self.link.register(timeout_s=self.config.connect_timeout_s)
+        except (ControllerUnavailable, RemoteError):
+            self.close()
+            raise
+        self.peer_server.start()
+        self.local_server.start()
+        self.link.start()
+        threading.Thread(target=self._sweep_leases, name="lmshare-leases", daemon=True).start()
+        log.info("worker %s serving: peers on %s:%d, clients on %s, cache %d bytes",
+                 self.worker_id, self.peer_server.host, self.peer_server.port, self.endpoint,
+                 self.pool.capacity_bytes)
+        return self
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopped.set())
+        while not self._stopped.wait(0.5):
+            pass
+        log.info("worker %s stopping", self.worker_id)
+        self.shutdown()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Leave gracefully: deregister (no new peer reads), drain in-flight reads, free memory."""
+        if self._closed:
+            return
+        self._stopped.set()
+        self.link.stop(deregister=True)
+        self.peer_server.stop(self.config.drain_timeout_s)
+        self.local_server.stop()
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.leases.release_all()
+        self.fetcher.close()
+        self.pool.close()
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+    def _sweep_leases(self) -> None:
+        while not self._stopped.wait(0.5):
+            self.leases.sweep()
+
+    # ------------------------------------------------------------------ stats
+    def _count(self, **deltas: int) -> None:
+        with self._counter_lock:
+            for name, delta in deltas.items():
+                setattr(self.counters, name, getattr(self.counters, name) + delta)
+
+    def counter_snapshot(self) -> dict[str, int]:
+        pool = self.pool.stats()
+        with self._counter_lock:
+            c = self.counters
+            c.used_bytes, c.entries, c.pinned_entries = pool.used_bytes, pool.entries, pool.pinned_entries
+            c.admits, c.evictions = pool.admits, pool.evictions
+            c.bytes_served = self.peer_server.bytes_served
+            c.bytes_fetched = self.fetcher.bytes_fetched
+            c.fetch_failures = self.fetcher.failures
+            c.in_flight_fetches = self.fetcher.in_flight + self.peer_server.in_flight()
+            return c.to_dict()
+
+    # ------------------------------------------------------------------ data plane
+    def _serve_chunk(self, key: bytes):
+        entry = self.pool.pin(key)
+        if entry is None:
+            return None
+        return self.pool.views(entry), lambda: self.pool.unpin(entry)
+
+    def _controller(self) -> ControllerClient:
+        client = getattr(self._lookup_clients, "client", None)
+        if client is None:
+            client = ControllerClient(self.config.controller_host, self.config.controller_port,
+                                      self.config.rpc_timeout_s)
+            self._lookup_clients.client = client
+        return client
+
+    def plan(self, namespace: bytes, keys: list[bytes], peers: bool
+             ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo]]:
+        """The available prefix: (its length, [(index, other holders) of chunks not held here],
+        peer infos). Local chunks come first; the controller is asked only when needed."""
+        local_prefix = self.pool.prefix_length(keys)
+        if not peers or local_prefix == len(keys) or not self.link.registered.is_set():
+            return local_prefix, [], {}
+        try:
+            reply = self._controller().call("lookup", namespace=namespace, keys=keys)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.UNKNOWN_NAMESPACE:
+                log.warning("controller lookup refused: %s", exc)
+            return local_prefix, [], {}
+        except ControllerUnavailable as exc:
+            log.warning("controller lookup failed (%s); using local hits only", exc)
+            return local_prefix, [], {}
+        infos = {w: PeerInfo(info["worker_id"], info["host"], info["data_port"],
+                             info.get("host_id", ""), tuple(info.get("transports", ("tcp",))),
+                             info.get("extra", {}))
+                 for w, info in reply["workers"].items()}
+        holders: list[list[str]] = reply["holders"]
+        remote: list[tuple[int, list[str]]] = []
+        length = local_prefix
+        for index in range(local_prefix, len(keys)):
+            if self.pool.contains(keys[index]):
+                length += 1
+                continue
+            others = [w for w in holders[index] if w != self.worker_id and w in infos] \
+                if index < len(holders) else []
+            if not others:
+                break
+            remote.append((index, others))
+            length += 1
+        return length, remote, infos
+
+    # ------------------------------------------------------------------ handlers
+    def _on_hello(self, m: dict[str, Any]) -> dict[str, Any]:
+        return protocol.ok(m["id"], worker_id=self.worker_id,
+                           region_path=str(self.pool.region.path),
+                           region_bytes=self.pool.capacity_bytes, slab_bytes=self.pool.slab_bytes,
+                           registered=self.link.registered.is_set(),
+                           register_ms=round(self.link.last_register_s * 1000, 3))
+
+    def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
+        namespace, keys = _keys(m)
+        length, remote, _ = self.plan(namespace, keys, m["peers"])
+        self._count(lookups=1, miss_chunks=len(keys) - length)
+        return protocol.ok(m["id"], local=length - len(remote), peer=len(remote))
+
+    def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:
+        namespace, keys = _keys(m)
+        lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
+        length, remote, infos = self.plan(namespace, keys, m["peers"])
+        if remote:
+            self.fetcher.fetch(namespace, [keys[i] for i, _ in remote],
+                               [holders for _, holders in remote], infos)
+        entries: list[Entry] = []
+        for key in keys[:length]:
+            entry = self.pool.pin(key)
+            if entry is None:  # a peer chunk that did not arrive, or an eviction: truncate
+                break
+            entries.append(entry)
+        fetched_keys = {keys[i] for i, _ in remote}
+        peer_hits = sum(1 for e in entries if e.key in fetched_keys)
+        self._count(local_hit_chunks=len(entries) - peer_hits, peer_hit_chunks=peer_hits)
+        handle = self.leases.add(lease_s, entries=entries) if entries else 0
+        return protocol.ok(m["id"], handle=handle, local=len(entries) - peer_hits,
+                           peer=peer_hits, chunks=[[e.slabs, e.nbytes] for e in entries])
+
+    def _on_release(self, m: dict[str, Any]) -> dict[str, Any]:
+        return protocol.ok(m["id"], released=self.leases.release(m["handle"]))
+
+    def _on_reserve(self, m: dict[str, Any]) -> dict[str, Any]:
+        namespace, keys = _keys(m)
+        sizes = m["sizes"]
+        if len(sizes) != len(keys) or not all(isinstance(s, int) and s >= 0 for s in sizes):
+            raise _RequestError(ErrorCode.BAD_MESSAGE, "sizes must be one byte count per key")
+        reservations: list[Any] = []
+        try:
+            for key, size in zip(keys, sizes):
+                if self.pool.contains(key):
+                    reservations.append(None)
+                    continue
+                reservation = self.pool.reserve(namespace, key, size)
+                handle = self.leases.add(self.config.max_lease_s, reservation=reservation)
+                reservations.append([handle, reservation.slabs])
+        except PoolFullError as exc:
+            for slot in reservations:
+                if slot is not None:
+                    self.leases.release(slot[0])
+            raise _RequestError(ErrorCode.POOL_FULL, str(exc)) from None
+        return protocol.ok(m["id"], reservations=reservations)
+
+    def _finish(self, m: dict[str, Any], commit: bool) -> int:
+        done = 0
+        for handle in m["handles"]:
+            lease = self.leases.take(handle) if isinstance(handle, int) else None
+            if lease is None or lease.reservation is None:
+                continue
+            if commit:
+                done += lease.reservation.commit()
+            else:
+                lease.reservation.abort()
+        return done
+
+    def _on_commit(self, m: dict[str, Any]) -> dict[str, Any]:
+        return protocol.ok(m["id"], committed=self._finish(m, commit=True))
+
+    def _on_abort(self, m: dict[str, Any]) -> dict[str, Any]:
+        self._finish(m, commit=False)
+        return protocol.ok(m["id"])
+
+    def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
+        return protocol.ok(m["id"], worker_id=self.worker_id, counters=self.counter_snapshot(),
+                           registered=self.link.registered.is_set(),
+                           controller_id=self.link.controller_id,
+                           register_ms=round(self.link.last_register_s * 1000, 3),
+                           leases=len(self.leases), data_port=self.peer_server.port)

@@ -1,0 +1,62 @@
+"""Worker settings, with the defaults an operator gets from ``lmshare worker``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from lmshare.errors import ConfigError
+from lmshare.pool import DEFAULT_SLAB_BYTES
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def host_identity() -> str:
+    """Same value for every process on one host (boot), different across hosts."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+@dataclass
+class WorkerConfig:
+    controller_host: str
+    controller_port: int
+    cache_bytes: int
+    name: str = field(default_factory=default_name)
+    slab_bytes: int = DEFAULT_SLAB_BYTES
+    host: str = ""  # data-plane address; "" = the local address that reaches the controller
+    port: int = 0  # data-plane port; 0 = any free port (peers learn it from the controller)
+    endpoint: str = ""  # local client endpoint; "" = ipc socket named after the worker
+    connect_timeout_s: float = 5.0
+    rpc_timeout_s: float = 1.0
+    fetch_timeout_s: float = 5.0
+    checksum: bool = False
+    max_lease_s: float = 300.0
+    drain_timeout_s: float = 10.0
+    client_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or len(self.name) > 100:
+            raise ConfigError(f"worker name {self.name!r} must be 1-100 characters without '/'")
+        if self.fetch_timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ConfigError("timeouts must be positive")
+
+    def advertised_host(self) -> str:
+        """The address peers use: configured, or the local address that routes to the controller."""
+        if self.host and self.host not in ("0.0.0.0", "::"):
+            return self.host
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect((self.controller_host, self.controller_port))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+        finally:
+            probe.close()

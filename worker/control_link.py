@@ -1,0 +1,164 @@
+"""The worker's link to the controller: register, heartbeat, admit/evict batches, full sync.
+
+Runs in its own thread with its own socket. Pool events are queued by a pool listener and sent
+as sequenced batches; a gap the controller notices (or a controller restart) triggers a full
+sync. While the controller is away the worker keeps serving local hits and keeps retrying.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lmshare.control import ControllerClient
+from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError
+from lmshare.pool import KVPool
+from lmshare.protocol import ErrorCode
+
+log = logging.getLogger(__name__)
+
+SYNC_PART_KEYS = 50_000
+BATCH_INTERVAL_S = 0.02
+
+
+class ControlLink:
+    def __init__(self, client: ControllerClient, pool: KVPool, registration: dict[str, Any],
+                 counters: Callable[[], dict[str, int]]) -> None:
+        self._client = client
+        self._pool = pool
+        self._registration = registration
+        self._counters = counters
+        self.worker_id: str = registration["worker_id"]
+        self.epoch = 0
+        self.heartbeat_interval_s = 1.0
+        self.registered = threading.Event()
+        self.last_register_s = 0.0
+        self.controller_id = ""
+        self._seq = 0
+        self._pending: list[tuple[str, bytes, bytes]] = []
+        self._pending_lock = threading.Lock()
+        self._need_sync = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmshare-control", daemon=True)
+        pool.add_listener(self._on_pool_event)
+
+    def _on_pool_event(self, event: str, namespace: bytes, key: bytes) -> None:
+        with self._pending_lock:
+            self._pending.append((event, namespace, key))
+
+    # ------------------------------------------------------------------ lifecycle
+    def register(self, timeout_s: float) -> float:
+        """Register now; returns how long it took. Raises ControllerUnavailable."""
+        started = time.perf_counter()
+        reply = self._client.call("register", timeout_s=timeout_s, **self._registration)
+        elapsed = time.perf_counter() - started
+        self.epoch = reply["epoch"]
+        self.controller_id = reply["controller_id"]
+        self.heartbeat_interval_s = float(reply["heartbeat_interval_s"])
+        self.last_register_s = elapsed
+        self._need_sync = True
+        self.registered.set()
+        log.info("registered with controller %s as %s (epoch %d) in %.2f ms", self.controller_id,
+                 self.worker_id, self.epoch, elapsed * 1000)
+        return elapsed
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, deregister: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if deregister and self.registered.is_set():
+            try:
+                self._client.call("deregister", timeout_s=1.0, worker_id=self.worker_id,
+                                  epoch=self.epoch)
+                log.info("deregistered from the controller")
+            except LMShareError as exc:
+                log.warning("could not deregister (%s); the controller will time this worker out",
+                            exc)
+        self._client.close()
+
+    # ------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        next_heartbeat = 0.0
+        while not self._stop.is_set():
+            try:
+                if not self.registered.is_set():
+                    self.register(timeout_s=1.0)
+                    next_heartbeat = 0.0
+                if self._need_sync:
+                    self._full_sync()
+                self._flush()
+                if time.monotonic() >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+            except ControllerUnavailable as exc:
+                if self.registered.is_set():
+                    log.warning("controller unreachable (%s); serving local hits, retrying", exc)
+                self.registered.clear()
+                self._stop.wait(0.5)
+                continue
+            except RemoteError as exc:
+                if exc.code == ErrorCode.UNKNOWN_WORKER:
+                    log.warning("controller does not know this worker (%s); registering again",
+                                exc.message)
+                    self.registered.clear()
+                    continue
+                log.error("controller refused a message: %s", exc)
+            except Exception:
+                log.exception("control link error")
+            self._stop.wait(BATCH_INTERVAL_S)
+
+    def _call(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return self._client.call(type_, worker_id=self.worker_id, epoch=self.epoch, **fields)
+
+    def _heartbeat(self) -> None:
+        reply = self._call("heartbeat", seq=self._seq, stats=self._counters())
+        if reply.get("resync"):
+            self._need_sync = True
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            events, self._pending = self._pending, []
+        if not events:
+            return
+        admit: dict[bytes, list[bytes]] = {}
+        evict: list[bytes] = []
+        for event, namespace, key in events:
+            if event == "admit":
+                admit.setdefault(namespace, []).append(key)
+            else:
+                evict.append(key)
+        self._seq += 1
+        try:
+            reply = self._call("batch", seq=self._seq, admit=admit, evict=evict)
+        except LMShareError:
+            self._need_sync = True  # the batch may be lost: the next sync covers it
+            raise
+        if reply.get("resync"):
+            self._need_sync = True
+
+    def _full_sync(self) -> None:
+        # Clear queued events and snapshot under the same lock: events after the snapshot are
+        # sent as later batches (applying an admit or evict twice is harmless).
+        with self._pending_lock:
+            self._pending = []
+            snapshot = self._pool.entries_by_namespace()
+            self._seq += 1
+            seq = self._seq
+        parts: list[dict[bytes, list[bytes]]] = [{}]
+        count = 0
+        for namespace, keys in snapshot.items():
+            for key in keys:
+                if count and count % SYNC_PART_KEYS == 0:
+                    parts.append({})
+                parts[-1].setdefault(namespace, []).append(key)
+                count += 1
+        for index, entries in enumerate(parts):
+            self._call("sync", seq=seq, part=index, final=index == len(parts) - 1,
+                       entries=entries, timeout_s=5.0)
+        self._need_sync = False
+        log.info("full sync of %d chunks sent (seq %d)", count, seq)

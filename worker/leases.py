@@ -1,0 +1,80 @@
+"""Handles a worker gives its local clients: pins and reservations, each with a deadline.
+
+A client that dies cannot pin memory forever: an expired lease is released by the sweeper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from lmshare.pool import Entry, KVPool, Reservation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lease:
+    deadline: float
+    entries: list[Entry]
+    reservation: Reservation | None = None
+
+
+class LeaseTable:
+    def __init__(self, pool: KVPool) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._leases: dict[int, Lease] = {}
+        self.expired = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def add(self, lease_s: float, entries: list[Entry] | None = None,
+            reservation: Reservation | None = None) -> int:
+        handle = next(self._ids)
+        with self._lock:
+            self._leases[handle] = Lease(time.monotonic() + lease_s, entries or [], reservation)
+        return handle
+
+    def take(self, handle: int) -> Lease | None:
+        with self._lock:
+            return self._leases.pop(handle, None)
+
+    def release(self, handle: int) -> bool:
+        lease = self.take(handle)
+        if lease is None:
+            return False
+        self._end(lease)
+        return True
+
+    def _end(self, lease: Lease) -> None:
+        for entry in lease.entries:
+            self._pool.unpin(entry)
+        if lease.reservation is not None and not lease.reservation.done:
+            lease.reservation.abort()
+
+    def sweep(self) -> int:
+        """Release every expired lease; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [h for h, lease in self._leases.items() if lease.deadline < now]
+            leases = [self._leases.pop(h) for h in expired]
+        for lease in leases:
+            self._end(lease)
+        if leases:
+            self.expired += len(leases)
+            log.warning("released %d expired client leases (a client died or forgot to release)",
+                        len(leases))
+        return len(leases)
+
+    def release_all(self) -> None:
+        with self._lock:
+            leases, self._leases = list(self._leases.values()), {}
+        for lease in leases:
+            self._end(lease)

@@ -1,0 +1,133 @@
+"""Fetching chunks from peers into the local pool: striped across holders, in parallel.
+
+The chunks of one request are spread over the workers that hold them (round-robin per chunk),
+each holder's share goes over one transport call, and all shares run at once. Whatever arrives
+is committed to the pool; the usable hit is the prefix of chunks present, so a failed or late
+chunk truncates the hit and vLLM recomputes the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lmshare.errors import LMShareError
+from lmshare.pool import KVPool, Reservation
+from lmshare.transports.base import PeerInfo, Transport
+
+log = logging.getLogger(__name__)
+
+
+class PoolSink:
+    """A ChunkSink that lands fetched chunks in pool reservations."""
+
+    def __init__(self, pool: KVPool, namespace: bytes) -> None:
+        self._pool = pool
+        self._namespace = namespace
+        self._open: dict[bytes, Reservation] = {}
+        self.bytes_received = 0
+        self.chunks_received = 0
+
+    def begin(self, key: bytes, nbytes: int) -> list[memoryview] | None:
+        try:
+            reservation = self._pool.reserve(self._namespace, key, nbytes)
+        except LMShareError as exc:
+            log.warning("cannot make room for a fetched chunk: %s", exc)
+            return None
+        self._open[key] = reservation
+        return reservation.buffers()
+
+    def end(self, key: bytes, ok: bool) -> None:
+        reservation = self._open.pop(key)
+        if ok:
+            reservation.commit()
+            self.bytes_received += reservation.nbytes
+            self.chunks_received += 1
+        else:
+            reservation.abort()
+
+
+@dataclass
+class FetchPlan:
+    """Which keys to ask each holder for, in key order."""
+
+    by_peer: dict[str, list[bytes]] = field(default_factory=dict)
+
+    @classmethod
+    def stripe(cls, keys: list[bytes], holders: list[list[str]]) -> FetchPlan:
+        plan = cls()
+        for index, (key, chunk_holders) in enumerate(zip(keys, holders)):
+            peer = chunk_holders[index % len(chunk_holders)]
+            plan.by_peer.setdefault(peer, []).append(key)
+        return plan
+
+
+class PeerFetcher:
+    """Runs fetch plans with the best transport for each peer."""
+
+    def __init__(self, pool: KVPool, transports: list[Transport], fetch_timeout_s: float,
+                 checksum: bool = False, max_parallel: int = 8) -> None:
+        self._pool = pool
+        self._transports = {t.name: t for t in transports}
+        self._order = [t.name for t in transports]  # best first
+        self.fetch_timeout_s = fetch_timeout_s
+        self.checksum = checksum
+        self._executor = ThreadPoolExecutor(max_parallel, thread_name_prefix="lmshare-fetch")
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.bytes_fetched = 0
+        self.chunks_fetched = 0
+        self.failures = 0
+
+    def transport_for(self, peer: PeerInfo) -> Transport:
+        for name in self._order:
+            if name in peer.transports:
+                return self._transports[name]
+        return self._transports["tcp"]
+
+    def fetch(self, namespace: bytes, keys: list[bytes], holders: list[list[str]],
+              peers: dict[str, PeerInfo]) -> int:
+        """Fetch ``keys`` (chunk i held by ``holders[i]``); returns how many arrived."""
+        deadline = time.monotonic() + self.fetch_timeout_s
+        plan = FetchPlan.stripe(keys, holders)
+        with self._lock:
+            self.in_flight += 1
+        try:
+            futures = []
+            for peer_id, peer_keys in plan.by_peer.items():
+                peer = peers.get(peer_id)
+                if peer is None:
+                    continue
+                futures.append(self._executor.submit(self._fetch_one, peer, namespace, peer_keys,
+                                                     deadline))
+            received = 0
+            for future in futures:
+                left = max(0.0, deadline - time.monotonic()) + 1.0
+                try:
+                    received += future.result(timeout=left)
+                except Exception as exc:  # includes the futures timeout
+                    log.warning("peer fetch failed: %s", exc)
+            return received
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _fetch_one(self, peer: PeerInfo, namespace: bytes, keys: list[bytes],
+                   deadline: float) -> int:
+        sink = PoolSink(self._pool, namespace)
+        transport = self.transport_for(peer)
+        transport.fetch(peer, keys, sink, deadline, checksum=self.checksum)
+        with self._lock:
+            self.bytes_fetched += sink.bytes_received
+            self.chunks_fetched += sink.chunks_received
+            if sink.chunks_received < len(keys):
+                self.failures += 1
+        return sink.chunks_received
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for transport in self._transports.values():
+            transport.close()
