@@ -249,11 +249,12 @@ class ControllerService:
         namespace = m["namespace"]
         if not isinstance(namespace, bytes) or len(namespace) != KEY_BYTES:
             raise _Refused(ErrorCode.BAD_MESSAGE, "namespace must be 16 bytes")
+        keys = self._check_keys(keys)
         if not self.index.knows_namespace(namespace):
             raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
                            "no worker holds chunks of this namespace (model signature); nothing "
                            "was stored under it yet, or the signature differs from the writer's")
-        holders = self.index.longest_prefix(self._check_keys(keys))
+        holders = self.index.longest_prefix(keys)
         involved = {w for chunk in holders for w in chunk}
         workers = {w: self.registry.workers[w].peer_info() for w in involved
                    if w in self.registry.workers}

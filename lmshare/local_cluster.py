@@ -1,0 +1,187 @@
+"""Start a controller and workers as real OS processes through the ``lmshare`` CLI, on loopback.
+
+Used by ``lmshare demo``, the end-to-end tests and the benchmarks: the same commands operators
+run. Every wait has a deadline; :meth:`LocalCluster.stop` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmshare.control import ControllerClient
+from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError, WorkerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    args: list[str]
+    process: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def terminate(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
+        return self.kill()
+
+    def kill(self) -> int | None:
+        if self.alive():
+            self.process.kill()
+        try:
+            return self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+@dataclass
+class LocalCluster:
+    """A controller and workers on this host. Use as a context manager."""
+
+    controller_port: int = 0
+    heartbeat_timeout_s: float = 3.0
+    runtime_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lmshare-")))
+    python: str = sys.executable
+    controller: ManagedProcess | None = None
+    workers: dict[str, ManagedProcess] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.controller_port:
+            self.controller_port = free_port()
+
+    @property
+    def controller_address(self) -> str:
+        return f"127.0.0.1:{self.controller_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LMSHARE_RUNTIME_DIR"] = str(self.runtime_dir)
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
+        log_path = self.runtime_dir / f"{name}.log"
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen([self.python, "-m", "lmshare", *args], stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=self.env())
+        return ManagedProcess(name, args, process, log_path)
+
+    def start_controller(self, *extra: str, timeout_s: float = 15.0) -> ManagedProcess:
+        args = ["controller", "--port", str(self.controller_port),
+                "--heartbeat-timeout", str(self.heartbeat_timeout_s), *extra]
+        self.controller = self._spawn("controller", args)
+        self.wait_for_controller(timeout_s)
+        return self.controller
+
+    def wait_for_controller(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        client = ControllerClient("127.0.0.1", self.controller_port, timeout_s=0.5)
+        try:
+            while True:
+                if self.controller is not None and not self.controller.alive():
+                    raise LMShareError(f"controller exited: {self.controller.log_text()[-2000:]}")
+                try:
+                    client.call("ping")
+                    return
+                except ControllerUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+        finally:
+            client.close()
+
+    def start_worker(self, name: str, cache_size: str = "64MiB", *extra: str,
+                     wait: bool = True, timeout_s: float = 15.0) -> ManagedProcess:
+        args = ["worker", "--controller", self.controller_address, "--name", name,
+                "--cache-size", cache_size, *extra]
+        worker = self._spawn(f"worker-{name}", args)
+        self.workers[name] = worker
+        if wait:
+            self.wait_for_worker(name, timeout_s)
+        return worker
+
+    def wait_for_worker(self, name: str, timeout_s: float = 15.0) -> None:
+        """Wait until the worker answers locally and is registered with the controller."""
+        from lmshare.client import Client
+
+        deadline = time.monotonic() + timeout_s
+        worker = self.workers[name]
+        while True:
+            if not worker.alive():
+                raise LMShareError(f"worker {name} exited: {worker.log_text()[-2000:]}")
+            try:
+                with Client(worker=name, endpoint=self.worker_endpoint(name), timeout_s=0.5) as c:
+                    if c.stats()["registered"]:
+                        return
+            except (WorkerUnavailable, RemoteError, LMShareError):
+                pass
+            if time.monotonic() > deadline:
+                raise WorkerUnavailable(f"worker {name} did not become ready in {timeout_s}s: "
+                                        f"{worker.log_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def worker_endpoint(self, name: str) -> str:
+        return f"ipc://{self.runtime_dir / f'worker-{name}.sock'}"
+
+    def client(self, name: str, timeout_s: float = 10.0):
+        """A :class:`lmshare.Client` of worker ``name``."""
+        from lmshare.client import Client
+
+        return Client(endpoint=self.worker_endpoint(name), timeout_s=timeout_s)
+
+    def stats(self):
+        """The controller's ClusterStats."""
+        from lmshare.stats import ClusterStats
+
+        client = ControllerClient("127.0.0.1", self.controller_port, timeout_s=2.0)
+        try:
+            return ClusterStats.from_dict(client.call("stats")["stats"])
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop workers (gracefully), then the controller. Kills what does not stop in time."""
+        for worker in self.workers.values():
+            if worker.alive():
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers.values():
+            worker.terminate(timeout_s=15)
+        if self.controller is not None:
+            self.controller.terminate(timeout_s=10)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,131 @@
+"""The cluster as operators run it: separate processes started through the ``lmshare`` CLI."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmshare import ModelSignature
+from lmshare.local_cluster import LocalCluster, free_port
+
+SIG = ModelSignature(model="e2e-model", chunk_tokens=16)
+CHUNK_BYTES = 200_000
+
+
+def doc(seed: int, chunks: int = 5) -> list[int]:
+    return [seed * 1000 + i for i in range(chunks * SIG.chunk_tokens)]
+
+
+def payloads(seed: int, chunks: int = 5) -> list[bytes]:
+    return [os.urandom(CHUNK_BYTES) for _ in range(chunks)]
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(heartbeat_timeout_s=1.5, runtime_dir=tmp_path)
+    c.start_controller("--heartbeat-interval", "0.3")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_share_fail_restart_leave_join(cluster):
+    for name in ("w1", "w2", "w3"):
+        cluster.start_worker(name)
+    c1, c2, c3 = (cluster.client(n) for n in ("w1", "w2", "w3"))
+
+    # put via worker 1; lookup and get via worker 3 return the same bytes from the peer
+    doc_a, data_a = doc(1), payloads(1)
+    assert c1.put(SIG, doc_a, data_a) == 5
+    hit = wait_until(lambda: c3.lookup(SIG, doc_a + [7, 7]).tokens, 5, "chunks in the index")
+    assert hit == 5 * 16
+    assert c3.lookup(SIG, doc_a).peer_tokens == 80
+    assert c3.get(SIG, doc_a) == data_a
+    assert c3.stats()["counters"]["peer_hit_chunks"] == 5
+    assert c3.lookup(SIG, doc_a).local_tokens == 80  # now cached on worker 3 too
+
+    # kill -9 worker 1: its chunks leave lookups within the timeout; a get is a clean miss
+    doc_b, data_b = doc(2), payloads(2)
+    c1.put(SIG, doc_b, data_b)
+    wait_until(lambda: c2.lookup(SIG, doc_b).tokens == 80, 5, "doc b indexed")
+    cluster.workers["w1"].process.send_signal(signal.SIGKILL)
+    cluster.workers["w1"].process.wait(5)
+    started = time.monotonic()
+    assert c2.get(SIG, doc_b) == []  # holder is gone: miss, not hang, not wrong bytes
+    assert time.monotonic() - started < 6
+    wait_until(lambda: c2.lookup(SIG, doc_b).tokens == 0, 1.5 + 2, "dead worker's chunks gone")
+    assert any(w.worker_id == "w1" and w.state == "dead" for w in cluster.stats().workers)
+
+    # restart the controller: the index is rebuilt from full syncs, no worker restarts
+    cluster.controller.terminate()
+    assert c3.lookup(SIG, doc_a).local_tokens == 80  # local hits while the controller is away
+    assert c3.get(SIG, doc_a) == data_a
+    cluster.start_controller("--heartbeat-interval", "0.3")
+    wait_until(lambda: cluster.stats().chunks_indexed == 5, 10, "index rebuilt")
+    assert c2.lookup(SIG, doc_a).peer_tokens == 80
+    assert c2.get(SIG, doc_a) == data_a
+
+    # graceful leave: exit 0, chunks leave at once
+    cluster.workers["w3"].process.send_signal(signal.SIGTERM)
+    assert cluster.workers["w3"].process.wait(10) == 0
+    states = {w.worker_id: w.state for w in cluster.stats().workers}
+    assert states["w3"] == "left" and states["w2"] == "alive"
+
+    # a worker joining late is usable at once
+    cluster.start_worker("w4")
+    with cluster.client("w4") as c4:
+        assert c4.get(SIG, doc_a) == data_a
+        assert c4.stats()["counters"]["peer_hit_chunks"] == 5
+    for c in (c1, c2, c3):
+        c.close()
+
+
+def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmshare", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0]
+
+
+def test_cli_misconfiguration_is_one_clear_line(cluster):
+    assert_one_clear_line(run_cli("worker", "--controller", cluster.controller_address,
+                                  "--cache-size", "lots"), "cannot read size", "8GiB")
+    assert_one_clear_line(run_cli("worker", "--controller", f"127.0.0.1:{free_port()}",
+                                  "--cache-size", "16MiB", "--connect-timeout", "0.5"),
+                          "not reachable")
+    assert_one_clear_line(run_cli("controller", "--port", str(cluster.controller_port)),
+                          "choose another --port")
+    assert_one_clear_line(run_cli("status", "--controller", f"127.0.0.1:{free_port()}",
+                                  "--timeout", "0.5"), "not reachable")
+    assert_one_clear_line(run_cli("worker", "--controller", "nowhere"), "HOST:PORT")
+    assert_one_clear_line(run_cli("worker", "--controller", cluster.controller_address,
+                                  "--cache-size", "16MiB", "--host", "127.0.0.1",
+                                  "--port", str(cluster.controller_port)), "choose another --port")
+
+
+def test_status_lists_workers(cluster):
+    cluster.start_worker("solo", "32MiB")
+    result = run_cli("status", "--controller", cluster.controller_address, "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"worker_id": "solo"' in result.stdout
