@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from lmshare.controller.index import ChunkIndex
-from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 
 from lmshare import protocol
+from lmshare.controller.index import ChunkIndex
+from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.errors import ConfigError, ProtocolError
 from lmshare.keys import KEY_BYTES
 from lmshare.protocol import ErrorCode

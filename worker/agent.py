@@ -17,12 +17,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from lmshare.worker.config import WorkerConfig, host_identity
-from lmshare.worker.control_link import ControlLink
-from lmshare.worker.leases import LeaseTable
-from lmshare.worker.local_server import LocalServer
-from lmshare.worker.peer_fetch import PeerFetcher
-
 from lmshare import protocol
 from lmshare.client import worker_endpoint
 from lmshare.control import ControllerClient
@@ -40,6 +34,11 @@ from lmshare.shm import remove_stale_regions
 from lmshare.stats import WorkerCounters
 from lmshare.transports.base import PeerInfo
 from lmshare.transports.tcp import TcpPeerServer, TcpTransport
+from lmshare.worker.config import WorkerConfig, host_identity
+from lmshare.worker.control_link import ControlLink
+from lmshare.worker.leases import LeaseTable
+from lmshare.worker.local_server import LocalServer
+from lmshare.worker.peer_fetch import PeerFetcher
 
 log = logging.getLogger(__name__)
 

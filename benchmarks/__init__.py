@@ -1,0 +1,1 @@
+"""lmshare benchmarks: ``python -m benchmarks`` runs them all and prints Markdown tables."""
