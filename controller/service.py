@@ -25,6 +25,8 @@ from lmshare.errors import ConfigError, ProtocolError
 from lmshare.keys import KEY_BYTES
 from lmshare.protocol import ErrorCode
 from lmshare.stats import ClusterEvent, ClusterStats, WorkerCounters, WorkerView
+from lmshare.transports.base import PeerInfo
+from lmshare.transports.choice import choose_transport
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +291,25 @@ class ControllerService:
             self._hit_history.append(delta)  # type: ignore[arg-type]
         self._last_hit_totals = totals
 
+    def _fill_peer_transports(self, views: list[WorkerView]) -> None:
+        """Which transport each worker uses towards the others (grouped, so it stays cheap
+        with thousands of workers)."""
+        groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        for w in self.registry.workers.values():
+            groups.setdefault((w.host_id, tuple(w.transports)), []).append(w.worker_id)
+        summary: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
+        for host_id, transports in groups:
+            counts: dict[str, int] = {}
+            for (peer_host, peer_transports), peers in groups.items():
+                peer = PeerInfo("", "", 0, peer_host, peer_transports)
+                name = choose_transport(host_id, transports, peer)
+                n = len(peers) - (1 if (peer_host, peer_transports) == (host_id, transports) else 0)
+                if n:
+                    counts[name] = counts.get(name, 0) + n
+            summary[(host_id, transports)] = counts
+        for view in views:
+            view.peer_transports = summary.get((view.host_id, tuple(view.transports)), {})
+
     def cluster_stats(self) -> ClusterStats:
         now = time.monotonic()
         workers = [
@@ -298,6 +319,7 @@ class ControllerService:
                        w.rate("bytes_served"), w.rate("bytes_fetched"))
             for w in self.registry.workers.values()
         ]
+        self._fill_peer_transports(workers)
         horizon = time.time() - DEPARTED_SHOWN_S
         for worker_id, (w, state, when) in list(self.departed.items()):
             if when < horizon:

@@ -55,6 +55,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         slab_bytes=parse_size(args.slab_size), host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
+        transports=tuple(t.strip() for t in args.transports.split(",") if t.strip()),
         **({"name": args.name} if args.name else {}))
     agent = WorkerAgent(config).start()
     if args.metrics_port is not None:
@@ -91,7 +92,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from lmshare.status_view import status_table
 
-    Console().print(status_table(stats))
+    # a pipe or file gets the whole table instead of one squeezed to 80 columns
+    Console(width=None if sys.stdout.isatty() else 200).print(status_table(stats))
     return 0
 
 
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-timeout", type=float, default=5.0, metavar="S",
                    help="deadline of one peer fetch (default 5)")
     p.add_argument("--checksum", action="store_true", help="verify a CRC32 of every peer chunk")
+    p.add_argument("--transports", default="shm,tcp",
+                   help="data paths to offer and use, best first: shm (same-host shared "
+                        "memory), ucx, tcp (always on); default shm,tcp")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     p.set_defaults(func=_cmd_worker)
 

@@ -6,6 +6,12 @@ buffers, :meth:`Reservation.commit` — and is visible to readers only after com
 :meth:`KVPool.pin` an entry, copy from its slabs, and unpin it; eviction never takes a pinned
 entry, so a pinned entry's bytes cannot change under a reader.
 
+Generations: every slab has a 64-bit generation number in a second shared-memory region, bumped
+each time the slab returns to the free list. A reader in another process that copies a slab
+without the owner's help (same-host shared memory, RDMA) records the generations when it
+locates the entry and checks them after the copy: a changed generation means the slab may have
+been reused meanwhile, and the copy is discarded (a seqlock on the reader's side).
+
 Locking: entries live in hash buckets, each with its own lock; the free-slab list has its own
 lock. Locks are held only to change that bookkeeping, never while bytes are copied.
 """
@@ -114,6 +120,8 @@ class KVPool:
         self.num_slabs = num_slabs
         self.capacity_bytes = num_slabs * slab_bytes
         self.region = region or SharedRegion.create(name, self.capacity_bytes)
+        self.generation_region = SharedRegion.create(f"{name}.gen", num_slabs * 8)
+        self._generations = self.generation_region.buffer.cast("Q")
         self._buffer = self.region.buffer
         self._free_lock = threading.Lock()
         self._free: list[int] = list(range(num_slabs - 1, -1, -1))
@@ -210,7 +218,13 @@ class KVPool:
 
     def _release_slabs(self, slabs: Iterable[int]) -> None:
         with self._free_lock:
-            self._free.extend(slabs)
+            for slab in slabs:
+                self._generations[slab] += 1  # before the slab can be reused
+                self._free.append(slab)
+
+    def generations(self, slabs: Iterable[int]) -> list[int]:
+        """Current generation of each slab (see the module docstring)."""
+        return [self._generations[slab] for slab in slabs]
 
     def put(self, namespace: bytes, key: bytes, data: bytes | memoryview) -> bool:
         """Reserve, fill and commit in one call. False if the key was already present."""
@@ -338,4 +352,6 @@ class KVPool:
 
     def close(self) -> None:
         self._buffer = None
+        self._generations.release()
         self.region.close()
+        self.generation_region.close()

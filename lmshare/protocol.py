@@ -62,6 +62,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "abort": {"handles": _LIST},
     "acquire": {"namespace": _BYTES, "keys": _LIST, "peers": _BOOL, "lease_s": _NUM},
     "release": {"handle": _INT},
+    "locate": {"keys": _LIST, "lease_s": _NUM},
     "worker_stats": {},
 }
 

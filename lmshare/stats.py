@@ -50,6 +50,8 @@ class WorkerView:
     # per-second rates over the last heartbeats
     served_bytes_per_s: float = 0.0
     fetched_bytes_per_s: float = 0.0
+    # transport this worker uses towards the other live workers → how many peers
+    peer_transports: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

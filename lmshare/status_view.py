@@ -18,7 +18,7 @@ def status_table(stats: ClusterStats) -> Table:
         f"hits local {local:.0%} peer {peer:.0%} miss {miss:.0%} · "
         f"lookup p50 {stats.lookup_p50_us:.0f}µs p99 {stats.lookup_p99_us:.0f}µs"))
     for column in ("worker", "address", "state", "hb age", "chunks", "used", "capacity",
-                   "local hits", "peer hits", "served", "fetched"):
+                   "local hits", "peer hits", "served", "fetched", "to peers via"):
         table.add_column(column)
     for w in sorted(stats.workers, key=lambda w: w.worker_id):
         c = w.counters
@@ -26,5 +26,6 @@ def status_table(stats: ClusterStats) -> Table:
                       str(w.chunks_indexed), format_size(c.used_bytes),
                       format_size(c.capacity_bytes), str(c.local_hit_chunks),
                       str(c.peer_hit_chunks), format_size(c.bytes_served),
-                      format_size(c.bytes_fetched))
+                      format_size(c.bytes_fetched),
+                      " ".join(f"{t}×{n}" for t, n in sorted(w.peer_transports.items())))
     return table

@@ -129,3 +129,22 @@ def test_status_lists_workers(cluster):
     result = run_cli("status", "--controller", cluster.controller_address, "--json")
     assert result.returncode == 0, result.stderr
     assert '"worker_id": "solo"' in result.stdout
+
+
+def test_same_host_peers_share_memory_and_tcp_stays_available(cluster):
+    cluster.start_worker("holder")
+    cluster.start_worker("near")  # default: shm,tcp
+    cluster.start_worker("socket-only", "64MiB", "--transports", "tcp")
+    doc_a, data_a = doc(3), payloads(3)
+    with cluster.client("holder") as holder:
+        holder.put(SIG, doc_a, data_a)
+    for name, transport in (("near", "shm"), ("socket-only", "tcp")):
+        with cluster.client(name) as c:
+            wait_until(lambda c=c: c.lookup(SIG, doc_a).peer_tokens == 80, 5, "indexed")
+            assert c.get(SIG, doc_a) == data_a
+            assert c.stats()["fetched_by_transport"][transport] == 5
+    views = {w.worker_id: w for w in cluster.stats().workers}
+    assert views["near"].peer_transports == {"shm": 1, "tcp": 1}
+    assert views["socket-only"].peer_transports == {"tcp": 2}
+    result = run_cli("status", "--controller", cluster.controller_address)
+    assert "shm×1" in result.stdout

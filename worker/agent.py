@@ -32,7 +32,9 @@ from lmshare.pool import Entry, KVPool
 from lmshare.protocol import ErrorCode
 from lmshare.shm import remove_stale_regions
 from lmshare.stats import WorkerCounters
-from lmshare.transports.base import PeerInfo
+from lmshare.transports.base import PeerInfo, Transport
+from lmshare.transports.choice import choose_transport
+from lmshare.transports.shm import ShmTransport
 from lmshare.transports.tcp import TcpPeerServer, TcpTransport
 from lmshare.worker.config import WorkerConfig, host_identity
 from lmshare.worker.control_link import ControlLink
@@ -68,6 +70,7 @@ class WorkerAgent:
         self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)
         self.counters = WorkerCounters(capacity_bytes=self.pool.capacity_bytes)
         self._counter_lock = threading.Lock()
+        self._shm_bytes_served = 0
         self.leases = LeaseTable(self.pool)
         self._stopped = threading.Event()
         self._closed = False
@@ -78,28 +81,36 @@ class WorkerAgent:
             self.pool.close()
             raise ConfigError(f"cannot listen for peers on {host}:{config.port} ({exc.strerror}); "
                               "choose another --port or stop the process using it") from None
-        self.fetcher = PeerFetcher(self.pool, [TcpTransport()], config.fetch_timeout_s,
-                                   config.checksum)
         self.host_id = host_identity()
+        self.transports = tuple(config.transports)
+        transports: list[Transport] = [TcpTransport()]
+        if "shm" in self.transports:
+            transports.append(ShmTransport())
+        self.fetcher = PeerFetcher(
+            self.pool, transports, config.fetch_timeout_s, config.checksum,
+            choose=lambda peer: choose_transport(self.host_id, self.transports, peer))
+        self.endpoint = config.endpoint or worker_endpoint(config.name)
         registration = {
             "worker_id": self.worker_id, "host": host, "data_port": self.peer_server.port,
-            "transports": ["tcp"], "capacity_bytes": self.pool.capacity_bytes,
+            "transports": list(self.transports), "capacity_bytes": self.pool.capacity_bytes,
             "host_id": self.host_id,
             "extra": {"region_path": str(self.pool.region.path),
+                      "generation_path": str(self.pool.generation_region.path),
                       "region_bytes": self.pool.capacity_bytes,
-                      "slab_bytes": self.pool.slab_bytes, "pid": os.getpid()},
+                      "slab_bytes": self.pool.slab_bytes, "endpoint": self.endpoint,
+                      "pid": os.getpid()},
         }
         self.link = ControlLink(
             ControllerClient(config.controller_host, config.controller_port, config.rpc_timeout_s),
             self.pool, registration, self.counter_snapshot)
         self._lookup_clients = threading.local()
-        self.endpoint = config.endpoint or worker_endpoint(config.name)
         if self.endpoint.startswith("ipc://"):
             os.makedirs(os.path.dirname(self.endpoint[len("ipc://"):]), exist_ok=True)
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
             "commit": self._on_commit, "abort": self._on_abort, "acquire": self._on_acquire,
-            "release": self._on_release, "worker_stats": self._on_stats,
+            "release": self._on_release, "locate": self._on_locate,
+            "worker_stats": self._on_stats,
             "ping": lambda m: protocol.ok(m["id"]),
         }
         try:
@@ -177,7 +188,7 @@ class WorkerAgent:
             c = self.counters
             c.used_bytes, c.entries, c.pinned_entries = pool.used_bytes, pool.entries, pool.pinned_entries
             c.admits, c.evictions = pool.admits, pool.evictions
-            c.bytes_served = self.peer_server.bytes_served
+            c.bytes_served = self.peer_server.bytes_served + self._shm_bytes_served
             c.bytes_fetched = self.fetcher.bytes_fetched
             c.fetch_failures = self.fetcher.failures
             c.in_flight_fetches = self.fetcher.in_flight + self.peer_server.in_flight()
@@ -267,6 +278,22 @@ class WorkerAgent:
         return protocol.ok(m["id"], handle=handle, local=len(entries) - peer_hits,
                            peer=peer_hits, chunks=[[e.slabs, e.nbytes] for e in entries])
 
+    def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
+        """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself."""
+        keys = m["keys"]
+        lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
+        entries: list[Entry] = []
+        for key in keys:
+            entry = self.pool.pin(key) if isinstance(key, bytes) else None
+            if entry is None:
+                break
+            entries.append(entry)
+        handle = self.leases.add(lease_s, entries=entries) if entries else 0
+        with self._counter_lock:
+            self._shm_bytes_served += sum(e.nbytes for e in entries)
+        return protocol.ok(m["id"], handle=handle, chunks=[[e.slabs, e.nbytes] for e in entries],
+                           gens=[self.pool.generations(e.slabs) for e in entries])
+
     def _on_release(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], released=self.leases.release(m["handle"]))
 
@@ -315,4 +342,6 @@ class WorkerAgent:
                            registered=self.link.registered.is_set(),
                            controller_id=self.link.controller_id,
                            register_ms=round(self.link.last_register_s * 1000, 3),
-                           leases=len(self.leases), data_port=self.peer_server.port)
+                           leases=len(self.leases), data_port=self.peer_server.port,
+                           transports=list(self.transports),
+                           fetched_by_transport=dict(self.fetcher.chunks_by_transport))

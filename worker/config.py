@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from lmshare.errors import ConfigError
 from lmshare.pool import DEFAULT_SLAB_BYTES
 
+KNOWN_TRANSPORTS = {"shm", "ucx", "tcp"}
+
 
 def default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -41,12 +43,19 @@ class WorkerConfig:
     max_lease_s: float = 300.0
     drain_timeout_s: float = 10.0
     client_threads: int = 4
+    transports: tuple[str, ...] = ("shm", "tcp")  # what this worker offers and uses, best first
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or len(self.name) > 100:
             raise ConfigError(f"worker name {self.name!r} must be 1-100 characters without '/'")
         if self.fetch_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
+        unknown = set(self.transports) - KNOWN_TRANSPORTS
+        if unknown:
+            raise ConfigError(f"unknown transport(s) {sorted(unknown)}; choose from "
+                              f"{sorted(KNOWN_TRANSPORTS)} (tcp is always on)")
+        if "tcp" not in self.transports:
+            self.transports = (*self.transports, "tcp")
 
     def advertised_host(self) -> str:
         """The address peers use: configured, or the local address that routes to the controller."""

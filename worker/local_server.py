@@ -21,7 +21,7 @@ from lmshare.protocol import ErrorCode
 log = logging.getLogger(__name__)
 
 LOCAL_TYPES = {"hello", "local_lookup", "reserve", "commit", "abort", "acquire", "release",
-               "worker_stats", "ping"}
+               "locate", "worker_stats", "ping"}
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

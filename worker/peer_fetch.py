@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,10 +70,12 @@ class PeerFetcher:
     """Runs fetch plans with the best transport for each peer."""
 
     def __init__(self, pool: KVPool, transports: list[Transport], fetch_timeout_s: float,
-                 checksum: bool = False, max_parallel: int = 8) -> None:
+                 checksum: bool = False, max_parallel: int = 8,
+                 choose: Callable[[PeerInfo], str] | None = None) -> None:
         self._pool = pool
         self._transports = {t.name: t for t in transports}
-        self._order = [t.name for t in transports]  # best first
+        self._choose = choose or (lambda peer: "tcp")
+        self.chunks_by_transport: dict[str, int] = {name: 0 for name in self._transports}
         self.fetch_timeout_s = fetch_timeout_s
         self.checksum = checksum
         self._executor = ThreadPoolExecutor(max_parallel, thread_name_prefix="lmshare-fetch")
@@ -83,10 +86,7 @@ class PeerFetcher:
         self.failures = 0
 
     def transport_for(self, peer: PeerInfo) -> Transport:
-        for name in self._order:
-            if name in peer.transports:
-                return self._transports[name]
-        return self._transports["tcp"]
+        return self._transports.get(self._choose(peer)) or self._transports["tcp"]
 
     def fetch(self, namespace: bytes, keys: list[bytes], holders: list[list[str]],
               peers: dict[str, PeerInfo]) -> int:
@@ -123,6 +123,7 @@ class PeerFetcher:
         with self._lock:
             self.bytes_fetched += sink.bytes_received
             self.chunks_fetched += sink.chunks_received
+            self.chunks_by_transport[transport.name] += sink.chunks_received
             if sink.chunks_received < len(keys):
                 self.failures += 1
         return sink.chunks_received

@@ -1,0 +1,163 @@
+"""Same-host shared-memory data path: copy chunks straight out of a peer's pool region.
+
+The reader asks the holder (over the holder's local IPC endpoint) to *locate* the chunks: the
+holder pins them under a short lease and returns their slabs and slab generations. The reader
+copies from the holder's region, mapped read-only, into its own buffers — no socket carries the
+bytes — then re-reads the slab generations: if any changed (the lease expired and the slab was
+reused), the copy is discarded and the hit stops there. So no torn or foreign bytes are ever
+returned, even from a reader that stalls past its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from lmshare.control import RpcClient
+from lmshare.errors import LMShareError
+from lmshare.shm import SharedRegion
+from lmshare.transports.base import ChunkSink, PeerInfo, Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 5.0
+
+
+class PeerRegion:
+    """A same-host peer's pool region and generation table, mapped read-only."""
+
+    def __init__(self, region_path: str, region_bytes: int, generation_path: str,
+                 slab_bytes: int) -> None:
+        self.slab_bytes = slab_bytes
+        self.region = SharedRegion.attach(region_path, region_bytes, writable=False)
+        num_slabs = region_bytes // slab_bytes
+        self.generation_region = SharedRegion.attach(generation_path, num_slabs * 8,
+                                                     writable=False)
+        self.generations = self.generation_region.buffer.cast("Q")
+
+    @classmethod
+    def of(cls, peer: PeerInfo) -> PeerRegion:
+        extra = peer.extra
+        return cls(extra["region_path"], int(extra["region_bytes"]), extra["generation_path"],
+                   int(extra["slab_bytes"]))
+
+    def slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
+        views, remaining = [], nbytes
+        for slab in slabs:
+            size = min(remaining, self.slab_bytes)
+            start = slab * self.slab_bytes
+            views.append(self.region.buffer[start : start + size])
+            remaining -= size
+        return views
+
+    def read_checked(self, slabs: list[int], generations: list[int], nbytes: int,
+                     destination: list[memoryview]) -> bool:
+        """Copy an entry into ``destination``; True only if no slab changed generation."""
+        if [self.generations[s] for s in slabs] != generations:
+            return False
+        copy_views(self.slab_views(slabs, nbytes), destination)
+        return [self.generations[s] for s in slabs] == generations
+
+    def close(self) -> None:
+        self.generations.release()
+        self.region.close()
+        self.generation_region.close()
+
+
+def copy_views(source: list[memoryview], destination: list[memoryview]) -> None:
+    """Copy a list of buffers into another list of buffers of the same total size."""
+    si = di = s_off = d_off = 0
+    while si < len(source) and di < len(destination):
+        src, dst = source[si], destination[di]
+        count = min(src.nbytes - s_off, dst.nbytes - d_off)
+        dst[d_off : d_off + count] = src[s_off : s_off + count]
+        s_off += count
+        d_off += count
+        if s_off == src.nbytes:
+            si, s_off = si + 1, 0
+        if d_off == dst.nbytes:
+            di, d_off = di + 1, 0
+
+
+class _PeerEndpoint(RpcClient):
+    what = "same-host peer worker"
+
+
+class ShmTransport(Transport):
+    """Fetches from workers on this host by reading their shared-memory pools."""
+
+    name = "shm"
+
+    def __init__(self, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.lease_s = lease_s
+        self._regions: dict[str, PeerRegion] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _region(self, peer: PeerInfo) -> PeerRegion:
+        path = peer.extra["region_path"]
+        with self._lock:
+            region = self._regions.get(path)
+            if region is None:
+                region = self._regions[path] = PeerRegion.of(peer)
+            return region
+
+    def _endpoint(self, peer: PeerInfo) -> RpcClient:
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        endpoint = peer.extra["endpoint"]
+        if endpoint not in clients:
+            clients[endpoint] = _PeerEndpoint(endpoint)
+        return clients[endpoint]
+
+    def fetch(self, peer: PeerInfo, keys: list[bytes], sink: ChunkSink, deadline: float,
+              checksum: bool = False) -> int:
+        if not keys:
+            return 0
+        try:
+            region = self._region(peer)
+            endpoint = self._endpoint(peer)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return 0
+            reply = endpoint.call("locate", timeout_s=left, keys=list(keys),
+                                  lease_s=self.lease_s)
+        except (LMShareError, OSError, KeyError) as exc:
+            log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
+            return 0
+        delivered = 0
+        try:
+            for key, (slabs, nbytes), generations in zip(keys, reply["chunks"], reply["gens"]):
+                if time.monotonic() > deadline:
+                    break
+                buffers = sink.begin(key, nbytes)
+                if buffers is None:
+                    break
+                ok = False
+                try:
+                    ok = region.read_checked(slabs, generations, nbytes, buffers)
+                finally:
+                    sink.end(key, ok)
+                if not ok:
+                    log.warning("chunk of %s changed while being read; hit truncated",
+                                peer.worker_id)
+                    break
+                delivered += 1
+        finally:
+            if reply.get("handle"):
+                try:
+                    endpoint.call("release", timeout_s=1.0, handle=reply["handle"])
+                except LMShareError as exc:  # the lease expires on its own
+                    log.debug("release failed: %s", exc)
+        return delivered
+
+    def close(self) -> None:
+        with self._lock:
+            for region in self._regions.values():
+                try:
+                    region.close()
+                except BufferError:
+                    pass
+            self._regions.clear()
