@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # The core: what `lmshare controller|worker|status|dashboard|demo` need (no torch).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
 install: $(VENV)/.installed

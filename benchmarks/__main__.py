@@ -24,8 +24,13 @@ def main(argv: list[str]) -> int:
         return 2
     out = [header("python -m benchmarks " + " ".join(argv)).strip()]
     for name in names:
-        text, data = importlib.import_module(BENCHMARKS[name]).run()
+        module = importlib.import_module(BENCHMARKS[name])
+        text, data = module.run()
         save(name, data)
+        if hasattr(module, "plot"):
+            png = RESULTS / f"{name}.png"
+            module.plot(data, str(png))
+            text += f"\n\nPlot: {png}"
         out += [f"\n### {name}\n", text]
         print(f"\n### {name}\n\n{text}", flush=True)
     RESULTS.mkdir(exist_ok=True)

@@ -1,7 +1,8 @@
-"""Peer fetch throughput: lmshare's TCP path vs a raw Python loopback socket, side by side.
+"""Peer fetch throughput, side by side in one run: lmshare's paths vs baselines.
 
 The holder is a real worker process started through the CLI; the reader is this process, using
-the same transport and pool sink a worker uses (reserve → recv_into the slabs → commit).
+the same transports and pool sink a worker uses (reserve → fill the slabs → commit). Baselines:
+a raw Python loopback socket moving the same bytes, a host memcpy, and Redis GET.
 """
 
 from __future__ import annotations
@@ -10,63 +11,142 @@ import os
 import statistics
 import time
 
-from benchmarks import raw_socket
+from benchmarks import baselines, raw_socket
+from benchmarks.baselines import RedisServer
 from benchmarks.common import median, progress, table
+from lmshare.control import ControllerClient
+from lmshare.errors import RemoteError
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_cluster import LocalCluster
 from lmshare.pool import KVPool
-from lmshare.transports.base import PeerInfo
+from lmshare.transports.base import PeerInfo, Transport
+from lmshare.transports.shm import ShmTransport
 from lmshare.transports.tcp import TcpTransport
 from lmshare.worker.peer_fetch import PoolSink
 
-SIZES = {"4 MiB": (4 << 20, 40), "32 MiB": (32 << 20, 6)}
+# chunk size → (chunks per request, requests per round). A request fetches several chunks, as
+# a long prompt does (a 16k-token prompt of 256-token chunks has 64).
+SIZES = {"4 MiB": (4 << 20, 8, 8), "32 MiB": (32 << 20, 4, 2)}
 
 
-def lmshare_tcp(cluster: LocalCluster, size: int, repeats: int, rounds: int = 5) -> list[float]:
+def holder_peer(cluster: LocalCluster, size: int, count: int
+                ) -> tuple[PeerInfo, bytes, list[bytes]]:
+    """Store ``count`` chunks of ``size`` bytes on the holder; its PeerInfo as the controller
+    gives it, the namespace and the keys."""
     sig = ModelSignature(model=f"bench-{size}", chunk_tokens=16)
-    tokens = list(range(16))
-    (key,) = signature_keys(sig, tokens)
+    tokens = list(range(16 * count))
+    keys = signature_keys(sig, tokens)
     with cluster.client("holder") as client:
-        client.put(sig, tokens, [os.urandom(size)])
-        port = client.stats()["data_port"]
-    peer = PeerInfo("holder", "127.0.0.1", port)
-    reader = KVPool(size * 2 + (1 << 20), 256 << 10, name=f"bench-reader-{size}")
-    transport = TcpTransport()
+        client.put(sig, tokens, [os.urandom(size) for _ in range(count)])
+    key = keys[-1]
+    controller = ControllerClient("127.0.0.1", cluster.controller_port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            reply = controller.call("lookup", namespace=sig.namespace(), keys=[key])
+            if reply["matched"]:
+                break
+        except RemoteError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the holder's chunk never reached the index")
+        time.sleep(0.05)
+    controller.close()
+    info = reply["workers"]["holder"]
+    peer = PeerInfo("holder", info["host"], info["data_port"], info["host_id"],
+                    tuple(info["transports"]), info["extra"])
+    return peer, sig.namespace(), keys
+
+
+def lmshare_fetch(transport: Transport, peer: PeerInfo, namespace: bytes, keys: list[bytes],
+                  size: int, repeats: int, rounds: int = 5) -> list[float]:
+    """GB/s of ``repeats`` requests, each fetching every key into a fresh local pool entry."""
+    reader = KVPool(size * (len(keys) + 1), 256 << 10, name=f"bench-reader-{size}")
     results = []
     try:
         for _ in range(rounds + 1):
             started = time.perf_counter()
             for _ in range(repeats):
-                sink = PoolSink(reader, sig.namespace())
-                if transport.fetch(peer, [key], sink, time.monotonic() + 30) != 1:
+                sink = PoolSink(reader, namespace)
+                if transport.fetch(peer, keys, sink, time.monotonic() + 30) != len(keys):
                     raise RuntimeError("benchmark fetch failed")
-                reader.remove(key)
-            results.append(size * repeats / (time.perf_counter() - started) / 1e9)
+                for key in keys:
+                    reader.remove(key)
+            results.append(size * len(keys) * repeats / (time.perf_counter() - started) / 1e9)
     finally:
-        transport.close()
         reader.close()
     return results[1:]
 
 
+PATHS = ("lmshare TCP", "raw socket", "lmshare same-host shm", "host memcpy", "Redis GET")
+
+
 def run(rounds: int = 5) -> tuple[str, dict]:
-    rows, data = [], {}
-    with LocalCluster() as cluster:
-        cluster.start_controller()
-        cluster.start_worker("holder", "256MiB")
-        for label, (size, repeats) in progress(SIZES.items(), "transfer", len(SIZES)):
-            # interleave the two paths so that machine noise hits both alike
-            ours, raw = [], []
-            for _ in range(rounds):
-                ours += lmshare_tcp(cluster, size, repeats, rounds=1)
-                raw += raw_socket.measure(size, repeats, rounds=1)
-            data[label] = {"lmshare_tcp_gbps": ours, "raw_socket_gbps": raw}
-            ratio = median(ours) / median(raw)
-            rows.append([label, f"{median(ours):.2f}", f"{statistics.pstdev(ours):.2f}",
-                         f"{median(raw):.2f}", f"{statistics.pstdev(raw):.2f}", f"{ratio:.0%}"])
-    text = table(["chunk", "lmshare TCP GB/s (median)", "±", "raw socket GB/s (median)", "±",
-                  "lmshare / raw"], rows)
-    return text, data
+    data: dict[str, dict[str, list[float]]] = {}
+    redis_server = RedisServer()
+    tcp, shm = TcpTransport(), ShmTransport()
+    try:
+        with LocalCluster() as cluster:
+            cluster.start_controller()
+            cluster.start_worker("holder", "512MiB")
+            for label, (size, count, repeats) in progress(SIZES.items(), "transfer", len(SIZES)):
+                peer, namespace, keys = holder_peer(cluster, size, count)
+                runs: dict[str, list[float]] = {path: [] for path in PATHS}
+                # interleave the paths so that machine noise hits all alike
+                for _ in range(rounds):
+                    runs["lmshare TCP"] += lmshare_fetch(tcp, peer, namespace, keys, size,
+                                                         repeats, rounds=1)
+                    runs["raw socket"] += raw_socket.measure(size, count * repeats, rounds=1)
+                    runs["lmshare same-host shm"] += lmshare_fetch(shm, peer, namespace, keys,
+                                                                   size, repeats, rounds=1)
+                    runs["host memcpy"].append(baselines.memcpy(size, count, repeats))
+                    runs["Redis GET"].append(redis_server.get_gbps(size, count, repeats))
+                data[label] = runs
+    finally:
+        tcp.close()
+        shm.close()
+        redis_server.stop()
+    return report(data, redis_server.parser()), data
+
+
+def report(data: dict[str, dict[str, list[float]]], redis_parser: str) -> str:
+    rows = []
+    for label, runs in data.items():
+        med = {path: median(values) for path, values in runs.items()}
+        rows.append([label] + [f"{med[p]:.2f} ± {statistics.pstdev(runs[p]):.2f}" for p in PATHS]
+                    + [f"{med['lmshare TCP'] / med['raw socket']:.0%}",
+                       f"{med['lmshare same-host shm'] / med['host memcpy']:.0%}",
+                       f"{min(med['lmshare TCP'], med['lmshare same-host shm']) / med['Redis GET']:.1f}x"])
+    text = table(["chunk", *[f"{p} GB/s" for p in PATHS], "TCP / raw (≥ 90%)",
+                  "shm / memcpy (≥ 70%)", "slowest lmshare / Redis (≥ 3x)"], rows)
+    return text + (
+        "\n\nEach request fetches several chunks (4 MiB: 8, 32 MiB: 4) into fresh slabs of the "
+        "reader's pool; every path moves the same bytes. Medians of 5 interleaved rounds, "
+        f"± population std-dev. Redis: pipelined GETs, {redis_parser}.")
+
+
+def plot(data: dict[str, dict[str, list[float]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(data)
+    paths = list(next(iter(data.values())))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(paths)
+    for i, p in enumerate(paths):
+        values = [median(data[label][p]) for label in labels]
+        bars = ax.bar([x + i * width for x in range(len(labels))], values, width, label=p)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([x + width * (len(paths) - 1) / 2 for x in range(len(labels))], labels)
+    ax.set_ylabel("GB/s (median)")
+    ax.set_title("Fetching one KV chunk from a peer on this host")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    print(run()[0])
+    text, results = run()
+    print(text)

@@ -85,6 +85,16 @@ class RpcClient:
                 raise RemoteError(str(reply.get("code")), str(reply.get("message")))
             return reply
 
+    def send_nowait(self, type_: str, **fields: Any) -> bool:
+        """Send a request whose reply nobody waits for (it is dropped when it arrives).
+        False if it could not even be queued."""
+        try:
+            self._connect().send(protocol.encode(protocol.request(type_, next(self._ids),
+                                                                  **fields)), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
     def close(self) -> None:
         self.reset()
 
