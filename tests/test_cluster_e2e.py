@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,14 @@ def test_same_host_peers_share_memory_and_tcp_stays_available(cluster):
     assert views["socket-only"].peer_transports == {"tcp": 2}
     result = run_cli("status", "--controller", cluster.controller_address)
     assert "shm×1" in result.stdout
+
+
+def test_python_client_example_runs(cluster):
+    cluster.start_worker("node-a", "32MiB")
+    cluster.start_worker("node-b", "32MiB")
+    example = Path(__file__).parents[1] / "examples" / "python_client.py"
+    result = subprocess.run([sys.executable, str(example), "node-a", "node-b"], text=True,
+                            capture_output=True, timeout=60,
+                            env={**os.environ, "LMSHARE_RUNTIME_DIR": str(cluster.runtime_dir)})
+    assert result.returncode == 0, result.stderr
+    assert "got 4 chunks, identical: True" in result.stdout
