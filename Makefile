@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # The core: what `lmshare controller|worker|status|dashboard|demo` need (no torch).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +27,7 @@ demo: install
 system-deps:
 	@missing=""; for cmd in tmux:tmux ip:iproute2 tc:iproute2 redis-server:redis-server; do \
 	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; done; \
+	  ldconfig -p | grep -q libibverbs.so.1 || missing="$$missing libibverbs1"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (tests that need them are skipped)"; fi; \
@@ -48,6 +49,7 @@ test: test-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: test-deps
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks
 
 clean:

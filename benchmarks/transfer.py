@@ -7,6 +7,7 @@ a raw Python loopback socket moving the same bytes, a host memcpy, and Redis GET
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -26,6 +27,8 @@ from lmshare.worker.peer_fetch import PoolSink
 
 # chunk size → (chunks per request, requests per round). A request fetches several chunks, as
 # a long prompt does (a 16k-token prompt of 256-token chunks has 64).
+log = logging.getLogger(__name__)
+
 SIZES = {"4 MiB": (4 << 20, 8, 8), "32 MiB": (32 << 20, 4, 2)}
 
 
@@ -78,7 +81,8 @@ def lmshare_fetch(transport: Transport, peer: PeerInfo, namespace: bytes, keys: 
     return results[1:]
 
 
-PATHS = ("lmshare TCP", "raw socket", "lmshare same-host shm", "host memcpy", "Redis GET")
+PATHS = ("lmshare TCP", "raw socket", "Mooncake TCP", "lmshare same-host shm", "host memcpy",
+         "Redis GET")
 
 
 def run(rounds: int = 5) -> tuple[str, dict]:
@@ -97,6 +101,7 @@ def run(rounds: int = 5) -> tuple[str, dict]:
                     runs["lmshare TCP"] += lmshare_fetch(tcp, peer, namespace, keys, size,
                                                          repeats, rounds=1)
                     runs["raw socket"] += raw_socket.measure(size, count * repeats, rounds=1)
+                    runs["Mooncake TCP"] += mooncake(size, count, repeats)
                     runs["lmshare same-host shm"] += lmshare_fetch(shm, peer, namespace, keys,
                                                                    size, repeats, rounds=1)
                     runs["host memcpy"].append(baselines.memcpy(size, count, repeats))
@@ -112,17 +117,33 @@ def run(rounds: int = 5) -> tuple[str, dict]:
 def report(data: dict[str, dict[str, list[float]]], redis_parser: str) -> str:
     rows = []
     for label, runs in data.items():
-        med = {path: median(values) for path, values in runs.items()}
-        rows.append([label] + [f"{med[p]:.2f} ± {statistics.pstdev(runs[p]):.2f}" for p in PATHS]
+        med = {path: median(values) if values else float("nan") for path, values in runs.items()}
+        rows.append([label] + [f"{med[p]:.2f} ± {statistics.pstdev(runs[p]):.2f}" if runs[p]
+                               else "n/a" for p in PATHS]
                     + [f"{med['lmshare TCP'] / med['raw socket']:.0%}",
+                       f"{med['lmshare TCP'] / med['Mooncake TCP']:.1f}x",
                        f"{med['lmshare same-host shm'] / med['host memcpy']:.0%}",
                        f"{min(med['lmshare TCP'], med['lmshare same-host shm']) / med['Redis GET']:.1f}x"])
     text = table(["chunk", *[f"{p} GB/s" for p in PATHS], "TCP / raw (≥ 90%)",
+                  "TCP / Mooncake TCP (≥ 1x)",
                   "shm / memcpy (≥ 70%)", "slowest lmshare / Redis (≥ 3x)"], rows)
     return text + (
         "\n\nEach request fetches several chunks (4 MiB: 8, 32 MiB: 4) into fresh slabs of the "
         "reader's pool; every path moves the same bytes. Medians of 5 interleaved rounds, "
-        f"± population std-dev. Redis: pipelined GETs, {redis_parser}.")
+        f"± population std-dev. Redis: pipelined GETs, {redis_parser}. Mooncake: transfer "
+        "engine (mooncake-transfer-engine-non-cuda) over tcp, P2P handshake, one batch read per "
+        "request.")
+
+
+def mooncake(size: int, count: int, repeats: int) -> list[float]:
+    """Mooncake's TCP transfer engine, or nothing where it cannot run (reported as n/a)."""
+    try:
+        from benchmarks import mooncake_baseline
+
+        return mooncake_baseline.measure(size, count, repeats, rounds=1)
+    except (ImportError, RuntimeError) as exc:
+        log.warning("Mooncake baseline unavailable: %s", exc)
+        return []
 
 
 def plot(data: dict[str, dict[str, list[float]]], path: str) -> None:
@@ -136,7 +157,7 @@ def plot(data: dict[str, dict[str, list[float]]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(paths)
     for i, p in enumerate(paths):
-        values = [median(data[label][p]) for label in labels]
+        values = [median(data[label][p]) if data[label][p] else 0.0 for label in labels]
         bars = ax.bar([x + i * width for x in range(len(labels))], values, width, label=p)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks([x + width * (len(paths) - 1) / 2 for x in range(len(labels))], labels)
