@@ -40,7 +40,12 @@ $(VENV)/.vllm: $(VENV)/.installed
 	-$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-test-deps: $(VENV)/.vllm system-deps
+# UCX's libucp (what lmshare[ucx] brings, without ucxx's CUDA python packages) for the UCX tests.
+$(VENV)/.ucx: $(VENV)/.installed
+	$(BIN)/pip install -q 'libucx-cu12>=1.21,<1.22'
+	touch $@
+
+test-deps: $(VENV)/.vllm $(VENV)/.ucx system-deps
 
 lint: install
 	$(BIN)/ruff check .

@@ -23,8 +23,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.common import table
+
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN_SEED = 20261125
+MARKER = "UCP-PROBE-OWNER "
 
 
 def pattern(size: int, seed: int = PATTERN_SEED) -> bytes:
@@ -56,7 +59,7 @@ def owner_main(size: int, wakeup: bool = False) -> int:
     server = UcpServer(ctx).start()
     info = {"address": ctx.address.hex(), "rkey": region.pack_rkey().hex(),
             "base": region.address, "size": size, "pid": os.getpid()}
-    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.write(MARKER + json.dumps(info) + "\n")  # UCX may log to stdout too
     sys.stdout.flush()
     sys.stdin.read()  # until the reader closes our stdin
     server.stop()
@@ -83,14 +86,18 @@ def owner_process(size: int, tls: str, wakeup: bool = False,
     try:
         import selectors
 
+        end = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                raise TimeoutError("UCX owner process did not publish its address")
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"UCX owner process exited with {proc.wait()}")
-        info = json.loads(line)
+            while True:
+                if not sel.select(max(0.0, end - time.monotonic())):
+                    raise TimeoutError("UCX owner process did not publish its address")
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"UCX owner process exited with {proc.wait()}")
+                if line.startswith(MARKER):
+                    break
+        info = json.loads(line[len(MARKER):])
         info["address"] = bytes.fromhex(info["address"])
         info["rkey"] = bytes.fromhex(info["rkey"])
         yield proc, info
@@ -102,6 +109,7 @@ def owner_process(size: int, tls: str, wakeup: bool = False,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
 
 
 @contextlib.contextmanager
@@ -124,13 +132,18 @@ def reader_context(tls: str, wakeup: bool = False) -> Iterator[object]:
         ctx.close()
 
 
+def error_handling_for(tls: str) -> bool:
+    """Peer error handling unless the path is shared memory only (cma refuses it)."""
+    return "tcp" in tls.split(",")
+
+
 def measure(size_bytes: int, tls: str, repeats: int = 5, register: bool = False) -> float:
     """Median GB/s of one-sided GETs of ``size_bytes`` from an owner process over ``tls``
     (a UCX_TLS value such as ``"sm,self"`` or ``"tcp,self"``)."""
     with owner_process(size_bytes, tls) as (_proc, info), reader_context(tls) as ctx:
         dst = bytearray(size_bytes)
         region = ctx.map(dst) if register else None
-        ep = ctx.connect(info["address"])
+        ep = ctx.connect(info["address"], error_handling=error_handling_for(tls))
         ep.get_into(dst, info["base"], info["rkey"], time.monotonic() + 30, region)  # warm-up
         rates = []
         for _ in range(repeats):
@@ -141,6 +154,17 @@ def measure(size_bytes: int, tls: str, repeats: int = 5, register: bool = False)
         if region is not None:
             region.close()
         return statistics.median(rates)
+
+
+def run(repeats: int = 5) -> tuple[str, dict]:
+    """Markdown table and raw numbers, in the form ``python -m benchmarks`` collects."""
+    sizes = {"4 MiB": 4 << 20, "32 MiB": 32 << 20}
+    data = {tls: {label: measure(size, tls, repeats) for label, size in sizes.items()}
+            for tls in ("sm,self", "tcp,self")}
+    rows = [[tls] + [f"{gbps:.2f}" for gbps in by_size.values()] for tls, by_size in data.items()]
+    text = ("UCX one-sided GET (owner process → this process), median of "
+            f"{repeats}, GB/s\n\n" + table(["UCX_TLS", *sizes], rows))
+    return text, data
 
 
 def main(argv: list[str]) -> int:
@@ -156,11 +180,8 @@ def main(argv: list[str]) -> int:
     if not ucx_available():
         print("UCX is not available (pip install lmshare[ucx])", file=sys.stderr)
         return 1
-    print(f"UCX {ucx_version()}, one-sided GET, median of {args.repeats}, GB/s (1e9 B/s)")
-    print("| UCX_TLS | 4 MiB | 32 MiB |\n|---|---|---|")
-    for tls in ("sm,self", "tcp,self"):
-        row = [f"{measure(size, tls, args.repeats):.2f}" for size in (4 << 20, 32 << 20)]
-        print(f"| {tls} | {' | '.join(row)} |", flush=True)
+    print(f"UCX {ucx_version()}, GB = 1e9 bytes")
+    print(run(args.repeats)[0])
     return 0
 
 

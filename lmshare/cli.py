@@ -48,6 +48,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from lmshare.worker import WorkerAgent, WorkerConfig
+    from lmshare.worker.config import resolve_transports
 
     host, port = parse_address(args.controller)
     config = WorkerConfig(
@@ -55,13 +56,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         slab_bytes=parse_size(args.slab_size), host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
-        transports=tuple(t.strip() for t in args.transports.split(",") if t.strip()),
+        transports=resolve_transports(args.transports),
         **({"name": args.name} if args.name else {}))
     agent = WorkerAgent(config).start()
     if args.metrics_port is not None:
         from lmshare.worker.metrics import start_worker_metrics
 
-        start_worker_metrics(agent, args.metrics_port)
+        try:
+            start_worker_metrics(agent, args.metrics_port)
+        except BaseException:
+            agent.shutdown()  # leave no registration or shared memory behind
+            raise
     print(f"lmshare worker {agent.worker_id} registered in "
           f"{agent.link.last_register_s * 1000:.2f} ms; peers on "
           f"{agent.peer_server.host}:{agent.peer_server.port}, clients on {agent.endpoint}",
@@ -97,10 +102,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from lmshare.dashboard import print_once, run_dashboard
+
+    parse_address(args.controller)  # a bad address is a usage error, not a retry loop
+    if args.once:
+        return print_once(args.controller, timeout_s=args.timeout)
+    return run_dashboard(args.controller, refresh_s=args.refresh)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lmshare.demo import run_demo
 
-    return run_demo(args)
+    dashboard = None
+    if not args.no_dashboard:
+        from lmshare.dashboard import run_dashboard as dashboard
+    return run_demo(args, dashboard)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-timeout", type=float, default=5.0, metavar="S",
                    help="deadline of one peer fetch (default 5)")
     p.add_argument("--checksum", action="store_true", help="verify a CRC32 of every peer chunk")
-    p.add_argument("--transports", default="shm,tcp",
-                   help="data paths to offer and use, best first: shm (same-host shared "
-                        "memory), ucx, tcp (always on); default shm,tcp")
+    p.add_argument("--transports", default="auto",
+                   help="data paths to offer and use: shm (same-host shared memory), ucx "
+                        "(needs lmshare[ucx]), tcp (always on); default auto = shm, ucx where "
+                        "RDMA hardware is present, tcp")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     p.set_defaults(func=_cmd_worker)
 
@@ -145,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, metavar="S")
     p.set_defaults(func=_cmd_status)
 
+    p = commands.add_parser("dashboard", help="live terminal dashboard of a cluster")
+    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
+    p.add_argument("--refresh", type=float, default=0.5, metavar="S",
+                   help="seconds between frames (at most 0.5; default 0.5)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="S",
+                   help="deadline of the controller's answer with --once (default 3)")
+    p.set_defaults(func=_cmd_dashboard)
+
     p = commands.add_parser("demo", help="embedded local cluster with synthetic shared-prefix "
                                          "traffic and the live dashboard")
     p.add_argument("--workers", type=int, default=3)
@@ -152,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds (default: run until q or Ctrl-C)")
     p.add_argument("--port", type=int, default=0, help="controller port (default: a free port)")
     p.add_argument("--no-dashboard", action="store_true", help="print a summary instead")
+    p.add_argument("--rate", type=float, default=10.0, metavar="N",
+                   help="requests per second of the synthetic workload (default 10)")
+    p.add_argument("--cache-size", default="256MiB", help="each worker's pool (default 256MiB)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -160,3 +160,31 @@ def test_python_client_example_runs(cluster):
                             env={**os.environ, "LMSHARE_RUNTIME_DIR": str(cluster.runtime_dir)})
     assert result.returncode == 0, result.stderr
     assert "got 4 chunks, identical: True" in result.stdout
+
+
+def test_ucx_one_sided_get_between_workers(cluster):
+    from lmshare.transports.ucp import ucx_available
+
+    if not ucx_available():
+        pytest.skip("UCX (libucx from lmshare[ucx]) is not installed")
+    cluster.start_worker("ucx-holder", "64MiB", "--transports", "ucx,tcp")
+    cluster.start_worker("ucx-reader", "64MiB", "--transports", "ucx,tcp")
+    doc_a, data_a = doc(4), payloads(4)
+    with cluster.client("ucx-holder") as holder:
+        holder.put(SIG, doc_a, data_a)
+    with cluster.client("ucx-reader") as reader:
+        wait_until(lambda: reader.lookup(SIG, doc_a).peer_tokens == 80, 5, "indexed")
+        assert reader.get(SIG, doc_a) == data_a
+        assert reader.stats()["fetched_by_transport"]["ucx"] == 5
+    assert {w.worker_id: w.peer_transports for w in cluster.stats().workers}["ucx-reader"] == {"ucx": 1}
+    # a stopped holder costs the deadline, not a hang, and never wrong bytes
+    doc_b, data_b = doc(5), payloads(5)
+    with cluster.client("ucx-holder") as holder:
+        holder.put(SIG, doc_b, data_b)
+    with cluster.client("ucx-reader") as reader:
+        wait_until(lambda: reader.lookup(SIG, doc_b).peer_tokens == 80, 5, "indexed")
+        cluster.workers["ucx-holder"].process.send_signal(signal.SIGKILL)
+        cluster.workers["ucx-holder"].process.wait(5)
+        started = time.monotonic()
+        assert reader.get(SIG, doc_b) == []
+        assert time.monotonic() - started < 7

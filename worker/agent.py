@@ -70,22 +70,30 @@ class WorkerAgent:
         self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)
         self.counters = WorkerCounters(capacity_bytes=self.pool.capacity_bytes)
         self._counter_lock = threading.Lock()
-        self._shm_bytes_served = 0
+        self._one_sided_bytes_served = 0
         self.leases = LeaseTable(self.pool)
         self._stopped = threading.Event()
         self._closed = False
         host = config.advertised_host()
         try:
-            self.peer_server = TcpPeerServer(self._serve_chunk, host, config.port)
+            self.peer_server = TcpPeerServer(self._serve_chunk, host, config.port,
+                                             locator=self._locate, releaser=self.leases.release)
         except OSError as exc:
             self.pool.close()
             raise ConfigError(f"cannot listen for peers on {host}:{config.port} ({exc.strerror}); "
                               "choose another --port or stop the process using it") from None
         self.host_id = host_identity()
         self.transports = tuple(config.transports)
-        transports: list[Transport] = [TcpTransport()]
+        tcp = TcpTransport()
+        transports: list[Transport] = [tcp]
         if "shm" in self.transports:
             transports.append(ShmTransport())
+        self.ucx_export = None
+        if "ucx" in self.transports:
+            from lmshare.transports.ucx import UcxExport, UcxTransport
+
+            self.ucx_export = UcxExport(self.pool.region.buffer, self.pool.generation_region.buffer)
+            transports.append(UcxTransport(tcp, self.host_id))
         self.fetcher = PeerFetcher(
             self.pool, transports, config.fetch_timeout_s, config.checksum,
             choose=lambda peer: choose_transport(self.host_id, self.transports, peer))
@@ -98,7 +106,8 @@ class WorkerAgent:
                       "generation_path": str(self.pool.generation_region.path),
                       "region_bytes": self.pool.capacity_bytes,
                       "slab_bytes": self.pool.slab_bytes, "endpoint": self.endpoint,
-                      "pid": os.getpid()},
+                      "pid": os.getpid(),
+                      **(self.ucx_export.registration() if self.ucx_export else {})},
         }
         self.link = ControlLink(
             ControllerClient(config.controller_host, config.controller_port, config.rpc_timeout_s),
@@ -165,6 +174,8 @@ class WorkerAgent:
         self._closed = True
         self.leases.release_all()
         self.fetcher.close()
+        if self.ucx_export is not None:
+            self.ucx_export.close()
         self.pool.close()
         if self.endpoint.startswith("ipc://"):
             try:
@@ -188,7 +199,7 @@ class WorkerAgent:
             c = self.counters
             c.used_bytes, c.entries, c.pinned_entries = pool.used_bytes, pool.entries, pool.pinned_entries
             c.admits, c.evictions = pool.admits, pool.evictions
-            c.bytes_served = self.peer_server.bytes_served + self._shm_bytes_served
+            c.bytes_served = self.peer_server.bytes_served + self._one_sided_bytes_served
             c.bytes_fetched = self.fetcher.bytes_fetched
             c.fetch_failures = self.fetcher.failures
             c.in_flight_fetches = self.fetcher.in_flight + self.peer_server.in_flight()
@@ -280,8 +291,12 @@ class WorkerAgent:
 
     def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
         """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself."""
-        keys = m["keys"]
-        lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
+        return protocol.ok(m["id"], **self._locate(m["keys"], float(m["lease_s"])))
+
+    def _locate(self, keys: list, lease_s: float) -> dict[str, Any]:
+        """Pin the local prefix of ``keys`` under a lease for a one-sided reader (same-host
+        shared memory or UCX): its slabs and their generations."""
+        lease_s = min(lease_s, self.config.max_lease_s)
         entries: list[Entry] = []
         for key in keys:
             entry = self.pool.pin(key) if isinstance(key, bytes) else None
@@ -290,9 +305,9 @@ class WorkerAgent:
             entries.append(entry)
         handle = self.leases.add(lease_s, entries=entries) if entries else 0
         with self._counter_lock:
-            self._shm_bytes_served += sum(e.nbytes for e in entries)
-        return protocol.ok(m["id"], handle=handle, chunks=[[e.slabs, e.nbytes] for e in entries],
-                           gens=[self.pool.generations(e.slabs) for e in entries])
+            self._one_sided_bytes_served += sum(e.nbytes for e in entries)
+        return {"handle": handle, "chunks": [[e.slabs, e.nbytes] for e in entries],
+                "gens": [self.pool.generations(e.slabs) for e in entries]}
 
     def _on_release(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], released=self.leases.release(m["handle"]))

@@ -12,6 +12,27 @@ from lmshare.pool import DEFAULT_SLAB_BYTES
 KNOWN_TRANSPORTS = {"shm", "ucx", "tcp"}
 
 
+def resolve_transports(text: str) -> tuple[str, ...]:
+    """``auto`` → shm, ucx where it pays (installed and RDMA hardware present), tcp; otherwise
+    the comma-separated list as given (checked by WorkerConfig)."""
+    if text.strip() == "auto":
+        from lmshare.transports.ucx import ucx_worthwhile
+
+        try:
+            ucx = ucx_worthwhile()
+        except Exception:  # a broken UCX install must not stop the worker
+            ucx = False
+        return ("shm", "ucx", "tcp") if ucx else ("shm", "tcp")
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if "ucx" in names:
+        from lmshare.transports.ucp import ucx_available
+
+        if not ucx_available():
+            raise ConfigError("transport ucx needs UCX: pip install 'lmshare[ucx]' "
+                              "(or leave ucx out of --transports)")
+    return names
+
+
 def default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 

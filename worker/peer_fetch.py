@@ -84,6 +84,8 @@ class PeerFetcher:
         self.bytes_fetched = 0
         self.chunks_fetched = 0
         self.failures = 0
+        # called after every fetch with (seconds, chunks asked for, chunks that arrived)
+        self.on_fetch: Callable[[float, int, int], None] | None = None
 
     def transport_for(self, peer: PeerInfo) -> Transport:
         return self._transports.get(self._choose(peer)) or self._transports["tcp"]
@@ -91,8 +93,10 @@ class PeerFetcher:
     def fetch(self, namespace: bytes, keys: list[bytes], holders: list[list[str]],
               peers: dict[str, PeerInfo]) -> int:
         """Fetch ``keys`` (chunk i held by ``holders[i]``); returns how many arrived."""
-        deadline = time.monotonic() + self.fetch_timeout_s
+        started = time.monotonic()
+        deadline = started + self.fetch_timeout_s
         plan = FetchPlan.stripe(keys, holders)
+        received = 0
         with self._lock:
             self.in_flight += 1
         try:
@@ -103,7 +107,6 @@ class PeerFetcher:
                     continue
                 futures.append(self._executor.submit(self._fetch_one, peer, namespace, peer_keys,
                                                      deadline))
-            received = 0
             for future in futures:
                 left = max(0.0, deadline - time.monotonic()) + 1.0
                 try:
@@ -114,6 +117,8 @@ class PeerFetcher:
         finally:
             with self._lock:
                 self.in_flight -= 1
+            if self.on_fetch is not None:
+                self.on_fetch(time.monotonic() - started, len(keys), received)
 
     def _fetch_one(self, peer: PeerInfo, namespace: bytes, keys: list[bytes],
                    deadline: float) -> int:

@@ -4,6 +4,9 @@ Wire format on one persistent connection, per request:
   client → server: ``u32 length`` + msgpack ``{"v", "type": "fetch", "keys", "checksum"}``
   server → client: per key, a 16-byte header ``(u8 status, 3 pad, u32 crc32, u64 nbytes)``
                    followed by ``nbytes`` bytes when status is OK.
+The same connection also carries the small requests of one-sided transports (UCX):
+  ``{"type": "locate", "keys", "lease_s"}`` → ``u32 length`` + msgpack ``{handle, chunks, gens}``
+  ``{"type": "release", "handle"}`` → no answer.
 The server sends straight from its pool slabs with ``socket.sendmsg`` (no intermediate copy);
 the client ``recv_into``s the destination slabs. Every socket wait has the request's deadline.
 """
@@ -85,6 +88,28 @@ def _send_all(sock: socket.socket, views: list[memoryview], deadline: float) -> 
 
 # (key) -> (views, release) of a pinned entry, or None if absent
 ChunkSource = Callable[[bytes], "tuple[list[memoryview], Callable[[], None]] | None"]
+# (keys, lease_s) -> {"handle", "chunks": [[slabs, nbytes]...], "gens": [[...]...]}
+Locator = Callable[[list, float], dict]
+Releaser = Callable[[int], object]
+
+
+def _send_message(sock: socket.socket, message: dict, deadline: float) -> None:
+    body = msgpack.packb(message)
+    _send_all(sock, [memoryview(REQUEST_LENGTH.pack(len(body))), memoryview(body)], deadline)
+
+
+def _recv_message(sock: socket.socket, deadline: float) -> dict:
+    head = bytearray(REQUEST_LENGTH.size)
+    _recv_exact_into(sock, memoryview(head), deadline)
+    (length,) = REQUEST_LENGTH.unpack(head)
+    if length > MAX_REQUEST_BYTES:
+        raise ConnectionError(f"message of {length} bytes is too large")
+    body = bytearray(length)
+    _recv_exact_into(sock, memoryview(body), deadline)
+    message = msgpack.unpackb(bytes(body), raw=False)
+    if not isinstance(message, dict):
+        raise ConnectionError("malformed message")
+    return message
 
 
 class TcpTransport(Transport):
@@ -111,6 +136,30 @@ class TcpTransport(Transport):
     def _give_back(self, peer: PeerInfo, sock: socket.socket) -> None:
         with self._lock:
             self._idle.setdefault((peer.host, peer.data_port), []).append(sock)
+
+    def locate(self, peer: PeerInfo, keys: list[bytes], lease_s: float, deadline: float) -> dict:
+        """Pin ``keys``' available prefix on the peer under a lease; where its slabs are."""
+        sock = self._connect(peer, deadline)
+        try:
+            _send_message(sock, {"v": PROTOCOL_VERSION, "type": "locate", "keys": list(keys),
+                                 "lease_s": lease_s}, deadline)
+            reply = _recv_message(sock, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        self._give_back(peer, sock)
+        return reply
+
+    def release(self, peer: PeerInfo, handle: int, deadline: float) -> None:
+        """End a lease from :meth:`locate` (no answer is awaited; leases also expire)."""
+        sock = self._connect(peer, deadline)
+        try:
+            _send_message(sock, {"v": PROTOCOL_VERSION, "type": "release", "handle": handle},
+                          deadline)
+        except BaseException:
+            sock.close()
+            raise
+        self._give_back(peer, sock)
 
     def fetch(self, peer: PeerInfo, keys: list[bytes], sink: ChunkSink, deadline: float,
               checksum: bool = False) -> int:
@@ -177,8 +226,11 @@ class TcpPeerServer:
     """Serves chunks of the local pool to peers. One thread per connection."""
 
     def __init__(self, source: ChunkSource, host: str = "127.0.0.1", port: int = 0,
-                 send_timeout_s: float = 10.0) -> None:
+                 send_timeout_s: float = 10.0, locator: Locator | None = None,
+                 releaser: Releaser | None = None) -> None:
         self.source = source
+        self.locator = locator
+        self.releaser = releaser
         self.send_timeout_s = send_timeout_s
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
         self.host, self.port = self._listener.getsockname()[:2]
@@ -228,9 +280,13 @@ class TcpPeerServer:
         body = bytearray(length)
         _recv_exact_into(conn, memoryview(body), time.monotonic() + self.send_timeout_s)
         request = msgpack.unpackb(bytes(body), raw=False)
-        if (not isinstance(request, dict) or request.get("v") != PROTOCOL_VERSION
-                or request.get("type") != "fetch" or not isinstance(request.get("keys"), list)):
-            raise ConnectionError("malformed fetch request")
+        if not isinstance(request, dict) or request.get("v") != PROTOCOL_VERSION:
+            raise ConnectionError("malformed request")
+        type_ = request.get("type")
+        if type_ in ("fetch", "locate") and not isinstance(request.get("keys"), list):
+            raise ConnectionError(f"malformed {type_} request")
+        if type_ not in ("fetch", "locate", "release"):
+            raise ConnectionError(f"unknown request type {type_!r}")
         return request
 
     def _serve(self, conn: socket.socket) -> None:
@@ -239,10 +295,17 @@ class TcpPeerServer:
                 request = self._read_request(conn)
                 if request is None:
                     break
+                if request["type"] == "release":
+                    if self.releaser is not None and isinstance(request.get("handle"), int):
+                        self.releaser(request["handle"])
+                    continue
                 with self._state:
                     self._in_flight += 1
                 try:
-                    self._answer(conn, request)
+                    if request["type"] == "locate":
+                        self._answer_locate(conn, request)
+                    else:
+                        self._answer(conn, request)
                 finally:
                     with self._state:
                         self._in_flight -= 1
@@ -254,6 +317,13 @@ class TcpPeerServer:
             with self._state:
                 self._connections.discard(conn)
             conn.close()
+
+    def _answer_locate(self, conn: socket.socket, request: dict) -> None:
+        if self.locator is None:
+            reply = {"handle": 0, "chunks": [], "gens": []}
+        else:
+            reply = self.locator(request["keys"], float(request.get("lease_s", 5.0)))
+        _send_message(conn, reply, time.monotonic() + self.send_timeout_s)
 
     def _answer(self, conn: socket.socket, request: dict) -> None:
         checksum = bool(request.get("checksum"))

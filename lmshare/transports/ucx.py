@@ -1,0 +1,176 @@
+"""UCX data path: one-sided GET from the holder's registered pool (RDMA where the NICs have it).
+
+The holder registers its pool region and slab-generation table with UCX (:class:`UcxExport`)
+and publishes, through the controller, its UCX worker address, the regions' remote keys and
+base addresses. A reader (:class:`UcxTransport`) asks the holder over the TCP control
+connection to *locate* the chunks (pin under a lease; slabs and generations), GETs the slabs
+straight into its own pool buffers, then GETs the slabs' generations again: if any changed, the
+copy is discarded and the hit stops there (the seqlock described in docs/architecture.md).
+Every GET has the fetch's deadline. The UCP C API binding lives in :mod:`lmshare.transports.ucp`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+
+from lmshare.errors import LMShareError
+from lmshare.transports.base import ChunkSink, PeerInfo, Transport
+from lmshare.transports.tcp import TcpTransport
+from lmshare.transports.ucp import RemoteEndpoint, UcpContext, UcpServer, ucx_available
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 5.0
+
+
+def rdma_hardware_present() -> bool:
+    """True if this host has RDMA devices (InfiniBand / RoCE), where UCX beats a socket."""
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
+def ucx_worthwhile() -> bool:
+    """Whether a worker should offer UCX by default: installed, and RDMA hardware present."""
+    return ucx_available() and rdma_hardware_present()
+
+
+class UcxExport:
+    """The holder's side: its pool region and generation table, registered for remote GET, and
+    a progress thread (needed where UCX emulates GET with messages, e.g. over tcp)."""
+
+    def __init__(self, region: memoryview, generations: memoryview) -> None:
+        self.context = UcpContext(wakeup=True, name="lmshare-serve")
+        self._region = self.context.map(region)
+        self._generations = self.context.map(generations)
+        self._server = UcpServer(self.context).start()
+
+    def registration(self) -> dict:
+        """What peers need, published in the worker's registration."""
+        return {"ucx_address": self.context.address,
+                "ucx_rkey": self._region.pack_rkey(), "ucx_base": self._region.address,
+                "ucx_gen_rkey": self._generations.pack_rkey(),
+                "ucx_gen_base": self._generations.address}
+
+    def close(self) -> None:
+        self._server.stop()
+        self.context.close()
+
+
+def _pieces(slabs: list[int], slab_bytes: int, base: int, nbytes: int,
+            destination: list[memoryview]) -> list[tuple[memoryview, int]]:
+    """(destination piece, remote address) pairs covering an entry's slabs in order."""
+    pieces = []
+    di = d_off = 0
+    remaining = nbytes
+    for slab in slabs:
+        s_off, s_len = 0, min(remaining, slab_bytes)
+        remaining -= s_len
+        while s_off < s_len:
+            dst = destination[di]
+            count = min(s_len - s_off, dst.nbytes - d_off)
+            pieces.append((dst[d_off : d_off + count], base + slab * slab_bytes + s_off))
+            s_off += count
+            d_off += count
+            if d_off == dst.nbytes:
+                di, d_off = di + 1, 0
+    return pieces
+
+
+class UcxTransport(Transport):
+    """Reads chunks from peers with UCX GET. Fetches are serialised on one UCP worker."""
+
+    name = "ucx"
+
+    def __init__(self, control: TcpTransport, host_id: str = "",
+                 lease_s: float = DEFAULT_LEASE_S) -> None:
+        self._control = control
+        self._host_id = host_id
+        self.lease_s = lease_s
+        self._context = UcpContext(name="lmshare-fetch")
+        self._endpoints: dict[tuple[bytes, bool], RemoteEndpoint] = {}
+        self._lock = threading.Lock()
+
+    def _endpoint(self, peer: PeerInfo) -> RemoteEndpoint:
+        """Peers on other hosts get UCX's peer error handling (a late GET is cancelled cleanly);
+        a same-host peer gets none, which lets UCX read its memory with cma — a one-sided
+        process_vm_readv that never waits for the holder."""
+        address = peer.extra["ucx_address"]
+        same_host = bool(self._host_id) and peer.host_id == self._host_id
+        endpoint = self._endpoints.get((address, same_host))
+        if endpoint is None or endpoint.broken or endpoint.error is not None:
+            if endpoint is not None:
+                endpoint.close()
+            endpoint = self._context.connect(address, error_handling=not same_host)
+            self._endpoints[(address, same_host)] = endpoint
+        return endpoint
+
+    def fetch(self, peer: PeerInfo, keys: list[bytes], sink: ChunkSink, deadline: float,
+              checksum: bool = False) -> int:
+        if not keys:
+            return 0
+        try:
+            located = self._control.locate(peer, keys, self.lease_s, deadline)
+        except (OSError, TimeoutError, ConnectionError, LMShareError) as exc:
+            log.warning("cannot locate chunks on %s: %s", peer.worker_id, exc)
+            return 0
+        delivered = 0
+        try:
+            with self._lock:
+                delivered = self._read(peer, keys, located, sink, deadline)
+        finally:
+            if located.get("handle"):
+                try:
+                    self._control.release(peer, located["handle"], deadline + 1.0)
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    log.debug("release failed (the lease expires on its own): %s", exc)
+        return delivered
+
+    def _read(self, peer: PeerInfo, keys: list[bytes], located: dict, sink: ChunkSink,
+              deadline: float) -> int:
+        extra = peer.extra
+        slab_bytes = int(extra["slab_bytes"])
+        delivered = 0
+        try:
+            endpoint = self._endpoint(peer)
+        except LMShareError as exc:
+            log.warning("cannot reach %s over UCX: %s", peer.worker_id, exc)
+            return 0
+        for key, (slabs, nbytes), generations in zip(keys, located["chunks"], located["gens"]):
+            buffers = sink.begin(key, nbytes)
+            if buffers is None:
+                break
+            ok = False
+            try:
+                endpoint.get_many(_pieces(slabs, slab_bytes, int(extra["ucx_base"]), nbytes,
+                                          buffers), extra["ucx_rkey"], deadline)
+                # one GET of the generation range that covers every slab of the chunk
+                low, high = min(slabs), max(slabs)
+                after = bytearray(8 * (high - low + 1))
+                endpoint.get_into(after, int(extra["ucx_gen_base"]) + 8 * low,
+                                  extra["ucx_gen_rkey"], deadline)
+                table = struct.unpack(f"<{high - low + 1}Q", after)
+                ok = [table[s - low] for s in slabs] == list(generations)
+                if not ok:
+                    log.warning("chunk of %s changed while being read; hit truncated",
+                                peer.worker_id)
+            except LMShareError as exc:
+                log.warning("UCX GET from %s failed: %s", peer.worker_id, exc)
+            finally:
+                sink.end(key, ok)
+            if not ok or time.monotonic() > deadline:
+                break
+            delivered += 1
+        return delivered
+
+    def close(self) -> None:
+        with self._lock:
+            for endpoint in self._endpoints.values():
+                endpoint.close()
+            self._endpoints.clear()
+            self._context.close()
