@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from lmshare.stats import WorkerCounters
+
+RATE_WINDOW_S = 5.0  # bytes served/fetched per second are averaged over this window
 
 
 @dataclass
@@ -26,6 +29,8 @@ class WorkerRecord:
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     previous_counters: WorkerCounters | None = None
     previous_heartbeat: float = 0.0
+    # (time, counters) of recent heartbeats, for rates smoothed over RATE_WINDOW_S
+    samples: deque = field(default_factory=lambda: deque(maxlen=256), repr=False)
 
     @property
     def address(self) -> str:
@@ -38,16 +43,23 @@ class WorkerRecord:
         now = time.monotonic()
         self.previous_counters, self.previous_heartbeat = self.counters, self.last_heartbeat
         self.counters, self.last_heartbeat = counters, now
+        self.samples.append((now, counters))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.popleft()
 
     def rate(self, name: str) -> float:
-        """Per-second change of a counter between the last two heartbeats."""
-        if self.previous_counters is None:
+        """Per-second change of a counter over the last ~RATE_WINDOW_S of heartbeats (between
+        the last two heartbeats until there are more)."""
+        if len(self.samples) >= 2:
+            (start, first), (end, last) = self.samples[0], self.samples[-1]
+        elif self.previous_counters is not None:
+            start, first, end, last = (self.previous_heartbeat, self.previous_counters,
+                                       self.last_heartbeat, self.counters)
+        else:
             return 0.0
-        elapsed = self.last_heartbeat - self.previous_heartbeat
-        if elapsed <= 0:
+        if end - start <= 0:
             return 0.0
-        delta = getattr(self.counters, name) - getattr(self.previous_counters, name)
-        return max(0.0, delta / elapsed)
+        return max(0.0, (getattr(last, name) - getattr(first, name)) / (end - start))
 
     def peer_info(self) -> dict:
         return {"worker_id": self.worker_id, "host": self.host, "data_port": self.data_port,

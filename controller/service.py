@@ -73,6 +73,11 @@ class ControllerService:
         self.lookup_us: deque[float] = deque(maxlen=20000)
         self.lookups = 0
         self.refused = 0
+        # called with each answered lookup's duration in seconds (e.g. a Prometheus histogram)
+        self.lookup_observers: list[Callable[[float], None]] = []
+        # events by kind since start (the ``events`` deque keeps only the latest)
+        self.event_counts: dict[str, int] = dict.fromkeys(
+            ("join", "leave", "dead", "restart", "refused", "resync"), 0)
         # workers that left or died recently: id → (record, "left" | "dead", unix time)
         self.departed: dict[str, tuple[WorkerRecord, str, float]] = {}
         self._hit_history: deque[tuple[int, int, int]] = deque(maxlen=60)
@@ -123,6 +128,7 @@ class ControllerService:
 
     def event(self, kind: str, detail: str) -> None:
         self.events.append(ClusterEvent(time.time(), kind, detail))
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         log.info("%s: %s", kind, detail)
 
     def _handle(self, frames: list[bytes]) -> None:
@@ -261,7 +267,10 @@ class ControllerService:
         workers = {w: self.registry.workers[w].peer_info() for w in involved
                    if w in self.registry.workers}
         self.lookups += 1
-        self.lookup_us.append((time.perf_counter() - started) * 1e6)
+        elapsed = time.perf_counter() - started
+        self.lookup_us.append(elapsed * 1e6)
+        for observe in self.lookup_observers:
+            observe(elapsed)
         return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers)
 
     def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:

@@ -69,12 +69,14 @@ class LocalCluster:
     """A controller and workers on this host. Use as a context manager."""
 
     controller_port: int = 0
+    controller_host: str = "127.0.0.1"
     heartbeat_timeout_s: float = 3.0
     runtime_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lmshare-")))
     python: str = sys.executable
     controller: ManagedProcess | None = None
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    new_session: bool = False  # children in their own session: a terminal's Ctrl-C skips them
 
     def __post_init__(self) -> None:
         if not self.controller_port:
@@ -82,7 +84,7 @@ class LocalCluster:
 
     @property
     def controller_address(self) -> str:
-        return f"127.0.0.1:{self.controller_port}"
+        return f"{self.controller_host}:{self.controller_port}"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -90,19 +92,22 @@ class LocalCluster:
         env.update(self.extra_env)
         return env
 
-    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
+    def _spawn(self, name: str, args: list[str], prefix: tuple[str, ...] = ()) -> ManagedProcess:
         log_path = self.runtime_dir / f"{name}.log"
         with open(log_path, "ab") as out:
-            process = subprocess.Popen([self.python, "-m", "lmshare", *args], stdout=out,
+            process = subprocess.Popen([*prefix, self.python, "-m", "lmshare", *args], stdout=out,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=self.env())
+                                       env=self.env(), start_new_session=self.new_session)
         return ManagedProcess(name, args, process, log_path)
 
-    def start_controller(self, *extra: str, timeout_s: float = 15.0) -> ManagedProcess:
-        args = ["controller", "--port", str(self.controller_port),
+    def start_controller(self, *extra: str, timeout_s: float = 15.0,
+                         prefix: tuple[str, ...] = (), wait: bool = True) -> ManagedProcess:
+        """Start the controller (``prefix``, e.g. ``ip netns exec NS``, runs it elsewhere)."""
+        args = ["controller", "--host", self.controller_host, "--port", str(self.controller_port),
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s), *extra]
-        self.controller = self._spawn("controller", args)
-        self.wait_for_controller(timeout_s)
+        self.controller = self._spawn("controller", args, prefix)
+        if wait:
+            self.wait_for_controller(timeout_s)
         return self.controller
 
     def wait_for_controller(self, timeout_s: float = 15.0) -> None:
@@ -122,10 +127,11 @@ class LocalCluster:
             client.close()
 
     def start_worker(self, name: str, cache_size: str = "64MiB", *extra: str,
-                     wait: bool = True, timeout_s: float = 15.0) -> ManagedProcess:
+                     wait: bool = True, timeout_s: float = 15.0,
+                     prefix: tuple[str, ...] = ()) -> ManagedProcess:
         args = ["worker", "--controller", self.controller_address, "--name", name,
                 "--cache-size", cache_size, *extra]
-        worker = self._spawn(f"worker-{name}", args)
+        worker = self._spawn(f"worker-{name}", args, prefix)
         self.workers[name] = worker
         if wait:
             self.wait_for_worker(name, timeout_s)

@@ -1,0 +1,102 @@
+"""Network faults for real: workers on two network namespaces joined by a veth pair, with
+``tc netem`` delaying or dropping the reader's traffic. Needs root and iproute2."""
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from lmshare import ModelSignature
+from lmshare.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.netns
+
+SIG = ModelSignature(model="netns-model", chunk_tokens=16)
+HOLDER_IP, READER_IP = "10.213.0.1", "10.213.0.2"  # exist only inside the test's namespaces
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def namespaces():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        pytest.skip("needs root and iproute2 (ip, tc)")
+    tag = uuid.uuid4().hex[:6]
+    holder, reader = f"lmsh-{tag}", f"lmsr-{tag}"
+    try:
+        sh("ip", "netns", "add", holder)
+        sh("ip", "netns", "add", reader)
+        sh("ip", "link", "add", f"h{tag}", "type", "veth", "peer", "name", f"r{tag}")
+        sh("ip", "link", "set", f"h{tag}", "netns", holder)
+        sh("ip", "link", "set", f"r{tag}", "netns", reader)
+        for ns, dev, ip in ((holder, f"h{tag}", HOLDER_IP), (reader, f"r{tag}", READER_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode().strip()}")
+    yield holder, reader, f"h{tag}", f"r{tag}"
+    subprocess.run(["ip", "netns", "del", holder], capture_output=True)
+    subprocess.run(["ip", "netns", "del", reader], capture_output=True)
+
+
+def tc(namespace: str, action: str, device: str, *qdisc: str) -> None:
+    sh("ip", "netns", "exec", namespace, "tc", "qdisc", action, "dev", device, "root", *qdisc)
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_slow_or_dead_link_costs_the_deadline_never_wrong_bytes(namespaces, tmp_path):
+    holder_ns, reader_ns, holder_dev, reader_dev = namespaces
+    in_holder = ("ip", "netns", "exec", holder_ns)
+    in_reader = ("ip", "netns", "exec", reader_ns)
+    cluster = LocalCluster(controller_host=HOLDER_IP, heartbeat_timeout_s=30, runtime_dir=tmp_path)
+    try:
+        cluster.start_controller(prefix=in_holder, wait=False)
+        time.sleep(0.5)
+        cluster.start_worker("holder", "32MiB", "--transports", "tcp", prefix=in_holder)
+        cluster.start_worker("reader", "32MiB", "--transports", "tcp", "--fetch-timeout", "1",
+                             prefix=in_reader)
+        tokens = list(range(16 * 6))
+        data = [os.urandom(300_000) for _ in range(6)]
+        with cluster.client("holder") as holder, cluster.client("reader") as reader:
+            holder.put(SIG, tokens, data)
+            wait_until(lambda: reader.lookup(SIG, tokens).peer_tokens == 96, 10, "index")
+            assert reader.get(SIG, tokens[:32]) == data[:2]  # across the veth, intact
+
+            # a slow link (1 Mbit/s: the 1.2 MB left would take ~10 s): the 1 s fetch deadline
+            # wins, and the hit is truncated to what is already local
+            tc(holder_ns, "add", holder_dev, "tbf", "rate", "1mbit", "burst", "32kbit",
+               "latency", "400ms")  # shapes the holder → reader direction, where chunks flow
+            started = time.monotonic()
+            got = reader.get(SIG, tokens)
+            assert time.monotonic() - started < 4.0
+            assert got == data[: len(got)] and len(got) < 6
+            tc(holder_ns, "del", holder_dev)
+
+            # a dead link (interface down): a clean miss within the deadline, no hang
+            sh("ip", "-n", reader_ns, "link", "set", reader_dev, "down")
+            other = list(range(5000, 5000 + 16 * 4))
+            other_data = [os.urandom(100_000) for _ in range(4)]
+            holder.put(SIG, other, other_data)
+            time.sleep(0.5)  # the admit cannot reach the controller from the reader, only from the holder
+            started = time.monotonic()
+            assert reader.get(SIG, other) == []
+            assert time.monotonic() - started < 4.0
+
+            sh("ip", "-n", reader_ns, "link", "set", reader_dev, "up")
+            wait_until(lambda: reader.get(SIG, tokens) == data, 20, "link healed")
+    finally:
+        cluster.stop()
