@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,7 +23,8 @@ from prometheus_client.registry import Collector
 
 from lmshare.control import ControllerClient
 from lmshare.controller.service import ControllerService
-from lmshare.errors import ConfigError, LMShareError
+from lmshare.errors import LMShareError
+from lmshare.metrics_server import MetricsServer, serve_metrics
 from lmshare.stats import ClusterStats
 
 log = logging.getLogger(__name__)
@@ -33,25 +32,6 @@ log = logging.getLogger(__name__)
 LOOKUP_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
                   50e-3, 0.1, 0.25)
 STATES = ("alive", "suspect", "dead", "left")
-
-
-@dataclass
-class MetricsServer:
-    """A running ``/metrics`` HTTP endpoint."""
-
-    host: str
-    port: int
-    registry: CollectorRegistry
-    _server: Any
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class ControllerCollector(Collector):
@@ -171,11 +151,6 @@ def start_controller_metrics(service: ControllerService, port: int,
                                registry=registry, buckets=LOOKUP_BUCKETS)
     service.lookup_observers.append(lookup_seconds.observe)
     registry.register(ControllerCollector(service))
-    try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror}); choose "
-                          "another --metrics-port or stop the process using it") from None
-    endpoint = MetricsServer(host, server.server_port, registry, server, thread)
+    endpoint = serve_metrics(registry, host, port)
     log.info("controller metrics on %s", endpoint.url)
     return endpoint

@@ -18,6 +18,7 @@ from pathlib import Path
 from lmshare.control import RpcClient
 from lmshare.errors import ConfigError, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
+from lmshare.pool import slab_views
 from lmshare.shm import SharedRegion
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,7 @@ class Client:
             return self._rpc.call(type_, **fields)
 
     def _slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
-        views, remaining = [], nbytes
-        buffer = self._region.buffer
-        for slab in slabs:
-            size = min(remaining, self.slab_bytes)
-            start = slab * self.slab_bytes
-            views.append(buffer[start : start + size])
-            remaining -= size
-        return views
+        return slab_views(self._region.buffer, self.slab_bytes, slabs, nbytes)
 
     def _release(self, handle: int) -> None:
         try:

@@ -37,6 +37,20 @@ DEFAULT_BUCKETS = 64
 PoolListener = Callable[[str, bytes, bytes], None]
 
 
+def slab_views(buffer: memoryview, slab_bytes: int, slabs: list[int],
+               nbytes: int) -> list[memoryview]:
+    """Views of an entry's ``nbytes`` in a pool region ``buffer``, slab by slab. Every process
+    that maps a pool (owner, local clients, same-host peers) finds entry bytes this way."""
+    views = []
+    remaining = nbytes
+    for slab in slabs:
+        size = min(remaining, slab_bytes)
+        start = slab * slab_bytes
+        views.append(buffer[start : start + size])
+        remaining -= size
+    return views
+
+
 @dataclass
 class Entry:
     """A committed chunk: its key, where its bytes are, and who is reading it."""
@@ -146,14 +160,7 @@ class KVPool:
         return max(1, -(-nbytes // self.slab_bytes))
 
     def slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
-        views = []
-        remaining = nbytes
-        for slab in slabs:
-            size = min(remaining, self.slab_bytes)
-            start = slab * self.slab_bytes
-            views.append(self._buffer[start : start + size])
-            remaining -= size
-        return views
+        return slab_views(self._buffer, self.slab_bytes, slabs, nbytes)
 
     def _emit(self, event: str, namespace: bytes, key: bytes) -> None:
         for listener in self._listeners:

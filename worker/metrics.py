@@ -8,12 +8,9 @@ CollectorRegistry per process; every metric is listed in docs/operations.md.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,31 +20,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from lmshare.errors import ConfigError
+from lmshare.metrics_server import MetricsServer, serve_metrics
 from lmshare.worker.agent import WorkerAgent
 
 log = logging.getLogger(__name__)
 
 FETCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                  10.0)
-
-
-@dataclass
-class MetricsServer:
-    """A running ``/metrics`` HTTP endpoint."""
-
-    host: str
-    port: int
-    registry: CollectorRegistry
-    _server: Any
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class WorkerCollector(Collector):
@@ -118,11 +97,9 @@ def start_worker_metrics(agent: WorkerAgent, port: int, host: str | None = None
     agent.fetcher.on_fetch = lambda seconds, _asked, _received: fetch_seconds.observe(seconds)
     registry.register(WorkerCollector(agent))
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
+        endpoint = serve_metrics(registry, host, port)
+    except ConfigError:
         agent.fetcher.on_fetch = None
-        raise ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror}); choose "
-                          "another --metrics-port or stop the process using it") from None
-    endpoint = MetricsServer(host, server.server_port, registry, server, thread)
+        raise
     log.info("worker metrics on %s", endpoint.url)
     return endpoint

@@ -16,6 +16,7 @@ import time
 
 from lmshare.control import RpcClient
 from lmshare.errors import LMShareError
+from lmshare.pool import slab_views
 from lmshare.shm import SharedRegion
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
 
@@ -43,13 +44,7 @@ class PeerRegion:
                    int(extra["slab_bytes"]))
 
     def slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
-        views, remaining = [], nbytes
-        for slab in slabs:
-            size = min(remaining, self.slab_bytes)
-            start = slab * self.slab_bytes
-            views.append(self.region.buffer[start : start + size])
-            remaining -= size
-        return views
+        return slab_views(self.region.buffer, self.slab_bytes, slabs, nbytes)
 
     def read_checked(self, slabs: list[int], generations: list[int], nbytes: int,
                      destination: list[memoryview]) -> bool:
