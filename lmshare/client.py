@@ -16,14 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmshare.control import RpcClient
-from lmshare.errors import ConfigError, WorkerUnavailable
+from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.pool import slab_views
+from lmshare.protocol import ErrorCode
 from lmshare.shm import SharedRegion
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 30.0
+# calls that name slabs of the mapped pool carry the worker's incarnation: a restarted worker
+# (same name, new pool) refuses them instead of handing out slabs of a pool we do not map
+_POOL_CALLS = {"reserve", "commit", "abort", "acquire", "release"}
 
 
 def runtime_dir() -> Path:
@@ -116,13 +120,28 @@ class Client:
         self._rpc = _WorkerRpc(endpoint, timeout_s)
         self._lock = threading.Lock()
         info = self._call("hello")
+        self.incarnation: str = info.get("incarnation", "")
         self.worker_id: str = info["worker_id"]
         self.slab_bytes: int = info["slab_bytes"]
         self._region = SharedRegion.attach(info["region_path"], info["region_bytes"])
 
     def _call(self, type_: str, **fields: object) -> dict:
-        with self._lock:
-            return self._rpc.call(type_, **fields)
+        if type_ in _POOL_CALLS and getattr(self, "incarnation", ""):
+            fields["incarnation"] = self.incarnation
+        try:
+            with self._lock:
+                return self._rpc.call(type_, **fields)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.WORKER_RESTARTED:
+                raise WorkerRestarted(f"worker at {self.endpoint} restarted since this client "
+                                      "mapped its pool; create a new Client") from None
+            raise
+
+    @property
+    def pool_buffer(self) -> memoryview:
+        """The worker's shared-memory pool as this process maps it (read-write). Chunk bytes of
+        a :class:`Hit` are views into it; page-lock it once for fast device copies."""
+        return self._region.buffer
 
     def _slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
         return slab_views(self._region.buffer, self.slab_bytes, slabs, nbytes)

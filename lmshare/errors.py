@@ -32,6 +32,10 @@ class WorkerUnavailable(LMShareError):
     """The local worker did not answer before the deadline."""
 
 
+class WorkerRestarted(WorkerUnavailable):
+    """The local worker was restarted since this client mapped its pool: make a new Client."""
+
+
 class PoolFullError(LMShareError):
     """The pool has no free slabs and every entry is pinned or being written."""
 

@@ -225,7 +225,9 @@ class KVPool:
 
     def _release_slabs(self, slabs: Iterable[int]) -> None:
         with self._free_lock:
-            for slab in slabs:
+            # pushed in reverse so the next reservation pops them in the same ascending order:
+            # an entry's slabs tend to stay adjacent, and adjacent slabs copy as one block
+            for slab in reversed(list(slabs)):
                 self._generations[slab] += 1  # before the slab can be reused
                 self._free.append(slab)
 

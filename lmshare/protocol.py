@@ -28,6 +28,7 @@ class ErrorCode:
     UNKNOWN_WORKER = "unknown_worker"
     UNKNOWN_NAMESPACE = "unknown_namespace"
     POOL_FULL = "pool_full"
+    WORKER_RESTARTED = "worker_restarted"
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmshare import ModelSignature
+from lmshare.errors import WorkerRestarted
 from lmshare.local_cluster import LocalCluster, free_port
 
 SIG = ModelSignature(model="e2e-model", chunk_tokens=16)
@@ -188,3 +189,22 @@ def test_ucx_one_sided_get_between_workers(cluster):
         started = time.monotonic()
         assert reader.get(SIG, doc_b) == []
         assert time.monotonic() - started < 7
+
+
+def test_a_client_of_a_restarted_worker_is_refused_not_misled(cluster):
+    cluster.start_worker("phoenix", "32MiB")
+    old = cluster.client("phoenix")
+    old.put(SIG, doc(6), payloads(6))
+    worker = cluster.workers["phoenix"]
+    worker.process.send_signal(signal.SIGKILL)
+    worker.process.wait(5)
+    cluster.start_worker("phoenix", "32MiB")  # same name, new pool
+    with pytest.raises(WorkerRestarted, match="create a new Client"):
+        old.put(SIG, doc(7), payloads(7))  # would write into a pool the worker no longer uses
+    with pytest.raises(WorkerRestarted):
+        old.get(SIG, doc(6))
+    old.close()
+    with cluster.client("phoenix") as new:
+        data = payloads(7)
+        assert new.put(SIG, doc(7), data) == 5
+        assert new.get(SIG, doc(7)) == data

@@ -209,3 +209,12 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=40, deadline=None)
 test_pool_state_machine = PoolMachine.TestCase
+
+
+def test_an_entry_written_after_an_eviction_gets_adjacent_slabs(pool):
+    for i in range(16):
+        pool.put(NS, key(i), payload(i, 4 * SLAB))  # 64 slabs: full
+    pool.remove(key(3))
+    r = pool.reserve(NS, key(99), 4 * SLAB)
+    assert r.slabs == sorted(r.slabs) and r.slabs[-1] - r.slabs[0] == 3
+    r.abort()

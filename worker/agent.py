@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,7 @@ class WorkerAgent:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.name
+        self.incarnation = uuid.uuid4().hex  # new pool, new incarnation
         remove_stale_regions()
         self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)
         self.counters = WorkerCounters(capacity_bytes=self.pool.capacity_bytes)
@@ -256,8 +258,15 @@ class WorkerAgent:
         return length, remote, infos
 
     # ------------------------------------------------------------------ handlers
+    def _check_incarnation(self, m: dict[str, Any]) -> None:
+        incarnation = m.get("incarnation")
+        if incarnation is not None and incarnation != self.incarnation:
+            raise _RequestError(ErrorCode.WORKER_RESTARTED,
+                                "this worker restarted since the client mapped its pool; "
+                                "connect a new client")
+
     def _on_hello(self, m: dict[str, Any]) -> dict[str, Any]:
-        return protocol.ok(m["id"], worker_id=self.worker_id,
+        return protocol.ok(m["id"], worker_id=self.worker_id, incarnation=self.incarnation,
                            region_path=str(self.pool.region.path),
                            region_bytes=self.pool.capacity_bytes, slab_bytes=self.pool.slab_bytes,
                            registered=self.link.registered.is_set(),
@@ -270,6 +279,7 @@ class WorkerAgent:
         return protocol.ok(m["id"], local=length - len(remote), peer=len(remote))
 
     def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:
+        self._check_incarnation(m)
         namespace, keys = _keys(m)
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
         length, remote, infos = self.plan(namespace, keys, m["peers"])
@@ -310,9 +320,11 @@ class WorkerAgent:
                 "gens": [self.pool.generations(e.slabs) for e in entries]}
 
     def _on_release(self, m: dict[str, Any]) -> dict[str, Any]:
+        self._check_incarnation(m)
         return protocol.ok(m["id"], released=self.leases.release(m["handle"]))
 
     def _on_reserve(self, m: dict[str, Any]) -> dict[str, Any]:
+        self._check_incarnation(m)
         namespace, keys = _keys(m)
         sizes = m["sizes"]
         if len(sizes) != len(keys) or not all(isinstance(s, int) and s >= 0 for s in sizes):
@@ -346,9 +358,11 @@ class WorkerAgent:
         return done
 
     def _on_commit(self, m: dict[str, Any]) -> dict[str, Any]:
+        self._check_incarnation(m)
         return protocol.ok(m["id"], committed=self._finish(m, commit=True))
 
     def _on_abort(self, m: dict[str, Any]) -> dict[str, Any]:
+        self._check_incarnation(m)
         self._finish(m, commit=False)
         return protocol.ok(m["id"])
 

@@ -1,0 +1,1 @@
+"""Integrations with serving engines (vLLM: :mod:`lmshare.integrations.vllm`)."""

@@ -1,0 +1,244 @@
+"""A vLLM engine in its own process, driven over a pipe: for tests and benchmarks.
+
+Run as ``python -m lmshare.testing.vllm_engine --model DIR [--worker NAME] ...``. The process
+builds one offline ``vllm.LLM`` (with the LMShareConnector when ``--worker`` is given), then
+reads JSON requests, one a line, on stdin::
+
+    {"prompt_token_ids": [...], "max_tokens": 16}
+
+and answers each on its result channel with one line ``{"token_ids": [...], "seconds": ...,
+"num_cached_tokens": ...}`` (or ``{"error": "..."}``). The result channel is the original
+stdout; everything vLLM prints goes to stderr. The first line, ``{"ready": true, ...}``, comes
+once the engine is up. :class:`EngineProcess` is the parent-side handle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from lmshare.errors import LMShareError
+
+log = logging.getLogger(__name__)
+
+
+def _build_llm(args: argparse.Namespace):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kwargs: dict[str, Any] = {}
+    if args.worker or args.endpoint:
+        extra: dict[str, Any] = {"chunk_tokens": args.chunk_tokens, "peers": not args.no_peers,
+                                 "async_save": not args.sync_save}
+        if args.worker:
+            extra["worker"] = args.worker
+        if args.endpoint:
+            extra["endpoint"] = args.endpoint
+        if args.tenant:
+            extra["tenant"] = args.tenant
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="LMShareConnector", kv_connector_module_path="lmshare.integrations.vllm",
+            kv_role="kv_both", kv_connector_extra_config=extra)
+    if not args.multiprocess:
+        kwargs["distributed_executor_backend"] = "uni"
+    return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+               block_size=args.block_size, enforce_eager=True, seed=0,
+               enable_prefix_caching=not args.no_prefix_caching, **kwargs)
+
+
+def serve(args: argparse.Namespace) -> int:
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # vLLM's own output goes to stderr
+    started = time.monotonic()
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = _build_llm(args)
+    results.write(json.dumps({"ready": True, "start_seconds": time.monotonic() - started,
+                              "pid": os.getpid(), "namespace": _connector_namespace()}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            if request.get("flush"):
+                _flush_connector_saves(llm)
+                results.write(json.dumps({"flushed": True}) + "\n")
+                continue
+            params = SamplingParams(max_tokens=int(request.get("max_tokens", 16)),
+                                    temperature=0.0, ignore_eos=True)
+            t0 = time.perf_counter()
+            outputs = llm.generate(
+                [TokensPrompt(prompt_token_ids=list(request["prompt_token_ids"]))], params,
+                use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            out = outputs[0]
+            reply = {"token_ids": list(out.outputs[0].token_ids), "seconds": seconds,
+                     "num_cached_tokens": getattr(out, "num_cached_tokens", None)}
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        results.write(json.dumps(reply) + "\n")
+    return 0
+
+
+def _connector_namespace() -> str | None:
+    """The lmshare namespace of this engine (single-process mode: the connector lives here)."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+    except ImportError:
+        return None
+    if not has_kv_transfer_group():
+        return None
+    signature = getattr(get_kv_transfer_group(), "signature", None)
+    return signature.namespace().hex() if signature is not None else None
+
+
+def _flush_connector_saves(llm: Any, timeout_s: float = 10.0) -> None:
+    """Wait for background stores (single-process mode only: the connector lives here)."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+    except ImportError:
+        return
+    if has_kv_transfer_group():
+        saver = getattr(get_kv_transfer_group(), "_saver", None)
+        if saver is not None:
+            saver.flush(timeout_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--worker", default="", help="lmshare worker name (omit: no lmshare)")
+    p.add_argument("--endpoint", default="", help="lmshare worker endpoint instead of a name")
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--no-peers", action="store_true", help="siloed: local hits only")
+    p.add_argument("--sync-save", action="store_true", help="store chunks inline")
+    p.add_argument("--tenant", default="")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--multiprocess", action="store_true",
+                   help="vLLM's default engine-core process (else single-process mode)")
+    return p
+
+
+class EngineError(LMShareError):
+    """The engine process failed, exited, or gave no answer in time (its log tail is in the
+    message)."""
+
+
+class EngineProcess:
+    """Parent-side handle of one engine process. Every wait has a deadline."""
+
+    def __init__(self, model: str | Path, *, worker: str = "", log_path: str | Path,
+                 env: dict[str, str] | None = None, extra_args: Sequence[str] = (),
+                 multiprocess: bool = False, python: str = sys.executable) -> None:
+        args = [python, "-m", "lmshare.testing.vllm_engine", "--model", str(model),
+                *(["--worker", worker] if worker else []), *extra_args]
+        if multiprocess:
+            args.append("--multiprocess")
+        full_env = dict(os.environ if env is None else env)
+        full_env.setdefault("HF_HUB_OFFLINE", "1")
+        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        full_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self._log, env=full_env, text=True, bufsize=1,
+                                        start_new_session=True)
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,),
+                                        daemon=True)
+        self._reader.start()
+        self.info: dict[str, Any] = {}
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self._lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _next(self, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self._lines:
+                left = deadline - time.monotonic()
+                if self.process.poll() is not None and not self._lines:
+                    raise EngineError(f"engine exited ({self.process.returncode}): "
+                                      f"{self.log_tail()}")
+                if left <= 0:
+                    raise EngineError(f"engine gave no answer within {timeout_s:.0f}s: "
+                                      f"{self.log_tail()}")
+                self._cond.wait(min(left, 0.5))
+            return json.loads(self._lines.pop(0))
+
+    def wait_ready(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        self.info = self._next(timeout_s)
+        return self.info
+
+    def generate(self, token_ids: Sequence[int], max_tokens: int = 16,
+                 timeout_s: float = 300.0) -> dict[str, Any]:
+        self._send({"prompt_token_ids": list(token_ids), "max_tokens": max_tokens})
+        reply = self._next(timeout_s)
+        if "error" in reply:
+            raise EngineError(reply["error"])
+        return reply
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self._send({"flush": True})
+        self._next(timeout_s)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise EngineError(f"engine is gone: {self.log_tail()}") from None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            try:
+                if self.process.stdin is not None:
+                    self.process.stdin.close()
+                self.process.wait(timeout_s)
+            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+                pass
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # leftovers: the engine's children
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("engine process %d did not exit", self.process.pid)
+        self._log.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Copies between chunk bytes and paged KV blocks (CPU tensors; the device copier's host-side
+logic runs with InlineStreamOps)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lmshare.errors import ConfigError  # noqa: E402
+from lmshare.integrations.kv_copy import (  # noqa: E402
+    AsyncDeviceCopier,
+    ChunkSizeError,
+    CpuBlockCopier,
+    InlineStreamOps,
+    KVGeometry,
+    LayoutError,
+    PagedBlocks,
+    make_copier,
+)
+from lmshare.testing.fake_vllm import (  # noqa: E402
+    BLOCKS,
+    LAYERS,
+    PAGE,
+    block_bytes,
+    fake_config,
+    fake_kv_caches,
+)
+
+
+@pytest.fixture(params=[True, False], ids=["layer-outermost", "block-outermost"])
+def setup(request):
+    config = fake_config(layer_outermost=request.param)
+    geometry = KVGeometry.from_kv_cache_config(config)
+    caches = fake_kv_caches(config)
+    return geometry, caches, PagedBlocks.from_kv_caches(geometry, caches)
+
+
+def test_geometry():
+    geometry = KVGeometry.from_kv_cache_config(fake_config())
+    assert geometry.num_layers == LAYERS and geometry.page_bytes == PAGE
+    assert geometry.chunk_nbytes(8) == LAYERS * 8 * PAGE
+    with pytest.raises(ConfigError, match="one KV cache group"):
+        KVGeometry.from_kv_cache_config(fake_config(groups=2))
+
+
+def test_gather_is_layer_major_whole_pages(setup):
+    geometry, caches, blocks = setup
+    out = blocks.gather([5, 2])
+    assert tuple(out.shape) == (LAYERS, 2, PAGE)
+    for layer in range(LAYERS):
+        assert out[layer, 0].numpy().tobytes() == block_bytes(caches, layer, 5)
+        assert out[layer, 1].numpy().tobytes() == block_bytes(caches, layer, 2)
+
+
+@pytest.mark.parametrize("split", [None, [1], [PAGE // 3, PAGE * 2 + 7]])
+def test_cpu_roundtrip_between_engines(setup, split):
+    geometry, caches, blocks = setup
+    src_ids = [3, 9, 4, 1]
+    data = CpuBlockCopier(blocks).save(src_ids).wait().tobytes()
+    assert len(data) == geometry.chunk_nbytes(4)
+    other = fake_kv_caches(fake_config(layer_outermost=geometry.regions[0].layer_stride != PAGE),
+                           seed=7)
+    before = {b: block_bytes(other, 0, b) for b in range(BLOCKS)}
+    copier = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, other))
+    segments = [memoryview(data)] if split is None else \
+        [memoryview(data)[a:b] for a, b in zip([0, *split], [*split, len(data)])]
+    dst_ids = [10, 11, 0, 15]
+    copier.load(segments, 0, dst_ids)
+    for layer in range(LAYERS):
+        for s, d in zip(src_ids, dst_ids):
+            assert block_bytes(other, layer, d) == block_bytes(caches, layer, s)
+    for b in set(range(BLOCKS)) - set(dst_ids):
+        assert block_bytes(other, 0, b) == before[b]
+
+
+def test_partial_load_and_bad_sizes(setup):
+    geometry, caches, blocks = setup
+    copier = CpuBlockCopier(blocks)
+    data = copier.save([1, 2, 3, 4]).wait().tobytes()
+    copier.load([data], 1, [12, 13])  # blocks 1..2 of the chunk
+    for layer in range(LAYERS):
+        assert block_bytes(caches, layer, 12) == block_bytes(caches, layer, 2)
+        assert block_bytes(caches, layer, 13) == block_bytes(caches, layer, 3)
+    with pytest.raises(ChunkSizeError):
+        copier.load([data[:-1]], 0, [5])
+    with pytest.raises(ChunkSizeError):
+        copier.load([data], 3, [5, 6])
+
+
+def test_layout_mismatch_is_refused():
+    config = fake_config()
+    geometry = KVGeometry.from_kv_cache_config(config)
+    caches = fake_kv_caches(config)
+    name = next(iter(caches))
+    caches[name] = caches[name].clone()  # not a view of the shared allocation
+    with pytest.raises(LayoutError):
+        PagedBlocks.from_kv_caches(geometry, caches)
+    shifted = fake_kv_caches(config)
+    last = list(shifted)[-1]
+    shifted[last] = list(shifted.values())[0]
+    with pytest.raises(LayoutError):
+        PagedBlocks.from_kv_caches(geometry, shifted)
+
+
+def test_make_copier_cpu(setup):
+    assert isinstance(make_copier(setup[2]), CpuBlockCopier)
+
+
+def test_device_copier_host_logic(setup):
+    """The pinned-staging + stream copier, run with CPU tensors and inline stream ops."""
+    geometry, caches, blocks = setup
+    copier = AsyncDeviceCopier(blocks, InlineStreamOps(), pool_bytes=1 << 20)
+    pending = copier.save([6, 7])
+    data = pending.wait().tobytes()
+    assert data == CpuBlockCopier(blocks).save([6, 7]).wait().tobytes()
+    pending.release()
+    for _ in range(3):
+        copier.load([memoryview(data)[:100], memoryview(data)[100:]], 0, [14, 15])
+        copier.loads_done()
+    for layer in range(LAYERS):
+        assert block_bytes(caches, layer, 14) == block_bytes(caches, layer, 6)
+    copier.close()
+    assert copier.pool.allocated <= 2  # staging buffers are reused, not pinned anew
+    with pytest.raises(ChunkSizeError):
+        copier.load([data[:PAGE]], 0, [1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layer_outermost", [True, False])
+def test_cuda_copier_roundtrip(layer_outermost):
+    """The pinned-staging + side-stream copier on a real GPU."""
+    config = fake_config(layer_outermost=layer_outermost)
+    geometry = KVGeometry.from_kv_cache_config(config)
+    host = fake_kv_caches(config, seed=3)
+    gpu = fake_kv_caches(config, seed=3, device="cuda")
+    copier = make_copier(PagedBlocks.from_kv_caches(geometry, gpu))
+    assert isinstance(copier, AsyncDeviceCopier)
+    pending = copier.save([3, 9, 4])
+    data = pending.wait().tobytes()
+    pending.release()
+    assert data == CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, host)).save(
+        [3, 9, 4]).wait().tobytes()
+    half = len(data) // 2
+    for _ in range(2):
+        copier.load([memoryview(data)[:half], memoryview(data)[half:]], 1, [20, 21])
+        copier.loads_done()
+    torch.cuda.current_stream().synchronize()
+    for layer in range(LAYERS):
+        assert block_bytes(gpu, layer, 20) == block_bytes(host, layer, 9)
+        assert block_bytes(gpu, layer, 21) == block_bytes(host, layer, 4)
+        assert block_bytes(gpu, layer, 22) == block_bytes(host, layer, 22)  # untouched
+    copier.close()
+
+
+def _pool_with(data: bytes, offset: int = 4096) -> tuple[bytearray, list[memoryview]]:
+    """A stand-in for the worker pool: ``data`` placed at ``offset`` in a larger buffer, and
+    slab-sized views of it."""
+    pool = bytearray(offset + len(data) + 4096)
+    pool[offset : offset + len(data)] = data
+    view = memoryview(pool)[offset : offset + len(data)]
+    slab = len(data) // 3 + 1
+    return pool, [view[i : i + slab] for i in range(0, len(data), slab)]
+
+
+def test_device_copier_reads_registered_pool_directly(setup):
+    geometry, caches, blocks = setup
+    data = CpuBlockCopier(blocks).save([2, 3]).wait().tobytes()
+    copier = AsyncDeviceCopier(blocks, InlineStreamOps(register=True))
+    pool, segments = _pool_with(data)
+    assert copier.register_host(pool)
+    copier.load(segments, 0, [40, 41])
+    copier.loads_done()
+    assert copier.pool.allocated == 0  # no staging: straight from the registered pool
+    assert block_bytes(caches, 1, 41) == block_bytes(caches, 1, 3)
+    copier.load([memoryview(bytes(data))], 0, [42, 43])  # outside the pool: staged
+    assert copier.pool.allocated == 1
+    assert block_bytes(caches, 2, 42) == block_bytes(caches, 2, 2)
+    copier.unregister_host(pool)
+    copier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_copier_loads_from_registered_shared_memory(tmp_path):
+    import mmap
+
+    config = fake_config()
+    geometry = KVGeometry.from_kv_cache_config(config)
+    host = fake_kv_caches(config, seed=5)
+    gpu = fake_kv_caches(config, seed=5, device="cuda")
+    copier = make_copier(PagedBlocks.from_kv_caches(geometry, gpu))
+    data = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, host)).save([7, 8]).wait()
+    # like the worker pool: a file in /dev/shm (tmpfs; disk-backed files cannot be registered)
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    path = shm / f"lmshare-test-{os.getpid()}"
+    size = 1 << 22
+    with open(path, "wb") as f:
+        f.truncate(size)
+    with open(path, "r+b") as f:
+        region = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED)
+    path.unlink()
+    buffer = memoryview(region)
+    buffer[8192 : 8192 + len(data)] = data
+    assert copier.register_host(buffer)
+    view = buffer[8192 : 8192 + len(data)].toreadonly()
+    copier.load([view[: len(data) // 2], view[len(data) // 2 :]], 0, [30, 31])
+    assert len(copier._registered_runs([view[:100], view[100:]])) == 1  # adjacent: one copy
+    copier.loads_done()
+    torch.cuda.current_stream().synchronize()
+    assert copier.pool.allocated == 0
+    for layer in range(LAYERS):
+        assert block_bytes(gpu, layer, 30) == block_bytes(host, layer, 7)
+        assert block_bytes(gpu, layer, 31) == block_bytes(host, layer, 8)
+    copier.unregister_host(buffer)
+    copier.close()
+    del view, buffer
+    region.close()
+
+
+def test_cpu_copier_reads_adjacent_slabs_in_place(setup):
+    geometry, caches, blocks = setup
+    data = CpuBlockCopier(blocks).save([5, 6]).wait().tobytes()
+    copier = CpuBlockCopier(blocks)
+    pool, segments = _pool_with(data)
+    assert copier.register_host(pool)
+    copier.load(segments, 0, [50, 51])
+    assert copier._staging is None  # read in place: no staging copy
+    assert block_bytes(caches, 0, 51) == block_bytes(caches, 0, 6)
+    scattered = [memoryview(bytes(s)) for s in segments]  # not in the pool: staged
+    copier.load(scattered, 0, [52, 53])
+    assert copier._staging is not None
+    assert block_bytes(caches, 2, 52) == block_bytes(caches, 2, 5)
+    copier.unregister_host(pool)
+    copier.close()
