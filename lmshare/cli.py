@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lmshare.errors import LMShareError
+from lmshare.errors import ConfigError, LMShareError
 from lmshare.units import parse_address, parse_size
 
 log = logging.getLogger("lmshare")
@@ -111,6 +111,21 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return run_dashboard(args.controller, refresh_s=args.refresh)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    checkout = Path(args.source).resolve()
+    if not (checkout / "benchmarks" / "__main__.py").is_file():
+        raise ConfigError(f"no benchmarks/ folder in {checkout}; run `lmshare bench` from a "
+                          "source checkout of lmshare (or pass --source DIR)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(checkout), os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.names], cwd=checkout,
+                           env=env)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lmshare.demo import run_demo
 
@@ -183,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per second of the synthetic workload (default 10)")
     p.add_argument("--cache-size", default="256MiB", help="each worker's pool (default 256MiB)")
     p.set_defaults(func=_cmd_demo)
+
+    p = commands.add_parser("bench", help="run the benchmarks of a source checkout "
+                                          "(results: BENCHMARKS.md format)")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    p.add_argument("--source", default=".", help="the checkout (default: this folder)")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -121,6 +121,8 @@ def test_cli_misconfiguration_is_one_clear_line(cluster):
     assert_one_clear_line(run_cli("status", "--controller", f"127.0.0.1:{free_port()}",
                                   "--timeout", "0.5"), "not reachable")
     assert_one_clear_line(run_cli("worker", "--controller", "nowhere"), "HOST:PORT")
+    assert_one_clear_line(run_cli("bench", "--source", str(cluster.runtime_dir)),
+                          "source checkout")
     assert_one_clear_line(run_cli("worker", "--controller", cluster.controller_address,
                                   "--cache-size", "16MiB", "--host", "127.0.0.1",
                                   "--port", str(cluster.controller_port)), "choose another --port")
