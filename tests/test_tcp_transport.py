@@ -171,3 +171,24 @@ def test_striped_fetch_from_two_holders_with_one_dead(pools, shm_dir):
         a.stop()
         b.stop()
         other.close()
+
+
+def test_a_connection_the_peer_closed_while_idle_is_replaced(pools):
+    owner, reader = pools
+    owner.put(NS, k(0), b"z" * 50_000)
+
+    def source(key):
+        entry = owner.pin(key)
+        return (owner.views(entry), lambda: owner.unpin(entry)) if entry else None
+
+    server = TcpPeerServer(source, idle_timeout_s=0.2).start()
+    transport = TcpTransport()
+    try:
+        assert transport.fetch(peer(server), [k(0)], PoolSink(reader, NS), time.monotonic() + 5) == 1
+        reader.remove(k(0))
+        time.sleep(0.6)  # the server drops the idle pooled connection
+        assert transport.fetch(peer(server), [k(0)], PoolSink(reader, NS), time.monotonic() + 5) == 1
+        assert reader.read(k(0)) == b"z" * 50_000
+    finally:
+        transport.close()
+        server.stop()

@@ -122,16 +122,21 @@ class TcpTransport(Transport):
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
 
-    def _connect(self, peer: PeerInfo, deadline: float) -> socket.socket:
+    def _connect(self, peer: PeerInfo, deadline: float, fresh: bool = False) -> socket.socket:
         address = (peer.host, peer.data_port)
-        with self._lock:
-            idle = self._idle.get(address)
-            if idle:
-                return idle.pop()
+        if not fresh:
+            with self._lock:
+                idle = self._idle.get(address)
+                if idle:
+                    return idle.pop()
         timeout = min(self.connect_timeout_s, _remaining(deadline))
         sock = socket.create_connection(address, timeout=timeout)
         _tune(sock)
         return sock
+
+    def _reusable(self, peer: PeerInfo) -> bool:
+        with self._lock:
+            return bool(self._idle.get((peer.host, peer.data_port)))
 
     def _give_back(self, peer: PeerInfo, sock: socket.socket) -> None:
         with self._lock:
@@ -139,16 +144,21 @@ class TcpTransport(Transport):
 
     def locate(self, peer: PeerInfo, keys: list[bytes], lease_s: float, deadline: float) -> dict:
         """Pin ``keys``' available prefix on the peer under a lease; where its slabs are."""
-        sock = self._connect(peer, deadline)
-        try:
-            _send_message(sock, {"v": PROTOCOL_VERSION, "type": "locate", "keys": list(keys),
-                                 "lease_s": lease_s}, deadline)
-            reply = _recv_message(sock, deadline)
-        except BaseException:
-            sock.close()
-            raise
-        self._give_back(peer, sock)
-        return reply
+        message = {"v": PROTOCOL_VERSION, "type": "locate", "keys": list(keys),
+                   "lease_s": lease_s}
+        for fresh in ((False, True) if self._reusable(peer) else (True,)):
+            sock = self._connect(peer, deadline, fresh=fresh)
+            try:
+                _send_message(sock, message, deadline)
+                reply = _recv_message(sock, deadline)
+            except (OSError, ConnectionError) as exc:
+                sock.close()
+                if fresh or isinstance(exc, TimeoutError):
+                    raise
+                continue  # a pooled connection the peer closed while idle
+            self._give_back(peer, sock)
+            return reply
+        raise ConnectionError("unreachable")
 
     def release(self, peer: PeerInfo, handle: int, deadline: float) -> None:
         """End a lease from :meth:`locate` (no answer is awaited; leases also expire)."""
@@ -165,14 +175,26 @@ class TcpTransport(Transport):
               checksum: bool = False) -> int:
         if not keys:
             return 0
-        try:
-            sock = self._connect(peer, deadline)
-        except (OSError, TimeoutError) as exc:
-            log.warning("cannot connect to peer %s at %s:%d: %s", peer.worker_id, peer.host,
-                        peer.data_port, exc)
-            return 0
+        # A pooled connection may have been closed by the peer while idle: if it fails before
+        # a single byte of the answer arrived, try once more on a new connection.
+        for fresh in ((False, True) if self._reusable(peer) else (True,)):
+            try:
+                sock = self._connect(peer, deadline, fresh=fresh)
+            except (OSError, TimeoutError) as exc:
+                log.warning("cannot connect to peer %s at %s:%d: %s", peer.worker_id,
+                            peer.host, peer.data_port, exc)
+                return 0
+            delivered, answered = self._fetch_on(sock, peer, keys, sink, deadline, checksum)
+            if answered or fresh:
+                return delivered
+        return 0
+
+    def _fetch_on(self, sock: socket.socket, peer: PeerInfo, keys: list[bytes], sink: ChunkSink,
+                  deadline: float, checksum: bool) -> tuple[int, bool]:
+        """One request on ``sock``: (chunks delivered, whether the peer answered at all)."""
         delivered = 0
         healthy = False
+        answered = False
         try:
             body = msgpack.packb({"v": PROTOCOL_VERSION, "type": "fetch", "keys": list(keys),
                                   "checksum": checksum})
@@ -181,6 +203,7 @@ class TcpTransport(Transport):
             header = bytearray(CHUNK_HEADER.size)
             for key in keys:
                 _recv_exact_into(sock, memoryview(header), deadline)
+                answered = True
                 status, crc, nbytes = CHUNK_HEADER.unpack(header)
                 if status != STATUS_OK:
                     break
@@ -189,14 +212,19 @@ class TcpTransport(Transport):
                 delivered += 1
             else:
                 healthy = True
-        except (OSError, TimeoutError, ConnectionError, TransferError) as exc:
+        except TimeoutError as exc:
+            answered = True  # the deadline is spent: no second try
             log.warning("fetch of %d chunks from peer %s stopped after %d: %s", len(keys),
                         peer.worker_id, delivered, exc)
+        except (OSError, ConnectionError, TransferError) as exc:
+            log.log(logging.WARNING if answered else logging.DEBUG,
+                    "fetch of %d chunks from peer %s stopped after %d: %s", len(keys),
+                    peer.worker_id, delivered, exc)
         if healthy:
             self._give_back(peer, sock)
         else:
             sock.close()  # the stream position is unknown: never reuse it
-        return delivered
+        return delivered, answered
 
     def _receive_chunk(self, sock: socket.socket, key: bytes, nbytes: int, crc: int,
                        checksum: bool, sink: ChunkSink, deadline: float) -> bool:
@@ -227,8 +255,9 @@ class TcpPeerServer:
 
     def __init__(self, source: ChunkSource, host: str = "127.0.0.1", port: int = 0,
                  send_timeout_s: float = 10.0, locator: Locator | None = None,
-                 releaser: Releaser | None = None) -> None:
+                 releaser: Releaser | None = None, idle_timeout_s: float = 300.0) -> None:
         self.source = source
+        self.idle_timeout_s = idle_timeout_s
         self.locator = locator
         self.releaser = releaser
         self.send_timeout_s = send_timeout_s
@@ -268,8 +297,11 @@ class TcpPeerServer:
 
     def _read_request(self, conn: socket.socket) -> dict | None:
         head = bytearray(REQUEST_LENGTH.size)
-        conn.settimeout(None)
-        count = conn.recv_into(head, len(head), socket.MSG_WAITALL)
+        conn.settimeout(self.idle_timeout_s)  # an idle peer connection is closed after this
+        try:
+            count = conn.recv_into(head, len(head), socket.MSG_WAITALL)
+        except TimeoutError:
+            return None
         if count == 0:
             return None
         if count != len(head):
