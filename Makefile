@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # The core: what `lmshare controller|worker|status|dashboard|demo` need (no torch).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,etcd]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,9 +23,10 @@ demo: install
 	$(BIN)/lmshare demo
 
 # Debian packages the tests drive for real (tmux for the terminal test, iproute2 for network
-# namespaces); installed only when missing and when running as root.
+# namespaces, etcd-server for controller election; redis-server and libibverbs1 for the
+# benchmarks' baselines); installed only when missing and when running as root.
 system-deps:
-	@missing=""; for cmd in tmux:tmux ip:iproute2 tc:iproute2 redis-server:redis-server; do \
+	@missing=""; for cmd in tmux:tmux ip:iproute2 tc:iproute2 redis-server:redis-server etcd:etcd-server; do \
 	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; done; \
 	  ldconfig -p | grep -q libibverbs.so.1 || missing="$$missing libibverbs1"; \
 	if [ -n "$$missing" ]; then \

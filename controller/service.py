@@ -31,6 +31,8 @@ from lmshare.transports.choice import choose_transport
 log = logging.getLogger(__name__)
 
 DEPARTED_SHOWN_S = 120.0  # how long stats keep showing a worker that left or died
+# what only the leader answers when controllers elect one (a standby refuses with not_leader)
+LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup"}
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
                     "ping"}
 
@@ -84,6 +86,9 @@ class ControllerService:
         self._last_hit_totals: tuple[int, int, int] | None = None
         self._last_sample = 0.0
         self._stop = threading.Event()
+        # optional etcd election (controller/election.py); None = the only controller
+        self.election: Any = None
+        self._leadership_changed = threading.Event()
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -118,6 +123,8 @@ class ControllerService:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                if self._leadership_changed.is_set():
+                    self._start_term()
                 self._check_liveness()
                 self._sample_hits()
         finally:
@@ -125,6 +132,25 @@ class ControllerService:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.election is not None and not self.election.is_leader else "leader"
+
+    def on_leadership_change(self, leading: bool) -> None:
+        """Called by the election thread; the service thread starts a new term."""
+        self._leadership_changed.set()
+
+    def _start_term(self) -> None:
+        """A new leader (or a new standby) starts empty: workers re-register and full-sync, as
+        after a controller restart, so no stale index survives a change of leader."""
+        self._leadership_changed.clear()
+        self.registry.workers.clear()
+        self.index = ChunkIndex()
+        self.departed.clear()
+        self.epoch = max(self._next_epoch + 1, int(time.time() * 1000))
+        self._next_epoch = self.epoch
+        self.event("restart", f"controller {self.controller_id} is now {self.role}")
 
     def event(self, kind: str, detail: str) -> None:
         self.events.append(ClusterEvent(time.time(), kind, detail))
@@ -143,10 +169,15 @@ class ControllerService:
             except ProtocolError as exc:
                 raise _Refused(protocol.error_code_of(exc), str(exc)) from None
             request_id = message["id"]
+            if message["type"] in LEADER_ONLY and self.role == "standby":
+                leader = self.election.leader or "being elected"
+                raise _Refused(ErrorCode.NOT_LEADER, f"this controller is a standby; the leader "
+                                                     f"is {leader}; send this to the leader")
             reply = self._handlers[message["type"]](message)
             reply.setdefault("id", request_id)
         except _Refused as refused:
-            if refused.code not in (ErrorCode.UNKNOWN_WORKER, ErrorCode.UNKNOWN_NAMESPACE):
+            if refused.code not in (ErrorCode.UNKNOWN_WORKER, ErrorCode.UNKNOWN_NAMESPACE,
+                                    ErrorCode.NOT_LEADER):
                 self.refused += 1
                 self.event("refused", refused.message[:200])
             reply = protocol.error(request_id, refused.code, refused.message)
@@ -274,7 +305,8 @@ class ControllerService:
         return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers)
 
     def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:
-        return protocol.ok(m["id"], controller_id=self.controller_id)
+        return protocol.ok(m["id"], controller_id=self.controller_id, role=self.role,
+                           leader=self.election.leader if self.election is not None else "")
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], stats=self.cluster_stats().to_dict())
@@ -346,4 +378,5 @@ class ControllerService:
             namespaces=self.index.namespaces, lookups=self.lookups,
             lookup_p50_us=round(p50, 1), lookup_p99_us=round(p99, 1),
             hit_history=list(self._hit_history), events=list(self.events),
-            refused_messages=self.refused)
+            refused_messages=self.refused, role=self.role,
+            leader=self.election.leader if self.election is not None else "")

@@ -21,11 +21,10 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.live import Live
 
-from lmshare.control import ControllerClient
+from lmshare.control import FailoverControllerClient, parse_controllers
 from lmshare.dashboard.view import SORTS, ViewState, budget, render
 from lmshare.errors import LMShareError
 from lmshare.stats import ClusterStats
-from lmshare.units import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +35,7 @@ class StatsPoller:
     def __init__(self, controller: str, interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
         self.controller = controller
         self.interval_s = interval_s
-        host, port = parse_address(controller)
-        self._client = ControllerClient(host, port, timeout_s)
+        self._client = FailoverControllerClient(parse_controllers(controller), timeout_s)
         self.stats: ClusterStats | None = None
         self.error: str | None = None
         self.error_since = 0.0
@@ -146,8 +144,7 @@ def _frame(poller: StatsPoller, state: ViewState, console: Console, height: int 
 def print_once(controller: str, console: Console | None = None, timeout_s: float = 3.0) -> int:
     """Print a single frame (``lmshare dashboard --once``). Raises if the controller is away."""
     console = console or Console()
-    host, port = parse_address(controller)
-    client = ControllerClient(host, port, timeout_s)
+    client = FailoverControllerClient(parse_controllers(controller), timeout_s)
     try:
         stats = ClusterStats.from_dict(client.call("stats")["stats"])
     finally:

@@ -39,20 +39,38 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         from lmshare.controller.metrics import start_controller_metrics
 
         start_controller_metrics(service, args.metrics_port, args.host)
+    election = None
+    if args.etcd:
+        from lmshare.controller.election import LeaderElection
+
+        etcd_host, etcd_port = parse_address(args.etcd)
+        advertise = args.advertise or f"{args.host}:{service.port}"
+        election = LeaderElection(etcd_host, etcd_port, advertise, key=args.election_key,
+                                  ttl_s=args.election_ttl,
+                                  on_change=service.on_leadership_change)
+        service.election = election
+        election.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
-    print(f"lmshare controller listening on {args.host}:{service.port}", flush=True)
-    service.serve_forever()
+    role = f" (etcd election at {args.etcd})" if election else ""
+    print(f"lmshare controller listening on {args.host}:{service.port}{role}", flush=True)
+    try:
+        service.serve_forever()
+    finally:
+        if election is not None:
+            election.stop()  # hands leadership over at once
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from lmshare.control import parse_controllers
     from lmshare.worker import WorkerAgent, WorkerConfig
     from lmshare.worker.config import resolve_transports
 
-    host, port = parse_address(args.controller)
+    (host, port), *standbys = parse_controllers(args.controller)
     config = WorkerConfig(
-        controller_host=host, controller_port=port, cache_bytes=parse_size(args.cache_size),
+        controller_host=host, controller_port=port, standby_controllers=tuple(standbys),
+        cache_bytes=parse_size(args.cache_size),
         slab_bytes=parse_size(args.slab_size), host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
@@ -77,11 +95,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def fetch_cluster_stats(controller: str, timeout_s: float):
     """The controller's ClusterStats (shared by ``status`` and the dashboard)."""
-    from lmshare.control import ControllerClient
+    from lmshare.control import FailoverControllerClient, parse_controllers
     from lmshare.stats import ClusterStats
 
-    host, port = parse_address(controller)
-    client = ControllerClient(host, port, timeout_s)
+    client = FailoverControllerClient(parse_controllers(controller), timeout_s)
     try:
         return ClusterStats.from_dict(client.call("stats")["stats"])
     finally:
@@ -148,10 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="declare a worker dead after this long without heartbeats (default 5)")
     p.add_argument("--max-message-bytes", default="64MiB")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
+    p.add_argument("--etcd", default=None, metavar="HOST:PORT",
+                   help="elect one leader among several controllers through this etcd "
+                        "(needs lmshare[etcd]); standbys take over when the leader dies")
+    p.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                   help="the address workers use for this controller (default --host:--port)")
+    p.add_argument("--election-key", default="/lmshare/controller/leader")
+    p.add_argument("--election-ttl", type=float, default=2.0, metavar="S",
+                   help="leader lease in etcd; a dead leader is replaced after about this long")
     p.set_defaults(func=_cmd_controller)
 
     p = commands.add_parser("worker", help="run a worker beside a vLLM instance")
-    p.add_argument("--controller", required=True, metavar="HOST:PORT")
+    p.add_argument("--controller", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the controller; several = etcd-elected leader and standbys")
     p.add_argument("--cache-size", default="8GiB", help="shared-memory pool size (default 8GiB)")
     p.add_argument("--name", default=None, help="worker name, unique in the cluster "
                                                 "(default HOSTNAME-PID)")

@@ -11,7 +11,13 @@ from typing import Any
 import zmq
 
 from lmshare import protocol
-from lmshare.errors import ControllerUnavailable, LMShareError, ProtocolError, RemoteError
+from lmshare.errors import (
+    ConfigError,
+    ControllerUnavailable,
+    LMShareError,
+    ProtocolError,
+    RemoteError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +112,82 @@ class ControllerClient(RpcClient):
                  context: zmq.Context | None = None) -> None:
         super().__init__(f"tcp://{host}:{port}", timeout_s, context)
         self.host, self.port = host, port
+
+
+class FailoverControllerClient:
+    """Talks to whichever of several controllers leads (controllers elected through etcd).
+
+    Tries the current controller; on no answer or a ``not_leader`` refusal moves to the next
+    (or to the leader the refusal names). Each try has its own deadline, so a call takes at most
+    ``len(addresses)`` deadlines. With one address it behaves like :class:`ControllerClient`.
+    Not thread-safe (make one per thread).
+    """
+
+    def __init__(self, addresses: list[tuple[str, int]], timeout_s: float = DEFAULT_TIMEOUT_S,
+                 context: zmq.Context | None = None) -> None:
+        if not addresses:
+            raise ValueError("at least one controller address is needed")
+        self.addresses = list(addresses)
+        self.timeout_s = timeout_s
+        self._clients = [ControllerClient(h, p, timeout_s, context) for h, p in self.addresses]
+        self._current = 0
+
+    @property
+    def endpoint(self) -> str:
+        return self._clients[self._current].endpoint
+
+    def _index_of(self, hint: str) -> int | None:
+        for index, (host, port) in enumerate(self.addresses):
+            if hint == f"{host}:{port}":
+                return index
+        return None
+
+    def call(self, type_: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        last: LMShareError | None = None
+        fallback: dict[str, Any] | None = None
+        for _ in range(len(self._clients)):
+            client = self._clients[self._current]
+            try:
+                reply = client.call(type_, timeout_s=timeout_s, **fields)
+            except ControllerUnavailable as exc:
+                last = exc
+            except RemoteError as exc:
+                if exc.code != "not_leader":
+                    raise
+                last = exc
+                hinted = self._index_of(exc.message.split("the leader is ")[-1].split(";")[0])
+                if hinted is not None and hinted != self._current:
+                    self._current = hinted
+                    continue
+            else:
+                standby = reply.get("role") == "standby" or (
+                    isinstance(reply.get("stats"), dict)
+                    and reply["stats"].get("role") == "standby")
+                if not standby or len(self._clients) == 1:
+                    return reply
+                fallback = fallback or reply  # a standby's answer, if no leader answers
+            self._current = (self._current + 1) % len(self._clients)
+        if fallback is not None:
+            return fallback
+        assert last is not None
+        raise last
+
+    def reset(self) -> None:
+        for client in self._clients:
+            client.reset()
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+def parse_controllers(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]`` into addresses (several = controllers elected via etcd)."""
+    from lmshare.units import parse_address
+
+    addresses = [parse_address(part.strip()) for part in text.split(",") if part.strip()]
+    if not addresses:
+        raise ConfigError(f"cannot read controller address {text!r}; write HOST:PORT, or "
+                          "several separated by commas")
+    return addresses
+

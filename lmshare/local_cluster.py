@@ -70,6 +70,7 @@ class LocalCluster:
 
     controller_port: int = 0
     controller_host: str = "127.0.0.1"
+    controllers: str = ""  # "HOST:PORT,HOST:PORT": several controllers elected through etcd
     heartbeat_timeout_s: float = 3.0
     runtime_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lmshare-")))
     python: str = sys.executable
@@ -84,7 +85,8 @@ class LocalCluster:
 
     @property
     def controller_address(self) -> str:
-        return f"{self.controller_host}:{self.controller_port}"
+        """What workers are given as --controller (``controllers`` when several)."""
+        return self.controllers or f"{self.controller_host}:{self.controller_port}"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -29,6 +29,7 @@ class ErrorCode:
     UNKNOWN_NAMESPACE = "unknown_namespace"
     POOL_FULL = "pool_full"
     WORKER_RESTARTED = "worker_restarted"
+    NOT_LEADER = "not_leader"
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
 

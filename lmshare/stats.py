@@ -79,6 +79,8 @@ class ClusterStats:
     hit_history: list[tuple[int, int, int]] = field(default_factory=list)
     events: list[ClusterEvent] = field(default_factory=list)
     refused_messages: int = 0
+    role: str = "leader"  # "leader", or "standby" when controllers elect one through etcd
+    leader: str = ""  # HOST:PORT of the leader, when elected through etcd
 
     @property
     def bytes_cached(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from lmshare import protocol
 from lmshare.client import worker_endpoint
-from lmshare.control import ControllerClient
+from lmshare.control import FailoverControllerClient
 from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
@@ -112,7 +112,7 @@ class WorkerAgent:
                       **(self.ucx_export.registration() if self.ucx_export else {})},
         }
         self.link = ControlLink(
-            ControllerClient(config.controller_host, config.controller_port, config.rpc_timeout_s),
+            FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s),
             self.pool, registration, self.counter_snapshot)
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
@@ -214,11 +214,11 @@ class WorkerAgent:
             return None
         return self.pool.views(entry), lambda: self.pool.unpin(entry)
 
-    def _controller(self) -> ControllerClient:
+    def _controller(self) -> FailoverControllerClient:
         client = getattr(self._lookup_clients, "client", None)
         if client is None:
-            client = ControllerClient(self.config.controller_host, self.config.controller_port,
-                                      self.config.rpc_timeout_s)
+            client = FailoverControllerClient(self.config.controller_addresses,
+                                              self.config.rpc_timeout_s)
             self._lookup_clients.client = client
         return client
 

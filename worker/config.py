@@ -65,6 +65,12 @@ class WorkerConfig:
     drain_timeout_s: float = 10.0
     client_threads: int = 4
     transports: tuple[str, ...] = ("shm", "tcp")  # what this worker offers and uses, best first
+    # more controllers (etcd-elected leader and standbys), tried in order after the first
+    standby_controllers: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def controller_addresses(self) -> list[tuple[str, int]]:
+        return [(self.controller_host, self.controller_port), *self.standby_controllers]
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or len(self.name) > 100:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lmshare.control import ControllerClient
+from lmshare.control import FailoverControllerClient
 from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError
 from lmshare.pool import KVPool
 from lmshare.protocol import ErrorCode
@@ -25,7 +25,7 @@ BATCH_INTERVAL_S = 0.02
 
 
 class ControlLink:
-    def __init__(self, client: ControllerClient, pool: KVPool, registration: dict[str, Any],
+    def __init__(self, client: FailoverControllerClient, pool: KVPool, registration: dict[str, Any],
                  counters: Callable[[], dict[str, int]]) -> None:
         self._client = client
         self._pool = pool
