@@ -71,6 +71,24 @@ def _recv_exact_into(sock: socket.socket, view: memoryview, deadline: float) -> 
         received += count
 
 
+def _recv_exact_into_many(sock: socket.socket, views: list[memoryview], deadline: float) -> None:
+    """Fill every view in order, several per system call (``recvmsg_into`` scatters)."""
+    pending = [v for v in views if v.nbytes]
+    while pending:
+        sock.settimeout(_remaining(deadline))
+        count = sock.recvmsg_into(pending[:512])[0]
+        if count == 0:
+            raise ConnectionError("peer closed the connection")
+        while count:
+            head = pending[0]
+            if count >= head.nbytes:
+                count -= head.nbytes
+                pending.pop(0)
+            else:
+                pending[0] = head[count:]
+                count = 0
+
+
 def _send_all(sock: socket.socket, views: list[memoryview], deadline: float) -> None:
     pending = [v for v in views if v.nbytes]
     while pending:
@@ -233,8 +251,7 @@ class TcpTransport(Transport):
             raise TransferError(f"no room for a chunk of {nbytes} bytes")
         ok = False
         try:
-            for view in buffers:
-                _recv_exact_into(sock, view, deadline)
+            _recv_exact_into_many(sock, buffers, deadline)
             ok = not checksum or crc32_of(buffers) == crc
             if not ok:
                 raise TransferError("checksum mismatch: chunk dropped")
