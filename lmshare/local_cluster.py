@@ -80,6 +80,8 @@ class LocalCluster:
     new_session: bool = False  # children in their own session: a terminal's Ctrl-C skips them
 
     def __post_init__(self) -> None:
+        self.runtime_dir = Path(self.runtime_dir)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
         if not self.controller_port:
             self.controller_port = free_port()
 

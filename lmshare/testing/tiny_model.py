@@ -75,7 +75,8 @@ def _train_tokenizer(directory: Path):
 
 
 def build_tiny_model(directory: str | Path, *, seed: int = SEED, num_layers: int = NUM_LAYERS,
-                     force: bool = False) -> Path:
+                     hidden_size: int = HIDDEN_SIZE, num_heads: int = NUM_HEADS,
+                     num_kv_heads: int = NUM_KV_HEADS, force: bool = False) -> Path:
     """Create (once) a tiny bf16 Llama and its tokenizer in ``directory``; returns the folder.
 
     A folder that already holds a model built with the same settings is reused unless
@@ -86,7 +87,7 @@ def build_tiny_model(directory: str | Path, *, seed: int = SEED, num_layers: int
 
     folder = Path(directory)
     settings = {"seed": seed, "num_layers": num_layers, "vocab": VOCAB_SIZE,
-                "hidden": HIDDEN_SIZE, "heads": NUM_HEADS, "kv_heads": NUM_KV_HEADS, "v": 1}
+                "hidden": hidden_size, "heads": num_heads, "kv_heads": num_kv_heads, "v": 1}
     marker = folder / MARKER
     if not force and marker.exists():
         try:
@@ -97,9 +98,9 @@ def build_tiny_model(directory: str | Path, *, seed: int = SEED, num_layers: int
     folder.mkdir(parents=True, exist_ok=True)
     fast = _train_tokenizer(folder)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=HIDDEN_SIZE, intermediate_size=4 * HIDDEN_SIZE,
-        num_hidden_layers=num_layers, num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS, max_position_embeddings=MAX_POSITIONS,
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=MAX_POSITIONS,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=None, tie_word_embeddings=False, torch_dtype="bfloat16")
     previous = torch.random.get_rng_state()

@@ -50,9 +50,12 @@ def _build_llm(args: argparse.Namespace):
             kv_role="kv_both", kv_connector_extra_config=extra)
     if not args.multiprocess:
         kwargs["distributed_executor_backend"] = "uni"
+    if args.num_blocks:
+        kwargs["num_gpu_blocks_override"] = args.num_blocks
     return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                block_size=args.block_size, enforce_eager=True, seed=0,
-               enable_prefix_caching=not args.no_prefix_caching, **kwargs)
+               enable_prefix_caching=not args.no_prefix_caching,
+               disable_log_stats=not args.stats, **kwargs)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -82,8 +85,11 @@ def serve(args: argparse.Namespace) -> int:
                 use_tqdm=False)
             seconds = time.perf_counter() - t0
             out = outputs[0]
+            metrics = getattr(out, "metrics", None)
             reply = {"token_ids": list(out.outputs[0].token_ids), "seconds": seconds,
-                     "num_cached_tokens": getattr(out, "num_cached_tokens", None)}
+                     "num_cached_tokens": getattr(out, "num_cached_tokens", None),
+                     # engine-measured time to first token (with --stats), else None
+                     "ttft": getattr(metrics, "first_token_latency", None) or None}
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         results.write(json.dumps(reply) + "\n")
@@ -127,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--num-blocks", type=int, default=0,
+                   help="cap vLLM's own KV cache at this many blocks (0: sized by vLLM)")
+    p.add_argument("--stats", action="store_true",
+                   help="keep vLLM's request stats on and report each request's TTFT")
     p.add_argument("--multiprocess", action="store_true",
                    help="vLLM's default engine-core process (else single-process mode)")
     return p
