@@ -16,6 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  #
 from vllm.v1.core.sched.output import CachedRequestData  # noqa: E402
 
 from lmshare.errors import ConfigError, WorkerUnavailable  # noqa: E402
+from lmshare.integrations.kv_copy import AsyncDeviceCopier, InlineStreamOps  # noqa: E402
 from lmshare.integrations.vllm import (  # noqa: E402
     LMShareConnector,
     LMShareMetadata,
@@ -380,3 +381,44 @@ def test_worker_link_survives_a_worker_restart(tmp_path):
         with cluster.client("x") as fresh, fresh.acquire_keys(namespace, [key]) as hit:
             assert hit.read(0) == b"\x07" * 1000
         link.close()
+
+
+def test_gpu_style_loads_overlap_the_forward_layer_by_layer(model_dir):
+    """With the device copier (run here with CPU tensors and inline stream ops), each attention
+    layer waits for its own layer's copies only, and the chunks stay leased until the forward
+    is queued (wait_for_save)."""
+    cluster = FakeCluster()
+    a = Engine(model_dir, cluster, seed=1)
+    a.run(a.schedule(request("a1", PROMPT), range(10))[1])
+    b = Engine(model_dir, cluster, seed=2)
+    waited: list[int] = []
+
+    class Ops(InlineStreamOps):
+        def record(self, stream):
+            number = len(self.events)
+            self.events.append(number)
+            return SimpleNamespace(number=number, synchronize=lambda: None, query=lambda: True)
+
+        def current_waits_event(self, event):
+            waited.append(event.number)
+
+    ops = Ops()
+    ops.events = []
+    b.worker._copier = AsyncDeviceCopier(b.worker._copier.blocks, ops)
+    external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
+    assert external == 4 * CHUNK
+    b.worker.bind_connector_metadata(meta)
+    b.worker.start_load_kv(None)
+    assert len(ops.events) == LAYERS and waited == []  # copies issued, nothing waited yet
+    names = b.worker.geometry.layer_names
+    b.worker.wait_for_layer_load(names[0])
+    b.worker.wait_for_layer_load(names[1])
+    assert waited == [0, 1]
+    assert not cluster.hits[-1].released  # the copies may still read the pool
+    b.worker.wait_for_save()
+    assert cluster.hits[-1].released
+    assert b.worker.get_block_ids_with_load_errors() == set()
+    b.worker.clear_connector_metadata()
+    for layer in range(LAYERS):
+        for src, dst in zip(range(8), range(20, 28)):
+            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)

@@ -178,6 +178,8 @@ def test_device_copier_reads_registered_pool_directly(setup):
     assert block_bytes(caches, 1, 41) == block_bytes(caches, 1, 3)
     copier.load([memoryview(bytes(data))], 0, [42, 43])  # outside the pool: staged
     assert copier.pool.allocated == 1
+    copier.loads_done()
+    copier.loads_finished()
     assert block_bytes(caches, 2, 42) == block_bytes(caches, 2, 2)
     copier.unregister_host(pool)
     copier.close()
@@ -233,5 +235,71 @@ def test_cpu_copier_reads_adjacent_slabs_in_place(setup):
     copier.load(scattered, 0, [52, 53])
     assert copier._staging is not None
     assert block_bytes(caches, 2, 52) == block_bytes(caches, 2, 5)
+    copier.unregister_host(pool)
+    copier.close()
+
+
+class _RecordingOps(InlineStreamOps):
+    """Inline stream ops that remember, for every recorded event, the bytes of the destination
+    blocks at that moment, and which events the compute stream waited for."""
+
+    def __init__(self, caches, blocks: list[int]) -> None:
+        super().__init__(register=True)
+        self.caches, self.blocks = caches, blocks
+        self.snapshots: list[list[list[bytes]]] = []  # per event: per layer: per block
+        self.waited: list[int] = []
+
+    def record(self, stream):
+        self.snapshots.append([[block_bytes(self.caches, layer, b) for b in self.blocks]
+                               for layer in range(LAYERS)])
+        ops = self
+
+        class Event:
+            number = len(self.snapshots) - 1
+
+            def synchronize(self) -> None:
+                pass
+
+            def query(self) -> bool:
+                return True
+
+            def wait(self) -> None:
+                ops.waited.append(self.number)
+
+        return Event()
+
+    def current_waits_event(self, event) -> None:
+        event.wait()
+
+
+def test_device_copier_loads_layer_by_layer(setup):
+    """Loads are queued, then issued layer by layer with one event a layer: when layer i's
+    event is recorded, layer i of every loaded block is in place and later layers are not yet;
+    the compute stream waits for exactly the layer it asks for."""
+    geometry, caches, blocks = setup
+    source = CpuBlockCopier(blocks)
+    first = source.save([2, 3]).wait().tobytes()  # chunk of 2 blocks
+    second = source.save([7, 8]).wait().tobytes()
+    destination = [60, 61, 62]
+    ops = _RecordingOps(caches, destination)
+    copier = AsyncDeviceCopier(blocks, ops)
+    pool, segments = _pool_with(first)
+    assert copier.register_host(pool)  # the first chunk is read in place, split in slabs
+    before = [[block_bytes(caches, layer, b) for b in destination] for layer in range(LAYERS)]
+    copier.load(segments, 0, [60, 61])
+    copier.load([memoryview(second)], 1, [62])  # only the chunk's second block
+    assert ops.snapshots == [] and block_bytes(caches, 0, 60) == before[0][0]  # queued
+    copier.loads_done()
+    expected = [[block_bytes(caches, layer, b) for b in (2, 3, 8)] for layer in range(LAYERS)]
+    assert len(ops.snapshots) == LAYERS
+    for event, snapshot in enumerate(ops.snapshots):
+        for layer in range(LAYERS):
+            assert snapshot[layer] == (expected[layer] if layer <= event else before[layer])
+    copier.wait_layer(2)
+    assert ops.waited == [2]
+    copier.loads_finished()  # the compute stream also waits for the last layer
+    assert ops.waited == [2, LAYERS - 1]
+    copier.wait_layer(0)  # nothing in flight any more
+    assert ops.waited == [2, LAYERS - 1]
     copier.unregister_host(pool)
     copier.close()

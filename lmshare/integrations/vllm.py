@@ -57,7 +57,10 @@ How it works (scheduler side, then worker side):
   miss, logged, never raised.
 * ``start_load_kv`` acquires those chunks (the worker fetches peer chunks into its pool and pins
   them) and copies them into the request's blocks as whole pages (:mod:`kv_copy`: inline on
-  CPU; on CUDA by DMA from the page-locked pool on a side stream). Chunks that do not arrive, or
+  CPU; on CUDA by DMA from the page-locked pool on a side stream, issued layer by layer, and
+  ``wait_for_layer_load`` makes each attention layer wait for its own layer only, so the forward
+  overlaps the copies of later layers; the leases are released in ``wait_for_save``, once the
+  copies are done). Chunks that do not arrive, or
   arrive with the wrong size, are reported through ``get_block_ids_with_load_errors``: vLLM
   recomputes from the first such block (the connector sets ``kv_load_failure_policy`` to
   ``recompute``). Never wrong tokens, only lost time.
@@ -437,6 +440,8 @@ class LMShareConnector(KVConnectorBase_V1):
         # worker side
         self.tp_rank = 0
         self._copier: BlockCopier | None = None
+        self._layer_index = {name: i for i, name in enumerate(self.geometry.layer_names)}
+        self._loading_hits: list[Hit] = []  # leased until this step's copies finished
         self._failed_blocks: set[int] = set()
         self._failed_chunks: dict[str, int] = {}
         self._disabled_reported = False
@@ -679,23 +684,37 @@ class LMShareConnector(KVConnectorBase_V1):
         self._failed_chunks[spec.req_id] = min(previous, from_chunk)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._finish_loads()  # normally done by the previous step's wait_for_save
         metadata = self._connector_metadata
         if not isinstance(metadata, LMShareMetadata) or not metadata.loads:
             return
-        hits: list[Hit] = []
+        for spec in metadata.loads:
+            try:
+                self._load(spec, self._loading_hits)
+            except Exception as exc:  # noqa: BLE001 - a failed load is a recompute
+                log.warning("lmshare load for %s failed (%s); vLLM recomputes it",
+                            spec.req_id, exc, exc_info=not isinstance(exc, LMShareError))
+                self._fail_load(spec, spec.first_chunk)
+        if self._copier is None:
+            return
         try:
+            self._copier.loads_done()  # on GPU: copies start, layer by layer
+        except Exception:  # noqa: BLE001 - the blocks may be half written: recompute them
+            log.exception("lmshare: starting this step's KV copies failed; vLLM recomputes")
             for spec in metadata.loads:
-                try:
-                    self._load(spec, hits)
-                except Exception as exc:  # noqa: BLE001 - a failed load is a recompute
-                    log.warning("lmshare load for %s failed (%s); vLLM recomputes it",
-                                spec.req_id, exc, exc_info=not isinstance(exc, LMShareError))
-                    self._fail_load(spec, spec.first_chunk)
-            if self._copier is not None:
-                self._copier.loads_done()
-        finally:
-            for hit in hits:  # the copies no longer read the pool
-                hit.release()
+                self._fail_load(spec, spec.first_chunk)
+            self._finish_loads()
+
+    def _finish_loads(self) -> None:
+        """Once the copies no longer read the pool, release the chunks' leases."""
+        if self._copier is not None:
+            try:
+                self._copier.loads_finished()
+            except Exception:  # noqa: BLE001 - leases expire on their own
+                log.exception("lmshare: waiting for KV copies failed")
+        hits, self._loading_hits = self._loading_hits, []
+        for hit in hits:
+            hit.release()
 
     def _load(self, spec: LoadSpec, hits: list[Hit]) -> None:
         copier = self._copier
@@ -707,7 +726,7 @@ class LMShareConnector(KVConnectorBase_V1):
         end_block = spec.first_block + len(spec.block_ids)
         hit = self._link.call(lambda c: c.acquire_keys(
             namespace, keys, peers=self.settings.peers, lease_s=self.settings.lease_s))
-        hits.append(hit)  # released once the copies are done (start_load_kv)
+        hits.append(hit)  # released once the copies are done (_finish_loads)
         loaded = 0
         for index in range(len(hit)):
             chunk = spec.first_chunk + index
@@ -731,13 +750,19 @@ class LMShareConnector(KVConnectorBase_V1):
                       hit.local_chunks, hit.peer_chunks, spec.req_id)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete (or are stream-ordered) in start_load_kv
+        # On GPU the layer's copies run on a side stream: this layer's attention waits for
+        # them, later layers keep copying meanwhile. On CPU loads completed in start_load_kv.
+        if self._loading_hits and self._copier is not None:
+            layer = self._layer_index.get(layer_name)
+            if layer is not None:
+                self._copier.wait_layer(layer)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
                       **kwargs: Any) -> None:
         return  # whole chunks (all layers) are stored in wait_for_save
 
     def wait_for_save(self) -> None:
+        self._finish_loads()  # the forward is queued: it waited for every layer it read
         metadata = self._connector_metadata
         if not isinstance(metadata, LMShareMetadata) or not metadata.saves:
             return
@@ -776,6 +801,7 @@ class LMShareConnector(KVConnectorBase_V1):
         return meta
 
     def shutdown(self) -> None:
+        self._finish_loads()
         if self._saver is not None:
             self._saver.close()
             self._saver = None
