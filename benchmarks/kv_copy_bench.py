@@ -4,8 +4,13 @@
 
 Lays out a paged KV cache like vLLM does for a Llama-3-8B-shaped model (32 layers, 8 KV heads,
 head size 128, bf16, block 16; one allocation, layer-outermost) on the device, then times
-*save* (gather a chunk's blocks, all layers, into host bytes) and *load* (host bytes, split in
-256 KiB segments like pool slabs, into scattered blocks). Prints GB/s of chunk bytes.
+*save* (gather a chunk's blocks, all layers, into host bytes) and *load* (host bytes in a pool of
+256 KiB slabs, into scattered blocks). Prints GB/s of chunk bytes.
+
+``--overlap`` (CUDA) also times a load followed by a stand-in forward (one MLP block of
+``--compute-tokens`` tokens per layer): *serial* waits for every layer's copies before the
+forward starts (what a connector without layer-wise waits does), *layered* lets layer ``i``
+wait only for its own copies (``wait_layer``, as the connector's ``wait_for_layer_load``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from lmshare.integrations.kv_copy import KVGeometry, PagedBlocks, make_copier
+from lmshare.pool import slab_views
 
 
 def layout(layers: int, blocks: int, block: int, heads: int, head: int, dtype: torch.dtype):
@@ -46,6 +52,9 @@ def main() -> None:
     p.add_argument("--registered", action="store_true",
                    help="load from a /dev/shm mapping page-locked with cudaHostRegister, as "
                         "the connector does with the worker pool")
+    p.add_argument("--overlap", action="store_true",
+                   help="time loads overlapped with a stand-in forward, layer by layer")
+    p.add_argument("--compute-tokens", type=int, default=512)
     args = p.parse_args()
 
     config, page = layout(args.layers, args.blocks, args.block_size, 8, 128, torch.bfloat16)
@@ -82,9 +91,10 @@ def main() -> None:
             pool[index * chunk_bytes : (index + 1) * chunk_bytes] = d
         for pending in pendings:
             pending.release()
-        slab = 256 * 1024
-        segments = [[pool[c * chunk_bytes + i : c * chunk_bytes + i + slab]
-                     for i in range(0, chunk_bytes, slab)] for c in range(args.chunks)]
+        slab = 256 * 1024  # the pool's slabs; a chunk's adjacent slabs come as one view
+        per = -(-chunk_bytes // slab)
+        segments = [slab_views(pool, slab, list(range(c * per, (c + 1) * per)), chunk_bytes)
+                    for c in range(args.chunks)]
         sync()
         t0 = time.perf_counter()
         for segs, b in zip(segments, ids):
@@ -104,9 +114,67 @@ def main() -> None:
         "save_ms_per_chunk": round(best_save / args.chunks * 1e3, 3),
         "load_ms_per_chunk": round(best_load / args.chunks * 1e3, 3),
     }))
+    if args.overlap:
+        print(json.dumps(overlap(args, copier, segments, ids, sync)))
     if registered:
         copier.unregister_host(pool)
     copier.close()
+
+
+def overlap(args, copier, segments, ids, sync) -> dict:
+    """Milliseconds of: copies alone, forward alone, copies then forward (serial), and copies
+    with the forward waiting layer by layer (layered). Medians of ``--repeat`` runs."""
+    if not hasattr(copier, "wait_layer") or not args.device.startswith("cuda"):
+        return {"overlap": "needs --device cuda"}
+    hidden, inner = 4096, 14336  # a Llama-3-8B MLP block per layer
+    weights = [(torch.randn(hidden, inner, dtype=torch.bfloat16, device=args.device) * 0.01,
+                torch.randn(inner, hidden, dtype=torch.bfloat16, device=args.device) * 0.01)
+               for _ in range(2)]
+    x = torch.randn(args.compute_tokens, hidden, dtype=torch.bfloat16, device=args.device)
+
+    def layer_compute(layer: int) -> None:
+        up, down = weights[layer % 2]
+        torch.nn.functional.silu(x @ up) @ down
+
+    def queue_loads() -> None:
+        for segs, b in zip(segments, ids):
+            copier.load(segs, 0, b)
+        copier.loads_done()
+
+    def copies_only() -> None:
+        queue_loads()
+        copier.loads_finished()
+
+    def forward_only() -> None:
+        for layer in range(args.layers):
+            layer_compute(layer)
+
+    def serial() -> None:
+        queue_loads()
+        copier.loads_finished()  # the forward waits for every layer
+        forward_only()
+
+    def layered() -> None:
+        queue_loads()
+        for layer in range(args.layers):
+            copier.wait_layer(layer)
+            layer_compute(layer)
+        copier.loads_finished()
+
+    results = {}
+    for name, fn in (("copies_ms", copies_only), ("forward_ms", forward_only),
+                     ("serial_ms", serial), ("layered_ms", layered)):
+        times = []
+        for _ in range(args.repeat + 1):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        results[name] = round(sorted(times[1:])[len(times[1:]) // 2], 2)
+    results["compute_tokens"] = args.compute_tokens
+    results["layered_vs_serial"] = round(results["serial_ms"] / results["layered_ms"], 2)
+    return results
 
 
 if __name__ == "__main__":

@@ -39,15 +39,21 @@ PoolListener = Callable[[str, bytes, bytes], None]
 
 def slab_views(buffer: memoryview, slab_bytes: int, slabs: list[int],
                nbytes: int) -> list[memoryview]:
-    """Views of an entry's ``nbytes`` in a pool region ``buffer``, slab by slab. Every process
-    that maps a pool (owner, local clients, same-host peers) finds entry bytes this way."""
+    """Views of an entry's ``nbytes`` in a pool region ``buffer``, one per run of adjacent
+    slabs (in entry order). Every process that maps a pool (owner, local clients, same-host
+    peers) finds entry bytes this way."""
     views = []
     remaining = nbytes
-    for slab in slabs:
-        size = min(remaining, slab_bytes)
-        start = slab * slab_bytes
+    index = 0
+    while index < len(slabs) and remaining > 0:
+        run = 1
+        while index + run < len(slabs) and slabs[index + run] == slabs[index] + run:
+            run += 1
+        size = min(remaining, run * slab_bytes)
+        start = slabs[index] * slab_bytes
         views.append(buffer[start : start + size])
         remaining -= size
+        index += run
     return views
 
 

@@ -218,3 +218,20 @@ def test_an_entry_written_after_an_eviction_gets_adjacent_slabs(pool):
     r = pool.reserve(NS, key(99), 4 * SLAB)
     assert r.slabs == sorted(r.slabs) and r.slabs[-1] - r.slabs[0] == 3
     r.abort()
+
+
+def test_views_are_one_per_run_of_adjacent_slabs(pool):
+    pool.put(NS, key(1), payload(1, 3 * SLAB + 5))
+    pool.put(NS, key(2), payload(2, 2 * SLAB))
+    entry = pool.pin(key(1))
+    views = pool.views(entry)
+    assert [v.nbytes for v in views] == [3 * SLAB + 5]  # fresh pool: adjacent slabs, one view
+    assert bytes(views[0]) == payload(1, 3 * SLAB + 5)
+    pool.unpin(entry)
+    from lmshare.pool import slab_views
+
+    region = memoryview(bytearray(range(256)) * 4)  # 1 KiB, slabs of 100 bytes
+    parts = slab_views(region, 100, [4, 5, 1, 2, 3, 9], 530)
+    assert [v.nbytes for v in parts] == [200, 300, 30]
+    assert b"".join(parts) == bytes(region[400:600]) + bytes(region[100:400]) + \
+        bytes(region[900:930])

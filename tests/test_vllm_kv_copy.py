@@ -272,17 +272,18 @@ class _RecordingOps(InlineStreamOps):
         event.wait()
 
 
-def test_device_copier_loads_layer_by_layer(setup):
-    """Loads are queued, then issued layer by layer with one event a layer: when layer i's
-    event is recorded, layer i of every loaded block is in place and later layers are not yet;
-    the compute stream waits for exactly the layer it asks for."""
+@pytest.mark.parametrize("group", [1, 2, LAYERS], ids=lambda g: f"{g}-layers-a-copy")
+def test_device_copier_loads_layer_by_layer(setup, group):
+    """Loads are queued, then issued layer group by layer group with one event a layer: when
+    layer i's event is recorded, layer i of every loaded block is in place and later layers are
+    not yet; the compute stream waits for exactly the layer it asks for."""
     geometry, caches, blocks = setup
     source = CpuBlockCopier(blocks)
     first = source.save([2, 3]).wait().tobytes()  # chunk of 2 blocks
     second = source.save([7, 8]).wait().tobytes()
     destination = [60, 61, 62]
     ops = _RecordingOps(caches, destination)
-    copier = AsyncDeviceCopier(blocks, ops)
+    copier = AsyncDeviceCopier(blocks, ops, max_temp_bytes=group * 3 * PAGE)  # 3 rows
     pool, segments = _pool_with(first)
     assert copier.register_host(pool)  # the first chunk is read in place, split in slabs
     before = [[block_bytes(caches, layer, b) for b in destination] for layer in range(LAYERS)]

@@ -150,6 +150,8 @@ class PagedBlocks:
                 (region.layer_stride, region.block_stride, 1), region.offset))
         # layer i (chunk order) as [num_blocks, page_bytes]
         self._layer_views = [view[i] for view in self._views for i in range(view.shape[0])]
+        # the same as 8-byte words where alignment allows: index kernels move 8 bytes a thread
+        self._layer_words = [_as_words(v) for v in self._layer_views]
 
     @classmethod
     def from_kv_caches(cls, geometry: KVGeometry, kv_caches: dict[str, Any]) -> PagedBlocks:
@@ -221,16 +223,34 @@ class PagedBlocks:
             first += layers
 
     def scatter_layer(self, layer: int, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        """Write layer ``layer``'s pages of ``block_ids`` from ``src`` ([len(ids), page])."""
+        """Write layer ``layer``'s pages of ``block_ids`` (any shape, on the KV's device) from
+        ``src`` (``block_ids.shape + (page_bytes,)``, may be strided): one kernel on a GPU."""
         view = self._layer_views[layer]
-        if tuple(src.shape) != (block_ids.numel(), self.geometry.page_bytes):
+        if tuple(src.shape) != (*block_ids.shape, self.geometry.page_bytes):
             raise ChunkSizeError(f"source shape {tuple(src.shape)} does not match "
-                                 f"{(block_ids.numel(), self.geometry.page_bytes)}")
+                                 f"{(*block_ids.shape, self.geometry.page_bytes)}")
         if self.device.type == "cpu":
-            for position, block in enumerate(block_ids.tolist()):
-                view[block].copy_(src[position])
+            flat_src = src.reshape(-1, self.geometry.page_bytes)
+            for position, block in enumerate(block_ids.reshape(-1).tolist()):
+                view[block].copy_(flat_src[position])
         else:
-            view.index_copy_(0, block_ids, src)  # one kernel
+            words, src_words = self._layer_words[layer], _as_words(src)
+            if words is not None and src_words is not None:
+                words[block_ids] = src_words  # index_put_: one kernel, strided source allowed
+            else:
+                view[block_ids] = src
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (uint8, last dimension contiguous) viewed as int64 words, or None where its
+    offset, strides or row length are not multiples of 8 bytes."""
+    if t.stride(-1) != 1 or t.shape[-1] % 8 or t.storage_offset() % 8 or \
+            any(stride % 8 for stride in t.stride()[:-1]):
+        return None
+    try:
+        return t.view(torch.int64)
+    except RuntimeError:
+        return None
 
 
 # --------------------------------------------------------------------------- host bytes
@@ -608,10 +628,11 @@ class AsyncDeviceCopier(BlockCopier):
     registered with :meth:`register_host` (the worker's shared pool, page-locked with
     cudaHostRegister: measured on an H100 at 54 GB/s vs 7 GB/s unregistered), else copied
     into a pinned staging buffer first. :meth:`loads_done` issues, on the side stream and after
-    the compute stream's pending work (such as block zeroing), the step's copies layer by layer:
-    layer ``i`` of every queued chunk goes host → device (a layer of a chunk is one contiguous
-    run, its chunk being layer-major) and is scattered into its blocks, then an event marks
-    layer ``i`` ready. :meth:`wait_layer` makes the compute stream wait for that event only,
+    the compute stream's pending work (such as block zeroing), the step's copies layer group by
+    layer group: the group's layers of every queued chunk go host → device in one copy a chunk
+    (a chunk is layer-major, so a run of its layers is contiguous) into a temporary device
+    buffer of at most ``max_temp_bytes`` (which sets the group size), each layer is scattered
+    into its blocks (one kernel a layer), and an event marks layer ``i`` ready. :meth:`wait_layer` makes the compute stream wait for that event only,
     so attention of layer 0 runs while later layers are still copying. :meth:`loads_finished`
     waits until the copies no longer read the pool (then leases may go); staging buffers go
     back to the pool once their copies completed.
@@ -623,8 +644,9 @@ class AsyncDeviceCopier(BlockCopier):
     """
 
     def __init__(self, blocks: PagedBlocks, ops: StreamOps | None = None,
-                 pool_bytes: int = 1 << 30) -> None:
+                 pool_bytes: int = 1 << 30, max_temp_bytes: int = 256 << 20) -> None:
         super().__init__(blocks)
+        self.max_temp_bytes = max_temp_bytes  # device memory for loads in flight, per group
         self.ops = ops if ops is not None else CudaStreamOps(blocks.device)
         self.stream = self.ops.new_stream()
         self.pool = HostBufferPool(self.ops, pool_bytes)
@@ -676,29 +698,50 @@ class AsyncDeviceCopier(BlockCopier):
         queued, self._queued = self._queued, []
         if self._layer_events:  # loads_done twice in a step: the earlier loads come first
             self.ops.current_waits_event(self._layer_events[-1])
-        g, page = self.geometry, self.geometry.page_bytes
-        index = torch.tensor([b for q in queued for b in q.block_ids], dtype=torch.int64)
+        g, page, device = self.geometry, self.geometry.page_bytes, self.blocks.device
+        # Loads of equal block count form a batch: one scatter kernel per layer and batch.
+        by_count: dict[int, list[_QueuedLoad]] = {}
+        for q in queued:
+            by_count.setdefault(len(q.block_ids), []).append(q)
+        batches = [(loads, torch.tensor([q.block_ids for q in loads], dtype=torch.int64))
+                   for loads in by_count.values()]
+        rows = sum(len(q.block_ids) for q in queued)
+        # Layers per host->device copy: as many as the temporary device buffer allows (fewer,
+        # larger copies), but at least one so that layer 0 is ready early.
+        group = max(1, min(g.num_layers, self.max_temp_bytes // max(1, rows * page)))
         self.ops.stream_waits_current(self.stream)
-        events = []
+        events: list[Any] = []
         with self.ops.use(self.stream):
-            device_index = index.to(self.blocks.device, non_blocking=True)
-            layer_bytes = torch.empty((index.numel(), page), dtype=torch.uint8,
-                                      device=self.blocks.device)
-            flat = layer_bytes.view(-1)
-            for layer in range(g.num_layers):
-                row = 0
-                for q in queued:
-                    count = len(q.block_ids)
-                    lo = (layer * q.per_chunk + q.first) * page
-                    copy_range(q.runs, lo, lo + count * page,
-                               flat[row * page : (row + count) * page])
-                    row += count
-                self.blocks.scatter_layer(layer, device_index, layer_bytes)
-                events.append(self.ops.record(self.stream))
+            indexes = [index.to(device, non_blocking=True) for _, index in batches]
+            for first_layer in range(0, g.num_layers, group):
+                end_layer = min(g.num_layers, first_layer + group)
+                temps = [self._copy_layers(loads, first_layer, end_layer) for loads, _ in batches]
+                for layer in range(first_layer, end_layer):
+                    for temp, index in zip(temps, indexes):
+                        self.blocks.scatter_layer(layer, index, temp[:, layer - first_layer])
+                    events.append(self.ops.record(self.stream))
         self._layer_events = events
         self._reads_pool = self._reads_pool or any(q.staging is None for q in queued)
         self._in_flight.append((events[-1], [q.staging for q in queued if q.staging is not None],
-                                [index, device_index, layer_bytes]))
+                                [index for _, index in batches] + indexes))
+
+    def _copy_layers(self, loads: list[_QueuedLoad], first_layer: int, end_layer: int
+                     ) -> torch.Tensor:
+        """Host -> device copies of layers ``first_layer .. end_layer`` of ``loads`` (equal
+        block counts) into a new ``[loads, layers, blocks, page]`` device tensor."""
+        page, count = self.geometry.page_bytes, len(loads[0].block_ids)
+        temp = torch.empty((len(loads), end_layer - first_layer, count, page), dtype=torch.uint8,
+                           device=self.blocks.device)
+        for position, q in enumerate(loads):
+            if count == q.per_chunk:  # a whole chunk: its layers are one contiguous run
+                copy_range(q.runs, first_layer * count * page, end_layer * count * page,
+                           temp[position].view(-1))
+                continue
+            for layer in range(first_layer, end_layer):
+                lo = (layer * q.per_chunk + q.first) * page
+                copy_range(q.runs, lo, lo + count * page,
+                           temp[position, layer - first_layer].view(-1))
+        return temp
 
     def wait_layer(self, layer: int) -> None:
         if layer < len(self._layer_events):
