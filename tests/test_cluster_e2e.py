@@ -12,6 +12,7 @@ import pytest
 from lmshare import ModelSignature
 from lmshare.errors import WorkerRestarted
 from lmshare.local_cluster import LocalCluster, free_port
+from lmshare.testing.waiting import wait_until
 
 SIG = ModelSignature(model="e2e-model", chunk_tokens=16)
 CHUNK_BYTES = 200_000
@@ -25,14 +26,6 @@ def payloads(seed: int, chunks: int = 5) -> list[bytes]:
     return [os.urandom(CHUNK_BYTES) for _ in range(chunks)]
 
 
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from lmshare import ModelSignature
 from lmshare.control import ControllerClient
 from lmshare.errors import ControllerUnavailable
 from lmshare.local_cluster import LocalCluster, free_port
+from lmshare.testing.waiting import wait_until
 
 pytest.importorskip("aetcd", reason="needs the etcd client (pip install 'lmshare[etcd]')")
 SIG = ModelSignature(model="ha-model", chunk_tokens=16)
@@ -48,14 +49,6 @@ def role(port: int) -> str:
         client.close()
 
 
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def test_standby_takes_over_and_workers_follow(etcd, tmp_path):

@@ -79,29 +79,26 @@ def _recv_exact_into_many(sock: socket.socket, views: list[memoryview], deadline
         count = sock.recvmsg_into(pending[:512])[0]
         if count == 0:
             raise ConnectionError("peer closed the connection")
-        while count:
-            head = pending[0]
-            if count >= head.nbytes:
-                count -= head.nbytes
-                pending.pop(0)
-            else:
-                pending[0] = head[count:]
-                count = 0
+        _advance(pending, count)
 
 
 def _send_all(sock: socket.socket, views: list[memoryview], deadline: float) -> None:
     pending = [v for v in views if v.nbytes]
     while pending:
         sock.settimeout(_remaining(deadline))
-        sent = sock.sendmsg(pending[:512])
-        while sent:
-            head = pending[0]
-            if sent >= head.nbytes:
-                sent -= head.nbytes
-                pending.pop(0)
-            else:
-                pending[0] = head[sent:]
-                sent = 0
+        _advance(pending, sock.sendmsg(pending[:512]))
+
+
+def _advance(pending: list[memoryview], count: int) -> None:
+    """Drop the first ``count`` bytes from the buffers ``pending`` (in place)."""
+    while count:
+        head = pending[0]
+        if count >= head.nbytes:
+            count -= head.nbytes
+            pending.pop(0)
+        else:
+            pending[0] = head[count:]
+            count = 0
 
 
 # (key) -> (views, release) of a pinned entry, or None if absent
