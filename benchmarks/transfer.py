@@ -89,7 +89,7 @@ PATHS = ("lmshare TCP", "raw socket", "Mooncake TCP", "lmshare UCX over tcp",
          "lmshare UCX same-host (cma)", "lmshare same-host shm", "host memcpy", "Redis GET")
 
 
-def run(rounds: int = 5) -> tuple[str, dict]:
+def run(rounds: int = 9) -> tuple[str, dict]:
     data: dict[str, dict[str, list[float]]] = {}
     redis_server = RedisServer()
     tcp, shm = TcpTransport(), ShmTransport()
@@ -144,7 +144,8 @@ def report(data: dict[str, dict[str, list[float]]], redis_parser: str) -> str:
                   "shm / memcpy (≥ 70%)", "slowest lmshare / Redis (≥ 3x)"], rows)
     return text + (
         "\n\nEach request fetches several chunks (4 MiB: 8, 32 MiB: 4) into fresh slabs of the "
-        "reader's pool; every path moves the same bytes. Medians of 5 interleaved rounds, "
+        "reader's pool; every path moves the same bytes. Medians of "
+        f"{len(next(iter(data.values()))['lmshare TCP'])} interleaved rounds, "
         f"± population std-dev. Redis: pipelined GETs, {redis_parser}. Mooncake: transfer "
         "engine (mooncake-transfer-engine-non-cuda) over tcp, P2P handshake, one batch read per "
         "request. lmshare UCX: one-sided GET through the UCP C API (UCX 1.21 from libucx-cu12); "

@@ -422,3 +422,35 @@ def test_gpu_style_loads_overlap_the_forward_layer_by_layer(model_dir):
     for layer in range(LAYERS):
         for src, dst in zip(range(8), range(20, 28)):
             assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+
+
+def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
+    """With an asynchronous copier, the local prefix and then batches of peer chunks are
+    acquired one after the other, and each batch's copies are issued before the next acquire;
+    the loaded blocks are the same as with one acquire."""
+    cluster = FakeCluster()
+    a = Engine(model_dir, cluster, seed=1)
+    a.run(a.schedule(request("a1", PROMPT), range(10))[1])
+    keys = list(cluster.local)
+    cluster.peer = {k: cluster.local.pop(k) for k in keys[1:]}  # chunk 0 local, 1..3 on a peer
+
+    class Ops(InlineStreamOps):
+        def record(self, stream):
+            cluster.calls.append("copied")
+            return SimpleNamespace(synchronize=lambda: None, query=lambda: True)
+
+    b = Engine(model_dir, cluster, seed=2, extra={"fetch_batch_chunks": 2})
+    b.worker._copier = AsyncDeviceCopier(b.worker._copier.blocks, Ops())
+    external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
+    assert external == 4 * CHUNK and meta.loads[0].local_chunks == 1
+    cluster.calls.clear()
+    failed, _ = b.run(meta)
+    assert failed == set()
+    steps = [c for i, c in enumerate(cluster.calls) if c != "copied" or
+             (i and cluster.calls[i - 1] != "copied")]  # runs of copy events as one step
+    assert steps == ["acquire", "copied", "acquire", "copied", "acquire", "copied"]
+    assert [len(h) for h in cluster.hits[-3:]] == [1, 2, 1]  # local prefix, then 2 + 1 peers
+    assert all(h.released for h in cluster.hits)
+    for layer in range(LAYERS):
+        for src, dst in zip(range(8), range(20, 28)):
+            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)

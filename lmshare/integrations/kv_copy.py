@@ -332,6 +332,9 @@ class PendingSave:
 class BlockCopier(ABC):
     """Copies chunk bytes into vLLM's blocks (loads) and blocks out into host bytes (saves)."""
 
+    #: True where :meth:`loads_done` returns before the copies finish (they overlap other work)
+    asynchronous: bool = False
+
     def __init__(self, blocks: PagedBlocks) -> None:
         self.blocks = blocks
         self.geometry = blocks.geometry
@@ -643,6 +646,8 @@ class AsyncDeviceCopier(BlockCopier):
     gather before it may reuse the blocks.
     """
 
+    asynchronous = True
+
     def __init__(self, blocks: PagedBlocks, ops: StreamOps | None = None,
                  pool_bytes: int = 1 << 30, max_temp_bytes: int = 256 << 20) -> None:
         super().__init__(blocks)
@@ -695,9 +700,9 @@ class AsyncDeviceCopier(BlockCopier):
     def loads_done(self) -> None:
         if not self._queued:
             return
+        # Called again in a step (batches), the new events come after the earlier loads on the
+        # side stream: waiting for the new layer-i event also waits for every earlier load.
         queued, self._queued = self._queued, []
-        if self._layer_events:  # loads_done twice in a step: the earlier loads come first
-            self.ops.current_waits_event(self._layer_events[-1])
         g, page, device = self.geometry, self.geometry.page_bytes, self.blocks.device
         # Loads of equal block count form a batch: one scatter kernel per layer and batch.
         by_count: dict[int, list[_QueuedLoad]] = {}

@@ -40,6 +40,9 @@ or ``--kv-transfer-config '{"kv_connector":"LMShareConnector","kv_connector_modu
 ``async_save`` [true]
     Hand stores to a background thread after the KV is copied out (the forward loop does not
     wait for the worker's RPCs). ``false`` stores inline.
+``fetch_batch_chunks`` [8]
+    On GPU, chunks beyond the local pool's prefix are acquired in batches of this many: the
+    copies of one batch run while the worker fetches the next from peers. 0: one acquire.
 ``max_pending_saves`` [64]
     Stores queued for the background thread before new ones are dropped (a dropped store is
     only a future miss).
@@ -167,6 +170,7 @@ class ConnectorSettings:
     save: bool = True
     async_save: bool = True
     max_pending_saves: int = 64
+    fetch_batch_chunks: int = 8
     tenant: str = ""
 
     @classmethod
@@ -203,6 +207,8 @@ class ConnectorSettings:
         if settings.chunk_tokens <= 0 or settings.chunk_tokens % block_size:
             raise ConfigError(f"chunk_tokens={settings.chunk_tokens} must be a positive multiple "
                               f"of vLLM's block_size ({block_size})")
+        if settings.fetch_batch_chunks < 0:
+            raise ConfigError("lmshare connector setting fetch_batch_chunks must be >= 0")
         for name in ("timeout_s", "lookup_timeout_s", "lease_s"):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"lmshare connector setting {name} must be positive")
@@ -308,6 +314,7 @@ class LoadSpec:
     first_chunk: int
     first_block: int
     block_ids: list[int]
+    local_chunks: int = 0  # of these chunks, how many the local pool held at lookup
 
 
 @dataclass
@@ -565,7 +572,7 @@ class LMShareConnector(KVConnectorBase_V1):
             req_id=request.request_id, namespaces=state.namespaces,
             keys=[keys[first_chunk:last_chunk] for keys in state.keys],
             first_chunk=first_chunk, first_block=first_block,
-            block_ids=block_ids[first_block:end_block])
+            block_ids=block_ids[first_block:end_block], local_chunks=state.local_chunks)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = LMShareMetadata(loads=list(self._pending_loads.values()))
@@ -716,6 +723,19 @@ class LMShareConnector(KVConnectorBase_V1):
         for hit in hits:
             hit.release()
 
+    def _load_batches(self, spec: LoadSpec, count: int) -> list[tuple[int, int]]:
+        """(first, end) chunk index ranges of ``spec`` to acquire one after the other: with an
+        asynchronous copier, the local prefix and then peer chunks in batches, so the copies of
+        one batch overlap the fetch of the next; else all at once."""
+        batch = self.settings.fetch_batch_chunks
+        copier = self._copier
+        if not batch or copier is None or not copier.asynchronous or count <= 1:
+            return [(0, count)]
+        local = min(max(spec.local_chunks, 0), count)
+        ranges = [(0, local)] if local else []
+        ranges += [(i, min(i + batch, count)) for i in range(local, count, batch)]
+        return ranges
+
     def _load(self, spec: LoadSpec, hits: list[Hit]) -> None:
         copier = self._copier
         if copier is None or not self.enabled:
@@ -724,30 +744,37 @@ class LMShareConnector(KVConnectorBase_V1):
         namespace, keys = spec.namespaces[self.tp_rank], spec.keys[self.tp_rank]
         bpc = self.blocks_per_chunk
         end_block = spec.first_block + len(spec.block_ids)
-        hit = self._link.call(lambda c: c.acquire_keys(
-            namespace, keys, peers=self.settings.peers, lease_s=self.settings.lease_s))
-        hits.append(hit)  # released once the copies are done (_finish_loads)
-        loaded = 0
-        for index in range(len(hit)):
-            chunk = spec.first_chunk + index
-            lo = max(chunk * bpc, spec.first_block)
-            hi = min((chunk + 1) * bpc, end_block)
-            if hi <= lo:
-                break
-            try:
-                copier.load(hit.views(index), lo - chunk * bpc,
-                            spec.block_ids[lo - spec.first_block : hi - spec.first_block])
-            except ChunkSizeError as exc:
-                log.warning("lmshare: chunk %d of %s is unusable (%s)", chunk, spec.req_id, exc)
-                break
-            loaded += 1
+        loaded = local = peer = 0
+        for first, end in self._load_batches(spec, len(keys)):
+            hit = self._link.call(lambda c, k=keys[first:end]: c.acquire_keys(
+                namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s))
+            hits.append(hit)  # released once the copies are done (_finish_loads)
+            local, peer = local + hit.local_chunks, peer + hit.peer_chunks
+            for index in range(len(hit)):
+                chunk = spec.first_chunk + first + index
+                lo = max(chunk * bpc, spec.first_block)
+                hi = min((chunk + 1) * bpc, end_block)
+                if hi <= lo:
+                    break
+                try:
+                    copier.load(hit.views(index), lo - chunk * bpc,
+                                spec.block_ids[lo - spec.first_block : hi - spec.first_block])
+                except ChunkSizeError as exc:
+                    log.warning("lmshare: chunk %d of %s is unusable (%s)", chunk, spec.req_id,
+                                exc)
+                    break
+                loaded += 1
+            if loaded < end:
+                break  # a missing chunk ends the prefix
+            if end < len(keys):
+                copier.loads_done()  # this batch copies while the next one is fetched
         if loaded < len(keys):
             log.info("lmshare: %s got %d of %d chunks; vLLM recomputes the rest", spec.req_id,
                      loaded, len(keys))
             self._fail_load(spec, spec.first_chunk + loaded)
         else:
             log.debug("lmshare: loaded %d chunks (%d local, %d from peers) for %s", loaded,
-                      hit.local_chunks, hit.peer_chunks, spec.req_id)
+                      local, peer, spec.req_id)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # On GPU the layer's copies run on a side stream: this layer's attention waits for
