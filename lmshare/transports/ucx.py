@@ -62,20 +62,32 @@ class UcxExport:
         self.context.close()
 
 
+GROUP_BYTES = 16 << 20  # GETs issued together before one generation check
+
+
 def _pieces(slabs: list[int], slab_bytes: int, base: int, nbytes: int,
             destination: list[memoryview]) -> list[tuple[memoryview, int]]:
-    """(destination piece, remote address) pairs covering an entry's slabs in order."""
-    pieces = []
-    di = d_off = 0
+    """(destination piece, remote address) pairs covering an entry's slabs in order: one per
+    run of adjacent slabs that lands in one destination buffer."""
+    runs: list[tuple[int, int]] = []  # (remote address, bytes)
     remaining = nbytes
     for slab in slabs:
-        s_off, s_len = 0, min(remaining, slab_bytes)
-        remaining -= s_len
-        while s_off < s_len:
+        size = min(remaining, slab_bytes)
+        remaining -= size
+        address = base + slab * slab_bytes
+        if runs and runs[-1][0] + runs[-1][1] == address:
+            runs[-1] = (runs[-1][0], runs[-1][1] + size)
+        else:
+            runs.append((address, size))
+    pieces = []
+    di = d_off = 0
+    for address, size in runs:
+        offset = 0
+        while offset < size:
             dst = destination[di]
-            count = min(s_len - s_off, dst.nbytes - d_off)
-            pieces.append((dst[d_off : d_off + count], base + slab * slab_bytes + s_off))
-            s_off += count
+            count = min(size - offset, dst.nbytes - d_off)
+            pieces.append((dst[d_off : d_off + count], address + offset))
+            offset += count
             d_off += count
             if d_off == dst.nbytes:
                 di, d_off = di + 1, 0
@@ -133,40 +145,65 @@ class UcxTransport(Transport):
 
     def _read(self, peer: PeerInfo, keys: list[bytes], located: dict, sink: ChunkSink,
               deadline: float) -> int:
-        extra = peer.extra
-        slab_bytes = int(extra["slab_bytes"])
-        delivered = 0
+        """GET the chunks in groups of about ``GROUP_BYTES``: every GET of a group at once, then
+        one GET of the generation range covering the group's slabs; a chunk is delivered only if
+        its slabs' generations did not change. A failed group ends the fetch there."""
         try:
             endpoint = self._endpoint(peer)
         except LMShareError as exc:
             log.warning("cannot reach %s over UCX: %s", peer.worker_id, exc)
             return 0
-        for key, (slabs, nbytes), generations in zip(keys, located["chunks"], located["gens"]):
+        chunks = list(zip(keys, located["chunks"], located["gens"]))
+        delivered = 0
+        while delivered < len(chunks):
+            group, size = [], 0
+            for key, (slabs, nbytes), generations in chunks[delivered:]:
+                if group and size + nbytes > GROUP_BYTES:
+                    break
+                group.append((key, slabs, nbytes, generations))
+                size += nbytes
+            done = self._read_group(endpoint, peer, group, sink, deadline)
+            delivered += done
+            if done < len(group) or time.monotonic() > deadline:
+                break
+        return delivered
+
+    def _read_group(self, endpoint: RemoteEndpoint, peer: PeerInfo,
+                    group: list[tuple[bytes, list[int], int, list[int]]], sink: ChunkSink,
+                    deadline: float) -> int:
+        extra = peer.extra
+        slab_bytes, base = int(extra["slab_bytes"]), int(extra["ucx_base"])
+        opened: list[tuple[bytes, list[int], list[int]]] = []
+        pieces: list[tuple[memoryview, int]] = []
+        for key, slabs, nbytes, generations in group:
             buffers = sink.begin(key, nbytes)
             if buffers is None:
                 break
-            ok = False
-            try:
-                endpoint.get_many(_pieces(slabs, slab_bytes, int(extra["ucx_base"]), nbytes,
-                                          buffers), extra["ucx_rkey"], deadline)
-                # one GET of the generation range that covers every slab of the chunk
-                low, high = min(slabs), max(slabs)
+            opened.append((key, slabs, generations))
+            pieces += _pieces(slabs, slab_bytes, base, nbytes, buffers)
+        good = 0
+        try:
+            if opened:
+                endpoint.get_many(pieces, extra["ucx_rkey"], deadline)
+                # one GET of the generation range that covers every slab of the group
+                low = min(min(slabs) for _, slabs, _ in opened)
+                high = max(max(slabs) for _, slabs, _ in opened)
                 after = bytearray(8 * (high - low + 1))
                 endpoint.get_into(after, int(extra["ucx_gen_base"]) + 8 * low,
                                   extra["ucx_gen_rkey"], deadline)
                 table = struct.unpack(f"<{high - low + 1}Q", after)
-                ok = [table[s - low] for s in slabs] == list(generations)
-                if not ok:
-                    log.warning("chunk of %s changed while being read; hit truncated",
-                                peer.worker_id)
-            except LMShareError as exc:
-                log.warning("UCX GET from %s failed: %s", peer.worker_id, exc)
-            finally:
-                sink.end(key, ok)
-            if not ok or time.monotonic() > deadline:
-                break
-            delivered += 1
-        return delivered
+                for _, slabs, generations in opened:
+                    if [table[s - low] for s in slabs] != list(generations):
+                        log.warning("chunk of %s changed while being read; hit truncated",
+                                    peer.worker_id)
+                        break
+                    good += 1
+        except LMShareError as exc:
+            log.warning("UCX GET from %s failed: %s", peer.worker_id, exc)
+        finally:
+            for index, (key, _, _) in enumerate(opened):
+                sink.end(key, index < good)
+        return good
 
     def close(self) -> None:
         with self._lock:
