@@ -106,7 +106,7 @@ def run(rounds: int = 9) -> tuple[str, dict]:
                 for _ in range(rounds):
                     runs["lmshare TCP"] += lmshare_fetch(tcp, peer, namespace, keys, size,
                                                          repeats, rounds=1)
-                    runs["raw socket"] += raw_socket.measure(size, count * repeats, rounds=1)
+                    runs["raw socket"] += raw_socket.measure(size, count, repeats, rounds=1)
                     runs["Mooncake TCP"] += mooncake(size, count, repeats)
                     runs["lmshare same-host shm"] += lmshare_fetch(shm, peer, namespace, keys,
                                                                    size, repeats, rounds=1)
