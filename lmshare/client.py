@@ -183,11 +183,15 @@ class Client:
             return 0
         return int(self._call("commit", handles=handles)["committed"])
 
-    def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True) -> tuple[int, int]:
-        """(local, peer) chunk counts of the longest available prefix of ``keys``."""
+    def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
+                    count: bool = True) -> tuple[int, int]:
+        """(local, peer) chunk counts of the longest available prefix of ``keys``.
+        ``count=False``: a repeated lookup (e.g. a request vLLM could not schedule yet) that the
+        worker's hit/miss statistics should not count again."""
         if not keys:
             return (0, 0)
-        reply = self._call("local_lookup", namespace=namespace, keys=list(keys), peers=peers)
+        reply = self._call("local_lookup", namespace=namespace, keys=list(keys), peers=peers,
+                           count=bool(count))
         return int(reply["local"]), int(reply["peer"])
 
     def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,

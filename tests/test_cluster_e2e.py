@@ -11,6 +11,7 @@ import pytest
 
 from lmshare import ModelSignature
 from lmshare.errors import WorkerRestarted
+from lmshare.keys import signature_keys
 from lmshare.local_cluster import LocalCluster, free_port
 from lmshare.testing.waiting import wait_until
 
@@ -52,6 +53,13 @@ def test_share_fail_restart_leave_join(cluster):
     assert c3.get(SIG, doc_a) == data_a
     assert c3.stats()["counters"]["peer_hit_chunks"] == 5
     assert c3.lookup(SIG, doc_a).local_tokens == 80  # now cached on worker 3 too
+    # a repeated lookup (count=False) is answered but not counted again as lookups or misses
+    counters = c3.stats()["counters"]
+    unknown = signature_keys(SIG, doc(99))
+    assert c3.lookup_keys(SIG.namespace(), unknown, count=False) == (0, 0)
+    assert c3.stats()["counters"]["miss_chunks"] == counters["miss_chunks"]
+    assert c3.lookup_keys(SIG.namespace(), unknown) == (0, 0)
+    assert c3.stats()["counters"]["miss_chunks"] == counters["miss_chunks"] + len(unknown)
 
     # kill -9 worker 1: its chunks leave lookups within the timeout; a get is a clean miss
     doc_b, data_b = doc(2), payloads(2)

@@ -83,8 +83,8 @@ class FakeClient:
                 break
         return local, peer
 
-    def lookup_keys(self, namespace, keys, peers=True):
-        self.cluster.calls.append("lookup")
+    def lookup_keys(self, namespace, keys, peers=True, count=True):
+        self.cluster.calls.append("lookup" if count else "lookup again")
         return self._prefix(keys, peers)
 
     def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0):
@@ -454,3 +454,14 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
     for layer in range(LAYERS):
         for src, dst in zip(range(8), range(20, 28)):
             assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+
+
+def test_a_request_vllm_asks_about_again_is_counted_once(model_dir):
+    """vLLM repeats the lookup each step it cannot schedule a request: the worker's hit/miss
+    statistics count only the first."""
+    cluster = FakeCluster()
+    b = Engine(model_dir, cluster, seed=2)
+    req = request("r1", PROMPT)
+    for _ in range(3):
+        assert b.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert cluster.calls == ["lookup", "lookup again", "lookup again"]

@@ -275,7 +275,8 @@ class WorkerAgent:
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
         namespace, keys = _keys(m)
         length, remote, _ = self.plan(namespace, keys, m["peers"])
-        self._count(lookups=1, miss_chunks=len(keys) - length)
+        if m.get("count", True):  # repeated lookups of one request count once
+            self._count(lookups=1, miss_chunks=len(keys) - length)
         return protocol.ok(m["id"], local=length - len(remote), peer=len(remote))
 
     def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:

@@ -357,6 +357,7 @@ class _RequestState:
     namespaces: list[bytes]
     keys: list[list[bytes]]  # per rank, every full chunk of the prompt
     lookup_computed: int = 0  # num_computed_tokens the last lookup was made with
+    looked_up: bool = False  # the worker counted this request's lookup already
     hit_tokens: int = 0  # prefix tokens the cluster supplies (absolute)
     local_chunks: int = 0
     peer_chunks: int = 0
@@ -521,10 +522,12 @@ class LMShareConnector(KVConnectorBase_V1):
         if not self.load_enabled or limit <= num_computed_tokens or wanted <= first_chunk:
             return 0
         local = peer = None
+        first_lookup = not state.looked_up  # vLLM asks again each step it cannot schedule it
+        state.looked_up = True
         for namespace, keys in zip(state.namespaces, state.keys):
             rank_local, rank_peer = self._link.call(
                 lambda c, ns=namespace, k=keys: c.lookup_keys(
-                    ns, k[first_chunk:wanted], peers=self.settings.peers))
+                    ns, k[first_chunk:wanted], peers=self.settings.peers, count=first_lookup))
             if local is None or rank_local + rank_peer < local + peer:
                 local, peer = rank_local, rank_peer
         assert local is not None and peer is not None
