@@ -21,6 +21,7 @@ from lmshare.keys import ModelSignature, signature_keys
 from lmshare.pool import slab_views
 from lmshare.protocol import ErrorCode
 from lmshare.shm import SharedRegion
+from lmshare.transports.shm import PeerRegion
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,19 @@ class LookupResult:
 
 
 class Hit:
-    """A pinned prefix of chunks in the local pool. Read its views, then :meth:`release`."""
+    """A pinned prefix of chunks. Read its views, then :meth:`release`.
 
-    def __init__(self, client: Client, handle: int, chunks: list[tuple[list[int], int]],
-                 local: int, peer: int) -> None:
+    Chunks are in the local pool, or (from ``acquire_keys(..., direct=True)``) in a same-host
+    peer's pool, mapped read-only here and pinned by that peer under the same lease: read those
+    in place, then :meth:`verify` that the peer did not reuse their slabs meanwhile.
+    """
+
+    def __init__(self, client: Client, handle: int, chunks: list[tuple], local: int,
+                 peer: int, regions: list[dict] | None = None) -> None:
         self._client = client
         self.handle = handle
-        self._chunks = chunks
+        self._chunks = chunks  # (slabs, nbytes) or (slabs, nbytes, region, generations)
+        self._regions = regions or []
         self.local_chunks = local
         self.peer_chunks = peer
         self.released = False
@@ -80,12 +87,34 @@ class Hit:
     def nbytes(self, index: int) -> int:
         return self._chunks[index][1]
 
+    def _peer(self, index: int) -> PeerRegion | None:
+        chunk = self._chunks[index]
+        return self._client._peer_region(self._regions[chunk[2]]) if len(chunk) > 2 else None
+
     def views(self, index: int) -> list[memoryview]:
-        """Read-only views of chunk ``index``'s bytes, slab by slab (valid until release)."""
+        """Read-only views of chunk ``index``'s bytes, one per run of adjacent slabs (valid
+        until release)."""
         if self.released:
             raise ValueError("hit was released; acquire again")
-        slabs, nbytes = self._chunks[index]
+        slabs, nbytes = self._chunks[index][:2]
+        peer = self._peer(index)
+        if peer is not None:
+            return peer.slab_views(slabs, nbytes)
         return [v.toreadonly() for v in self._client._slab_views(slabs, nbytes)]
+
+    def region_buffer(self, index: int) -> memoryview | None:
+        """The same-host peer's mapped pool holding chunk ``index`` (None: the local pool)."""
+        peer = self._peer(index)
+        return peer.region.buffer if peer is not None else None
+
+    def verify(self, index: int) -> bool:
+        """After reading chunk ``index``: True unless it lies in a peer's pool whose slabs
+        were reused meanwhile (then what was read must be discarded)."""
+        peer = self._peer(index)
+        if peer is None:
+            return True
+        slabs, _, _, generations = self._chunks[index]
+        return [peer.generations[s] for s in slabs] == list(generations)
 
     def read(self, index: int) -> bytes:
         return b"".join(self.views(index))
@@ -124,6 +153,7 @@ class Client:
         self.worker_id: str = info["worker_id"]
         self.slab_bytes: int = info["slab_bytes"]
         self._region = SharedRegion.attach(info["region_path"], info["region_bytes"])
+        self._peer_regions: dict[str, PeerRegion] = {}  # same-host peers' pools, read-only
 
     def _call(self, type_: str, **fields: object) -> dict:
         if type_ in _POOL_CALLS and getattr(self, "incarnation", ""):
@@ -142,6 +172,14 @@ class Client:
         """The worker's shared-memory pool as this process maps it (read-write). Chunk bytes of
         a :class:`Hit` are views into it; page-lock it once for fast device copies."""
         return self._region.buffer
+
+    def _peer_region(self, info: dict) -> PeerRegion:
+        with self._lock:
+            region = self._peer_regions.get(info["path"])
+            if region is None:
+                region = self._peer_regions[info["path"]] = PeerRegion(
+                    info["path"], int(info["bytes"]), info["gen_path"], int(info["slab_bytes"]))
+            return region
 
     def _slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
         return slab_views(self._region.buffer, self.slab_bytes, slabs, nbytes)
@@ -195,15 +233,22 @@ class Client:
         return int(reply["local"]), int(reply["peer"])
 
     def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
-                     lease_s: float = DEFAULT_LEASE_S) -> Hit:
+                     lease_s: float = DEFAULT_LEASE_S, direct: bool = False) -> Hit:
         """Pin the longest available prefix of ``keys`` in the local pool, fetching chunks held
-        only by peers first. A failed or late peer chunk truncates the prefix before it."""
+        only by peers first. A failed or late peer chunk truncates the prefix before it.
+
+        ``direct=True``: chunks that same-host peers hold are not copied into the local pool;
+        the hit points into the peers' pools (mapped read-only here), pinned there for the
+        lease (see :meth:`Hit.verify`). Peers on other hosts are fetched as usual."""
         if not keys:
             return Hit(self, 0, [], 0, 0)
+        fields: dict[str, object] = {"direct": True} if direct else {}
         reply = self._call("acquire", namespace=namespace, keys=list(keys), peers=peers,
-                           lease_s=float(lease_s))
-        chunks = [(list(slabs), int(nbytes)) for slabs, nbytes in reply["chunks"]]
-        return Hit(self, int(reply["handle"]), chunks, int(reply["local"]), int(reply["peer"]))
+                           lease_s=float(lease_s), **fields)
+        chunks = [(list(c[0]), int(c[1]), *((int(c[2]), list(c[3])) if len(c) > 2 else ()))
+                  for c in reply["chunks"]]
+        return Hit(self, int(reply["handle"]), chunks, int(reply["local"]), int(reply["peer"]),
+                   reply.get("regions"))
 
     # ------------------------------------------------------------------ token-level API
     def put(self, signature: ModelSignature, token_ids: Sequence[int],
@@ -238,6 +283,13 @@ class Client:
     def close(self) -> None:
         self._rpc.close()
         self._region.close()
+        with self._lock:
+            regions, self._peer_regions = list(self._peer_regions.values()), {}
+        for region in regions:
+            try:
+                region.close()
+            except BufferError:  # a view is still held somewhere: the mapping goes with it
+                log.debug("a peer region of %s is still in use", self.endpoint)
 
     def __enter__(self) -> Client:
         return self

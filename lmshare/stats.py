@@ -17,6 +17,7 @@ class WorkerCounters:
     pinned_entries: int = 0
     local_hit_chunks: int = 0
     peer_hit_chunks: int = 0
+    direct_peer_chunks: int = 0  # peer hits a local client read in the holder's memory itself
     miss_chunks: int = 0
     bytes_served: int = 0
     bytes_fetched: int = 0

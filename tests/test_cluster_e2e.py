@@ -155,6 +155,33 @@ def test_same_host_peers_share_memory_and_tcp_stays_available(cluster):
     assert "shm×1" in result.stdout
 
 
+def test_direct_hit_reads_a_same_host_peer_in_place(cluster):
+    """acquire_keys(direct=True): chunks a same-host peer holds are read in its own pool (not
+    copied into the reader's), pinned there until the hit is released; socket-only workers
+    still get a copy."""
+    cluster.start_worker("holder")
+    cluster.start_worker("reader")
+    doc_a, data_a = doc(4), payloads(4)
+    keys = signature_keys(SIG, doc_a)
+    with cluster.client("holder") as holder, cluster.client("reader") as reader:
+        holder.put(SIG, doc_a, data_a)
+        wait_until(lambda: reader.lookup(SIG, doc_a).peer_tokens == 80, 5, "indexed")
+        with reader.acquire_keys(SIG.namespace(), keys, direct=True) as hit:
+            assert (hit.local_chunks, hit.peer_chunks) == (0, 5)
+            assert all(hit.region_buffer(i) is not None for i in range(5))
+            assert [hit.read(i) for i in range(5)] == data_a
+            assert all(hit.verify(i) for i in range(5))
+            assert holder.stats()["counters"]["pinned_entries"] == 5  # pinned by the holder
+        counters = reader.stats()["counters"]
+        assert counters["direct_peer_chunks"] == 5 and counters["entries"] == 0  # no copy
+        wait_until(lambda: holder.stats()["counters"]["pinned_entries"] == 0, 5,
+                   "the holder's pins to end with the hit")
+        # without direct, the same chunks are copied into the reader's pool as before
+        with reader.acquire_keys(SIG.namespace(), keys) as hit:
+            assert hit.peer_chunks == 5 and hit.region_buffer(0) is None
+        assert reader.stats()["counters"]["entries"] == 5
+
+
 def test_python_client_example_runs(cluster):
     cluster.start_worker("node-a", "32MiB")
     cluster.start_worker("node-b", "32MiB")

@@ -96,3 +96,33 @@ def test_readers_never_accept_reused_slabs(shm_dir):
     assert not errors
     assert accepted[0] > 100  # most reads go through
     assert rejected[0] > 0  # and reuse during a read really happened and was caught
+
+
+def test_a_direct_hit_detects_reused_slabs(shm_dir):
+    """A Hit that points into a same-host peer's pool verifies, after the read, that the
+    peer's slabs still hold the chunk that was located."""
+    from lmshare.client import Hit
+
+    owner = KVPool(8 * SLAB, SLAB, name="direct-owner")
+    owner.put(NS, k(1), payload(1, 1, 2 * SLAB + 3))
+    entry = owner.pin(k(1))
+    slabs, nbytes = list(entry.slabs), entry.nbytes
+    generations = owner.generations(slabs)
+    owner.unpin(entry)
+    info = {"path": str(owner.region.path), "bytes": owner.capacity_bytes,
+            "gen_path": str(owner.generation_region.path), "slab_bytes": SLAB}
+    region = PeerRegion(info["path"], info["bytes"], info["gen_path"], SLAB)
+
+    class Mapped:  # the part of Client a Hit uses for peer chunks
+        def _peer_region(self, seen):
+            assert seen == info
+            return region
+
+    hit = Hit(Mapped(), 0, [(slabs, nbytes, 0, generations)], 0, 1, [info])
+    assert b"".join(hit.views(0)) == payload(1, 1, nbytes) and hit.verify(0)
+    assert hit.region_buffer(0) is region.region.buffer
+    owner.remove(k(1))  # evicted: its slabs go back to the free list with new generations
+    owner.put(NS, k(2), payload(2, 1, 2 * SLAB + 3))  # and are reused
+    assert not hit.verify(0)
+    region.close()
+    owner.close()

@@ -38,9 +38,11 @@ CHUNK = 64  # 2 blocks
 
 
 class FakeHit:
-    def __init__(self, chunks, local, peer):
+    def __init__(self, chunks, local, peer, peer_memory=None, changed=()):
         self._chunks, self.local_chunks, self.peer_chunks = chunks, local, peer
         self.released = False
+        self._peer_memory = peer_memory  # direct hits: the "peer's pool" the chunks are in
+        self._changed = set(changed)  # chunk indexes whose slabs the peer reused meanwhile
 
     def __len__(self):
         return len(self._chunks)
@@ -53,6 +55,12 @@ class FakeHit:
     def release(self):
         self.released = True
 
+    def region_buffer(self, index):
+        return self._peer_memory if index >= self.local_chunks else None
+
+    def verify(self, index):
+        return index not in self._changed
+
 
 class FakeCluster:
     """Chunks by key; ``local`` holds what the local worker has, ``peer`` what others have."""
@@ -61,6 +69,8 @@ class FakeCluster:
         self.local: dict[bytes, bytes] = {}
         self.peer: dict[bytes, bytes] = {}
         self.lose_after: int | None = None  # acquire delivers at most this many chunks
+        self.changed_in_peer: set[bytes] = set()  # direct reads of these keys fail verify
+        self.direct_acquires = 0
         self.calls: list[str] = []
         self.hits: list[FakeHit] = []
 
@@ -87,7 +97,7 @@ class FakeClient:
         self.cluster.calls.append("lookup" if count else "lookup again")
         return self._prefix(keys, peers)
 
-    def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0):
+    def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0, direct=False):
         self.cluster.calls.append("acquire")
         local, peer = self._prefix(keys, peers)
         n = local + peer
@@ -98,7 +108,12 @@ class FakeClient:
             data = self.cluster.local.get(key) or self.cluster.peer[key]
             self.cluster.local[key] = data
             chunks.append(data)
-        hit = FakeHit(chunks, local, peer)
+        if direct and peer:
+            self.cluster.direct_acquires += 1
+            hit = FakeHit(chunks, local, peer, peer_memory=bytearray(64), changed=[
+                i for i, key in enumerate(keys[:n]) if key in self.cluster.changed_in_peer])
+        else:
+            hit = FakeHit(chunks, local, peer)
         self.cluster.hits.append(hit)
         return hit
 
@@ -465,3 +480,24 @@ def test_a_request_vllm_asks_about_again_is_counted_once(model_dir):
     for _ in range(3):
         assert b.sched.get_num_new_matched_tokens(req, 0) == (0, False)
     assert cluster.calls == ["lookup", "lookup again", "lookup again"]
+
+
+def test_a_chunk_changed_in_its_holders_memory_is_recomputed(model_dir):
+    """Direct reads from a same-host peer's pool are verified before the forward: the first
+    chunk whose slabs were reused meanwhile, and every later one, are reported as failed."""
+    cluster = FakeCluster()
+    a = Engine(model_dir, cluster, seed=1)
+    a.run(a.schedule(request("a1", PROMPT), range(10))[1])
+    keys = list(cluster.local)
+    cluster.peer, cluster.local = cluster.local, {}
+    cluster.changed_in_peer = {keys[2]}
+    b = Engine(model_dir, cluster, seed=2)
+    external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
+    assert external == 4 * CHUNK
+    failed, worker_meta = b.run(meta)
+    assert cluster.direct_acquires == 1
+    assert failed == set(range(24, 28))  # chunks 2 and 3 (blocks 4..7 of the request)
+    assert worker_meta.failed_chunks == {"b1": 2}
+    for layer in range(LAYERS):  # chunks 0 and 1 were loaded
+        for src, dst in zip(range(4), range(20, 24)):
+            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)

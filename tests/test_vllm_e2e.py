@@ -118,6 +118,9 @@ def test_peer_hit_gives_the_same_output(engines, cluster):
     after = counters(cluster, "node-b")
     assert second["token_ids"] == expected
     assert after["peer_hit_chunks"] - before["peer_hit_chunks"] == 3  # 3 full chunks of 1000
+    # same host: B's engine read them in A's pool itself, nothing was copied into B's pool
+    assert after["direct_peer_chunks"] - before["direct_peer_chunks"] == 3
+    assert after["entries"] == before["entries"]
     assert second["num_cached_tokens"] == 3 * CHUNK
 
 

@@ -304,3 +304,42 @@ def test_device_copier_loads_layer_by_layer(setup, group):
     assert ops.waited == [2, LAYERS - 1]
     copier.unregister_host(pool)
     copier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_copier_loads_from_a_read_only_peer_mapping(tmp_path):
+    """A same-host peer's pool is mapped read-only: it is page-locked with
+    cudaHostRegisterReadOnly and loads DMA from it directly."""
+    import mmap
+
+    config = fake_config()
+    geometry = KVGeometry.from_kv_cache_config(config)
+    host = fake_kv_caches(config, seed=6)
+    gpu = fake_kv_caches(config, seed=6, device="cuda")
+    copier = make_copier(PagedBlocks.from_kv_caches(geometry, gpu))
+    data = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, host)).save([4, 9]).wait()
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    path = shm / f"lmshare-test-ro-{os.getpid()}"
+    size = 1 << 22
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(4096)
+        f.write(data)
+    with open(path, "rb") as f:
+        region = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+    path.unlink()
+    buffer = memoryview(region)
+    assert copier.register_host(buffer, read_only=True)
+    view = buffer[4096 : 4096 + len(data)]
+    copier.load([view], 0, [33, 34])
+    copier.loads_done()
+    copier.loads_finished()
+    torch.cuda.current_stream().synchronize()
+    assert copier.pool.allocated == 0  # no staging: straight from the read-only mapping
+    for layer in range(LAYERS):
+        assert block_bytes(gpu, layer, 33) == block_bytes(host, layer, 4)
+        assert block_bytes(gpu, layer, 34) == block_bytes(host, layer, 9)
+    copier.unregister_host(buffer)
+    copier.close()
+    del view, buffer
+    region.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -88,8 +89,10 @@ class WorkerAgent:
         self.transports = tuple(config.transports)
         tcp = TcpTransport()
         transports: list[Transport] = [tcp]
+        self.shm: ShmTransport | None = None
         if "shm" in self.transports:
-            transports.append(ShmTransport())
+            self.shm = ShmTransport()
+            transports.append(self.shm)
         self.ucx_export = None
         if "ucx" in self.transports:
             from lmshare.transports.ucx import UcxExport, UcxTransport
@@ -284,6 +287,10 @@ class WorkerAgent:
         namespace, keys = _keys(m)
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
         length, remote, infos = self.plan(namespace, keys, m["peers"])
+        if remote and m.get("direct"):
+            granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s)
+            if granted is not None:
+                return granted
         if remote:
             self.fetcher.fetch(namespace, [keys[i] for i, _ in remote],
                                [holders for _, holders in remote], infos)
@@ -299,6 +306,69 @@ class WorkerAgent:
         handle = self.leases.add(lease_s, entries=entries) if entries else 0
         return protocol.ok(m["id"], handle=handle, local=len(entries) - peer_hits,
                            peer=peer_hits, chunks=[[e.slabs, e.nbytes] for e in entries])
+
+    def _grant_direct(self, request_id: Any, keys: list[bytes], length: int,
+                      remote: list[tuple[int, list[str]]], infos: dict[str, PeerInfo],
+                      lease_s: float) -> dict[str, Any] | None:
+        """Acquire for a client that reads same-host peers' regions itself: the chunks other
+        workers hold stay where they are, pinned by their holders under a lease that ends with
+        the client's. None (fetch instead) unless every such chunk has a same-host holder."""
+        if self.shm is None:
+            return None
+        holder_of: dict[int, str] = {}
+        for index, holders in remote:
+            same_host = [h for h in holders if choose_transport(
+                self.host_id, self.transports, infos[h]) == "shm"]
+            if not same_host:
+                return None
+            holder_of[index] = same_host[0]
+        wanted: dict[str, list[int]] = {}
+        for index, holder in holder_of.items():
+            wanted.setdefault(holder, []).append(index)
+        located: dict[int, tuple[int, list[int], int, list[int]]] = {}  # index -> region, ...
+        regions: list[dict[str, Any]] = []
+        releases = []
+        deadline = time.monotonic() + self.config.fetch_timeout_s
+        for holder, indexes in wanted.items():
+            peer = infos[holder]
+            try:
+                reply, release = self.shm.locate_for_client(
+                    peer, [keys[i] for i in indexes], lease_s, deadline)
+            except (LMShareError, OSError, KeyError) as exc:
+                log.warning("cannot locate chunks on same-host peer %s: %s", holder, exc)
+                continue  # its chunks are missing: the hit stops before the first of them
+            releases.append(release)
+            region = len(regions)
+            extra = peer.extra
+            regions.append({"path": extra["region_path"], "bytes": int(extra["region_bytes"]),
+                            "gen_path": extra["generation_path"],
+                            "slab_bytes": int(extra["slab_bytes"])})
+            for index, (slabs, nbytes), gens in zip(indexes, reply["chunks"], reply["gens"]):
+                located[index] = (region, list(slabs), int(nbytes), list(gens))
+        entries: list[Entry] = []
+        chunks: list[list[Any]] = []
+        for index in range(length):
+            if index in holder_of:
+                if index not in located:
+                    break
+                region, slabs, nbytes, gens = located[index]
+                chunks.append([slabs, nbytes, region, gens])
+                continue
+            entry = self.pool.pin(keys[index])
+            if entry is None:
+                break
+            entries.append(entry)
+            chunks.append([entry.slabs, entry.nbytes])
+        direct = len(chunks) - len(entries)
+        self._count(local_hit_chunks=len(entries), peer_hit_chunks=direct,
+                    direct_peer_chunks=direct)
+        handle = self.leases.add(lease_s, entries=entries, on_end=releases) \
+            if chunks or releases else 0
+        if not chunks and handle:
+            self.leases.release(handle)
+            handle = 0
+        return protocol.ok(request_id, handle=handle, local=len(entries), peer=direct,
+                           chunks=chunks, regions=regions)
 
     def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
         """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself."""

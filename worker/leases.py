@@ -9,7 +9,8 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from lmshare.pool import Entry, KVPool, Reservation
 
@@ -21,6 +22,7 @@ class Lease:
     deadline: float
     entries: list[Entry]
     reservation: Reservation | None = None
+    on_end: list[Callable[[], None]] = field(default_factory=list)  # e.g. a holder's lease
 
 
 class LeaseTable:
@@ -36,10 +38,12 @@ class LeaseTable:
             return len(self._leases)
 
     def add(self, lease_s: float, entries: list[Entry] | None = None,
-            reservation: Reservation | None = None) -> int:
+            reservation: Reservation | None = None,
+            on_end: list[Callable[[], None]] | None = None) -> int:
         handle = next(self._ids)
         with self._lock:
-            self._leases[handle] = Lease(time.monotonic() + lease_s, entries or [], reservation)
+            self._leases[handle] = Lease(time.monotonic() + lease_s, entries or [], reservation,
+                                         list(on_end or []))
         return handle
 
     def take(self, handle: int) -> Lease | None:
@@ -58,6 +62,11 @@ class LeaseTable:
             self._pool.unpin(entry)
         if lease.reservation is not None and not lease.reservation.done:
             lease.reservation.abort()
+        for callback in lease.on_end:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the holder's lease expires on its own
+                log.debug("ending a lease callback failed", exc_info=True)
 
     def sweep(self) -> int:
         """Release every expired lease; returns how many."""

@@ -342,20 +342,21 @@ class BlockCopier(ABC):
         self._registered: dict[int, torch.Tensor] = {}
 
     # -- the worker pool, registered once: chunks in it are read in place -----------------
-    def _pin(self, address: int, nbytes: int) -> bool:
+    def _pin(self, address: int, nbytes: int, read_only: bool) -> bool:
         return True  # host copies need no page-locking
 
     def _unpin(self, address: int) -> None:  # noqa: B027 - nothing to undo on the host
         pass
 
-    def register_host(self, buffer: Buffer) -> bool:
-        """Register ``buffer`` (the worker pool as the client maps it): chunks whose slabs lie
-        in it are read in place, adjacent slabs as one range (the device copier also
-        page-locks it for direct DMA). Call :meth:`unregister_host` before it is unmapped."""
+    def register_host(self, buffer: Buffer, read_only: bool = False) -> bool:
+        """Register ``buffer`` (the worker pool as the client maps it, or a same-host peer's
+        pool mapped ``read_only``): chunks whose slabs lie in it are read in place, adjacent
+        slabs as one range (the device copier also page-locks it for direct DMA). Call
+        :meth:`unregister_host` before it is unmapped."""
         address, nbytes = buffer_address(buffer), memoryview(buffer).nbytes
         if address in self._registered:
             return True
-        if not self._pin(address, nbytes):
+        if not self._pin(address, nbytes, read_only):
             return False
         self._registered[address] = _as_tensor(buffer)
         return True
@@ -510,8 +511,9 @@ class StreamOps:
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def host_register(self, address: int, nbytes: int) -> bool:
-        """Page-lock existing host memory for direct DMA (cudaHostRegister); False if not."""
+    def host_register(self, address: int, nbytes: int, read_only: bool = False) -> bool:
+        """Page-lock existing host memory for direct DMA (cudaHostRegister; a read-only
+        mapping needs cudaHostRegisterReadOnly); False if not."""
         return False
 
     def host_unregister(self, address: int) -> None:
@@ -533,7 +535,7 @@ class InlineStreamOps(StreamOps):
     def __init__(self, register: bool = False) -> None:
         self.register = register
 
-    def host_register(self, address: int, nbytes: int) -> bool:
+    def host_register(self, address: int, nbytes: int, read_only: bool = False) -> bool:
         return self.register
 
 
@@ -564,9 +566,10 @@ class CudaStreamOps(StreamOps):  # pragma: no cover - needs a GPU
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def host_register(self, address: int, nbytes: int) -> bool:
-        # flags 0: cudaHostRegisterDefault (portable across this process's contexts)
-        code = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+    def host_register(self, address: int, nbytes: int, read_only: bool = False) -> bool:
+        # flags 0: cudaHostRegisterDefault; 8: cudaHostRegisterReadOnly (a peer's pool,
+        # mapped read-only: the device only reads it)
+        code = torch.cuda.cudart().cudaHostRegister(address, nbytes, 8 if read_only else 0)
         if int(code) != 0:
             log.warning("cudaHostRegister of %d bytes failed (%s); loads go through staging",
                         nbytes, code)
@@ -661,8 +664,8 @@ class AsyncDeviceCopier(BlockCopier):
         self._layer_events: list[Any] = []  # of the loads started by loads_done
         self._reads_pool = False  # started loads read registered (leased) memory
 
-    def _pin(self, address: int, nbytes: int) -> bool:
-        return self.ops.host_register(address, nbytes)
+    def _pin(self, address: int, nbytes: int, read_only: bool) -> bool:
+        return self.ops.host_register(address, nbytes, read_only)
 
     def _unpin(self, address: int) -> None:
         self.loads_finished()

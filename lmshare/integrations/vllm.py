@@ -40,6 +40,10 @@ or ``--kv-transfer-config '{"kv_connector":"LMShareConnector","kv_connector_modu
 ``async_save`` [true]
     Hand stores to a background thread after the KV is copied out (the forward loop does not
     wait for the worker's RPCs). ``false`` stores inline.
+``same_host_direct`` [true]
+    Read chunks that workers on this host hold straight from their pools (mapped read-only;
+    page-locked on GPU) instead of having the local worker copy them first. Each such chunk's
+    slab generations are checked after the copy and before the forward uses it.
 ``fetch_batch_chunks`` [8]
     On GPU, chunks beyond the local pool's prefix are acquired in batches of this many: the
     copies of one batch run while the worker fetches the next from peers. 0: one acquire.
@@ -118,6 +122,7 @@ from lmshare.integrations.kv_copy import (
     LayoutError,
     PagedBlocks,
     PendingSave,
+    buffer_address,
     make_copier,
 )
 from lmshare.integrations.vllm_signature import derive_signature, lora_identity
@@ -171,6 +176,7 @@ class ConnectorSettings:
     async_save: bool = True
     max_pending_saves: int = 64
     fetch_batch_chunks: int = 8
+    same_host_direct: bool = True
     tenant: str = ""
 
     @classmethod
@@ -450,6 +456,7 @@ class LMShareConnector(KVConnectorBase_V1):
         self._copier: BlockCopier | None = None
         self._layer_index = {name: i for i, name in enumerate(self.geometry.layer_names)}
         self._loading_hits: list[Hit] = []  # leased until this step's copies finished
+        self._peer_pools: dict[int, Any] = {}  # same-host peers' pools registered with the copier
         self._failed_blocks: set[int] = set()
         self._failed_chunks: dict[str, int] = {}
         self._disabled_reported = False
@@ -683,8 +690,12 @@ class LMShareConnector(KVConnectorBase_V1):
 
     def _unregister_pool(self, client: Client) -> None:
         buffer = self._pool_buffer(client)
-        if buffer is not None and self._copier is not None:
-            self._copier.unregister_host(buffer)
+        if self._copier is not None:
+            if buffer is not None:
+                self._copier.unregister_host(buffer)
+            peers, self._peer_pools = list(self._peer_pools.values()), {}
+            for peer_buffer in peers:  # the client's peer mappings close with it
+                self._copier.unregister_host(peer_buffer)
 
     def _fail_load(self, spec: LoadSpec, from_chunk: int) -> None:
         """Report every block of chunks ``from_chunk ..`` of ``spec`` as not loaded."""
@@ -748,9 +759,11 @@ class LMShareConnector(KVConnectorBase_V1):
         bpc = self.blocks_per_chunk
         end_block = spec.first_block + len(spec.block_ids)
         loaded = local = peer = 0
+        in_peer_memory: list[tuple[Hit, int, int]] = []  # (hit, index, position in keys)
         for first, end in self._load_batches(spec, len(keys)):
             hit = self._link.call(lambda c, k=keys[first:end]: c.acquire_keys(
-                namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s))
+                namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s,
+                direct=self.settings.same_host_direct))
             hits.append(hit)  # released once the copies are done (_finish_loads)
             local, peer = local + hit.local_chunks, peer + hit.peer_chunks
             for index in range(len(hit)):
@@ -759,6 +772,10 @@ class LMShareConnector(KVConnectorBase_V1):
                 hi = min((chunk + 1) * bpc, end_block)
                 if hi <= lo:
                     break
+                peer_buffer = hit.region_buffer(index)
+                if peer_buffer is not None:
+                    self._register_peer_pool(peer_buffer)
+                    in_peer_memory.append((hit, index, first + index))
                 try:
                     copier.load(hit.views(index), lo - chunk * bpc,
                                 spec.block_ids[lo - spec.first_block : hi - spec.first_block])
@@ -771,6 +788,8 @@ class LMShareConnector(KVConnectorBase_V1):
                 break  # a missing chunk ends the prefix
             if end < len(keys):
                 copier.loads_done()  # this batch copies while the next one is fetched
+        if in_peer_memory:
+            loaded = min(loaded, self._verify_peer_reads(spec, in_peer_memory))
         if loaded < len(keys):
             log.info("lmshare: %s got %d of %d chunks; vLLM recomputes the rest", spec.req_id,
                      loaded, len(keys))
@@ -778,6 +797,31 @@ class LMShareConnector(KVConnectorBase_V1):
         else:
             log.debug("lmshare: loaded %d chunks (%d local, %d from peers) for %s", loaded,
                       local, peer, spec.req_id)
+
+    def _verify_peer_reads(self, spec: LoadSpec, reads: list[tuple[Hit, int, int]]) -> int:
+        """Chunks read in a same-host peer's pool are pinned there, and the slab generations
+        are the proof: finish the copies (before this step's forward can read them), then
+        return how many of ``spec``'s chunks are good (the first changed chunk ends them)."""
+        copier = self._copier
+        if copier is not None and copier.asynchronous:
+            copier.loads_done()
+            copier.loads_finished()  # the forward waits for these copies, then checks
+        for hit, index, position in reads:
+            if not hit.verify(index):
+                log.warning("lmshare: chunk %d of %s changed in its holder's memory while "
+                            "being read; vLLM recomputes from there", spec.first_chunk + position,
+                            spec.req_id)
+                return position
+        return len(spec.keys[self.tp_rank])
+
+    def _register_peer_pool(self, buffer: Any) -> None:
+        """Register a same-host peer's pool (read-only) once: chunks are read in place."""
+        if self._copier is None:
+            return
+        address = buffer_address(buffer)
+        if address not in self._peer_pools:
+            self._peer_pools[address] = buffer
+            self._copier.register_host(buffer, read_only=True)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # On GPU the layer's copies run on a side stream: this layer's attention waits for

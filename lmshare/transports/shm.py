@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from lmshare.control import RpcClient
 from lmshare.errors import LMShareError
@@ -145,6 +146,24 @@ class ShmTransport(Transport):
             if reply.get("handle"):
                 endpoint.send_nowait("release", handle=reply["handle"])
         return delivered
+
+    def locate_for_client(self, peer: PeerInfo, keys: list[bytes], lease_s: float,
+                          deadline: float) -> tuple[dict, Callable[[], None]]:
+        """Pin the prefix of ``keys`` the same-host ``peer`` holds, under a lease, for a local
+        client that reads the peer's region itself: the peer's answer (slabs, generations) and
+        a function that ends the lease. Raises LMShareError/OSError when the peer is gone."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed before locating chunks")
+        endpoint = self._endpoint(peer)
+        reply = endpoint.call("locate", timeout_s=left, keys=list(keys), lease_s=lease_s)
+        handle = reply.get("handle")
+
+        def release() -> None:
+            if handle:
+                self._endpoint(peer).send_nowait("release", handle=handle)
+
+        return reply, release
 
     def close(self) -> None:
         with self._lock:
