@@ -265,10 +265,10 @@ class Client:
         return LookupResult((local + peer) * size, local * size, peer * size, size)
 
     def acquire(self, signature: ModelSignature, token_ids: Sequence[int], peers: bool = True,
-                lease_s: float = DEFAULT_LEASE_S) -> Hit:
+                lease_s: float = DEFAULT_LEASE_S, direct: bool = False) -> Hit:
         """Pin the available prefix of ``token_ids`` (see :meth:`acquire_keys`)."""
         return self.acquire_keys(signature.namespace(), signature_keys(signature, token_ids),
-                                 peers, lease_s)
+                                 peers, lease_s, direct)
 
     def get(self, signature: ModelSignature, token_ids: Sequence[int],
             peers: bool = True) -> list[bytes]:
