@@ -79,6 +79,9 @@ def test_share_fail_restart_leave_join(cluster):
     assert c3.get(SIG, doc_a) == data_a
     cluster.start_controller("--heartbeat-interval", "0.3")
     wait_until(lambda: cluster.stats().chunks_indexed == 5, 10, "index rebuilt")
+    # every surviving worker is back (one holding no chunks re-registers at its next heartbeat)
+    wait_until(lambda: {w.worker_id: w.state for w in cluster.stats().workers}.get("w2")
+               == "alive", 10, "w2 to re-register")
     assert c2.lookup(SIG, doc_a).peer_tokens == 80
     assert c2.get(SIG, doc_a) == data_a
 

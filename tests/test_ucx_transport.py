@@ -102,6 +102,7 @@ def test_grouped_gets_never_accept_reused_slabs(shm_dir, monkeypatch):
                 owner.put(NS, k(i, old + 1), payload(i, old + 1))
             except PoolFullError:
                 pass
+            time.sleep(0.0005)  # about a thousand rewrites a second, whatever the machine's load
 
     def read() -> None:
         rnd = random.Random(2)
@@ -126,5 +127,5 @@ def test_grouped_gets_never_accept_reused_slabs(shm_dir, monkeypatch):
     export.close()
     owner.close()
     assert not errors
-    assert counts["accepted"] > 50  # reads go through, in groups
+    assert counts["accepted"] > 20  # reads go through, in groups
     assert counts["accepted"] < counts["asked"]  # and churn during reads was caught
