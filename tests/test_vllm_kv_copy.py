@@ -148,6 +148,7 @@ def test_cuda_copier_roundtrip(layer_outermost):
     for _ in range(2):
         copier.load([memoryview(data)[:half], memoryview(data)[half:]], 1, [20, 21])
         copier.loads_done()
+    copier.loads_finished()  # the compute (current) stream now waits for the copies
     torch.cuda.current_stream().synchronize()
     for layer in range(LAYERS):
         assert block_bytes(gpu, layer, 20) == block_bytes(host, layer, 9)
@@ -185,37 +186,59 @@ def test_device_copier_reads_registered_pool_directly(setup):
     copier.close()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_copier_loads_from_registered_shared_memory(tmp_path):
-    import mmap
-
+def _cuda_copier_and_chunk(seed: int, blocks: list[int]):
+    """(GPU caches, host caches with the same content, a CUDA copier, the chunk of ``blocks``
+    saved from the host caches)."""
     config = fake_config()
     geometry = KVGeometry.from_kv_cache_config(config)
-    host = fake_kv_caches(config, seed=5)
-    gpu = fake_kv_caches(config, seed=5, device="cuda")
+    host = fake_kv_caches(config, seed=seed)
+    gpu = fake_kv_caches(config, seed=seed, device="cuda")
     copier = make_copier(PagedBlocks.from_kv_caches(geometry, gpu))
-    data = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, host)).save([7, 8]).wait()
-    # like the worker pool: a file in /dev/shm (tmpfs; disk-backed files cannot be registered)
+    data = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, host)).save(blocks).wait()
+    return gpu, host, copier, data
+
+
+def _shm_mapping(tmp_path, data, offset: int, read_only: bool):
+    """Like a worker pool: a file in /dev/shm (tmpfs; disk-backed files cannot be registered)
+    holding ``data`` at ``offset``, mapped shared (read-only like a peer's pool, or not)."""
+    import mmap
+
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
-    path = shm / f"lmshare-test-{os.getpid()}"
+    path = shm / f"lmshare-test-{os.getpid()}-{int(read_only)}"
     size = 1 << 22
     with open(path, "wb") as f:
         f.truncate(size)
-    with open(path, "r+b") as f:
-        region = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED)
+        f.seek(offset)
+        f.write(data)
+    with open(path, "rb" if read_only else "r+b") as f:
+        region = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED,
+                           mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE)
     path.unlink()
+    return region
+
+
+def _finish_and_check(copier, gpu, host, loaded: dict[int, int]) -> None:
+    """Start and finish the queued loads; GPU block ``dst`` must equal host block ``src`` for
+    each ``dst: src`` of ``loaded``, and nothing was staged (read straight from the mapping)."""
+    copier.loads_done()
+    copier.loads_finished()  # the compute (current) stream now waits for the copies
+    torch.cuda.current_stream().synchronize()
+    assert copier.pool.allocated == 0
+    for layer in range(LAYERS):
+        for dst, src in loaded.items():
+            assert block_bytes(gpu, layer, dst) == block_bytes(host, layer, src)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_copier_loads_from_registered_shared_memory(tmp_path):
+    gpu, host, copier, data = _cuda_copier_and_chunk(5, [7, 8])
+    region = _shm_mapping(tmp_path, data, 8192, read_only=False)
     buffer = memoryview(region)
-    buffer[8192 : 8192 + len(data)] = data
     assert copier.register_host(buffer)
     view = buffer[8192 : 8192 + len(data)].toreadonly()
     copier.load([view[: len(data) // 2], view[len(data) // 2 :]], 0, [30, 31])
     assert len(copier._registered_runs([view[:100], view[100:]])) == 1  # adjacent: one copy
-    copier.loads_done()
-    torch.cuda.current_stream().synchronize()
-    assert copier.pool.allocated == 0
-    for layer in range(LAYERS):
-        assert block_bytes(gpu, layer, 30) == block_bytes(host, layer, 7)
-        assert block_bytes(gpu, layer, 31) == block_bytes(host, layer, 8)
+    _finish_and_check(copier, gpu, host, {30: 7, 31: 8})
     copier.unregister_host(buffer)
     copier.close()
     del view, buffer
@@ -310,35 +333,13 @@ def test_device_copier_loads_layer_by_layer(setup, group):
 def test_cuda_copier_loads_from_a_read_only_peer_mapping(tmp_path):
     """A same-host peer's pool is mapped read-only: it is page-locked with
     cudaHostRegisterReadOnly and loads DMA from it directly."""
-    import mmap
-
-    config = fake_config()
-    geometry = KVGeometry.from_kv_cache_config(config)
-    host = fake_kv_caches(config, seed=6)
-    gpu = fake_kv_caches(config, seed=6, device="cuda")
-    copier = make_copier(PagedBlocks.from_kv_caches(geometry, gpu))
-    data = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, host)).save([4, 9]).wait()
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
-    path = shm / f"lmshare-test-ro-{os.getpid()}"
-    size = 1 << 22
-    with open(path, "wb") as f:
-        f.truncate(size)
-        f.seek(4096)
-        f.write(data)
-    with open(path, "rb") as f:
-        region = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
-    path.unlink()
+    gpu, host, copier, data = _cuda_copier_and_chunk(6, [4, 9])
+    region = _shm_mapping(tmp_path, data, 4096, read_only=True)
     buffer = memoryview(region)
     assert copier.register_host(buffer, read_only=True)
     view = buffer[4096 : 4096 + len(data)]
     copier.load([view], 0, [33, 34])
-    copier.loads_done()
-    copier.loads_finished()
-    torch.cuda.current_stream().synchronize()
-    assert copier.pool.allocated == 0  # no staging: straight from the read-only mapping
-    for layer in range(LAYERS):
-        assert block_bytes(gpu, layer, 33) == block_bytes(host, layer, 4)
-        assert block_bytes(gpu, layer, 34) == block_bytes(host, layer, 9)
+    _finish_and_check(copier, gpu, host, {33: 4, 34: 9})
     copier.unregister_host(buffer)
     copier.close()
     del view, buffer
