@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +72,11 @@ class Hit:
     """
 
     def __init__(self, client: Client, handle: int, chunks: list[tuple], local: int,
-                 peer: int, regions: list[dict] | None = None) -> None:
+                 peer: int, regions: list[PeerRegion] | None = None) -> None:
         self._client = client
         self.handle = handle
         self._chunks = chunks  # (slabs, nbytes) or (slabs, nbytes, region, generations)
-        self._regions = regions or []
+        self._regions = regions or []  # the peers' pools this hit's chunks lie in
         self.local_chunks = local
         self.peer_chunks = peer
         self.released = False
@@ -89,7 +89,7 @@ class Hit:
 
     def _peer(self, index: int) -> PeerRegion | None:
         chunk = self._chunks[index]
-        return self._client._peer_region(self._regions[chunk[2]]) if len(chunk) > 2 else None
+        return self._regions[chunk[2]] if len(chunk) > 2 else None
 
     def views(self, index: int) -> list[memoryview]:
         """Read-only views of chunk ``index``'s bytes, one per run of adjacent slabs (valid
@@ -154,6 +154,10 @@ class Client:
         self.slab_bytes: int = info["slab_bytes"]
         self._region = SharedRegion.attach(info["region_path"], info["region_bytes"])
         self._peer_regions: dict[str, PeerRegion] = {}  # same-host peers' pools, read-only
+        self._peer_paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
+        #: called with a peer pool's buffer before this client stops using it (the peer
+        #: restarted with a new pool): undo registrations so the old mapping can go
+        self.on_peer_unmap: Callable[[memoryview], None] | None = None
 
     def _call(self, type_: str, **fields: object) -> dict:
         if type_ in _POOL_CALLS and getattr(self, "incarnation", ""):
@@ -174,12 +178,23 @@ class Client:
         return self._region.buffer
 
     def _peer_region(self, info: dict) -> PeerRegion:
+        """The mapping of a same-host peer's pool, made once. A peer that restarted has a new
+        pool: the old mapping is dropped (it goes once no hit uses it)."""
+        stale = None
         with self._lock:
-            region = self._peer_regions.get(info["path"])
+            worker, path = info.get("worker", ""), info["path"]
+            if worker:
+                old_path = self._peer_paths.get(worker)
+                if old_path is not None and old_path != path:
+                    stale = self._peer_regions.pop(old_path, None)
+                self._peer_paths[worker] = path
+            region = self._peer_regions.get(path)
             if region is None:
-                region = self._peer_regions[info["path"]] = PeerRegion(
-                    info["path"], int(info["bytes"]), info["gen_path"], int(info["slab_bytes"]))
-            return region
+                region = self._peer_regions[path] = PeerRegion(
+                    path, int(info["bytes"]), info["gen_path"], int(info["slab_bytes"]))
+        if stale is not None and self.on_peer_unmap is not None:
+            self.on_peer_unmap(stale.region.buffer)
+        return region
 
     def _slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
         return slab_views(self._region.buffer, self.slab_bytes, slabs, nbytes)
@@ -247,8 +262,9 @@ class Client:
                            lease_s=float(lease_s), **fields)
         chunks = [(list(c[0]), int(c[1]), *((int(c[2]), list(c[3])) if len(c) > 2 else ()))
                   for c in reply["chunks"]]
+        regions = [self._peer_region(info) for info in reply.get("regions", [])]
         return Hit(self, int(reply["handle"]), chunks, int(reply["local"]), int(reply["peer"]),
-                   reply.get("regions"))
+                   regions)
 
     # ------------------------------------------------------------------ token-level API
     def put(self, signature: ModelSignature, token_ids: Sequence[int],

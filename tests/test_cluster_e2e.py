@@ -184,6 +184,21 @@ def test_direct_hit_reads_a_same_host_peer_in_place(cluster):
             assert hit.peer_chunks == 5 and hit.region_buffer(0) is None
         assert reader.stats()["counters"]["entries"] == 5
 
+        # the holder restarts (a new pool): the reader maps the new one, drops the old one
+        old_pool = reader._peer_paths["holder"]
+        dropped: list[memoryview] = []
+        reader.on_peer_unmap = dropped.append
+        cluster.workers["holder"].terminate()
+        cluster.start_worker("holder")
+        doc_b, data_b = doc(5), payloads(5)
+        with cluster.client("holder") as new_holder:
+            new_holder.put(SIG, doc_b, data_b)
+        wait_until(lambda: reader.lookup(SIG, doc_b).peer_tokens == 80, 5, "indexed")
+        with reader.acquire(SIG, doc_b, direct=True) as hit:
+            assert hit.peer_chunks == 5 and [hit.read(i) for i in range(5)] == data_b
+            assert all(hit.verify(i) for i in range(5))
+        assert reader._peer_paths["holder"] != old_pool and len(dropped) == 1
+
 
 def test_python_client_example_runs(cluster):
     cluster.start_worker("node-a", "32MiB")

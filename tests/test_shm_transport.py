@@ -109,16 +109,9 @@ def test_a_direct_hit_detects_reused_slabs(shm_dir):
     slabs, nbytes = list(entry.slabs), entry.nbytes
     generations = owner.generations(slabs)
     owner.unpin(entry)
-    info = {"path": str(owner.region.path), "bytes": owner.capacity_bytes,
-            "gen_path": str(owner.generation_region.path), "slab_bytes": SLAB}
-    region = PeerRegion(info["path"], info["bytes"], info["gen_path"], SLAB)
-
-    class Mapped:  # the part of Client a Hit uses for peer chunks
-        def _peer_region(self, seen):
-            assert seen == info
-            return region
-
-    hit = Hit(Mapped(), 0, [(slabs, nbytes, 0, generations)], 0, 1, [info])
+    region = PeerRegion(str(owner.region.path), owner.capacity_bytes,
+                        str(owner.generation_region.path), SLAB)
+    hit = Hit(None, 0, [(slabs, nbytes, 0, generations)], 0, 1, [region])
     assert b"".join(hit.views(0)) == payload(1, 1, nbytes) and hit.verify(0)
     assert hit.region_buffer(0) is region.region.buffer
     owner.remove(k(1))  # evicted: its slabs go back to the free list with new generations

@@ -501,3 +501,18 @@ def test_a_chunk_changed_in_its_holders_memory_is_recomputed(model_dir):
     for layer in range(LAYERS):  # chunks 0 and 1 were loaded
         for src, dst in zip(range(4), range(20, 24)):
             assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+
+
+def test_a_restarted_peers_old_pool_is_unregistered(model_dir):
+    """A same-host peer pool is registered with the copier once; when the client drops it
+    (the peer restarted with a new pool) the connector unregisters it so it can be unmapped."""
+    b = Engine(model_dir, FakeCluster(), seed=2)
+    old_pool, new_pool = bytearray(8192), bytearray(8192)
+    registered = b.worker._copier._registered
+    before = len(registered)
+    for _ in range(2):
+        b.worker._register_peer_pool(old_pool)
+    b.worker._register_peer_pool(new_pool)
+    assert len(registered) == before + 2
+    b.worker._forget_peer_pool(old_pool)
+    assert len(registered) == before + 1 and len(b.worker._peer_pools) == 1

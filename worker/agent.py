@@ -340,7 +340,8 @@ class WorkerAgent:
             releases.append(release)
             region = len(regions)
             extra = peer.extra
-            regions.append({"path": extra["region_path"], "bytes": int(extra["region_bytes"]),
+            regions.append({"worker": holder, "path": extra["region_path"],
+                            "bytes": int(extra["region_bytes"]),
                             "gen_path": extra["generation_path"],
                             "slab_bytes": int(extra["slab_bytes"])})
             for index, (slabs, nbytes), gens in zip(indexes, reply["chunks"], reply["gens"]):

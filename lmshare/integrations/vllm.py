@@ -679,7 +679,15 @@ class LMShareConnector(KVConnectorBase_V1):
     def _pool_buffer(client: Client) -> Any:
         return getattr(client, "pool_buffer", None)  # absent on test doubles
 
+    def _forget_peer_pool(self, buffer: Any) -> None:
+        """A same-host peer restarted: stop using (and page-locking) its old pool."""
+        address = buffer_address(buffer)
+        if self._peer_pools.pop(address, None) is not None and self._copier is not None:
+            self._copier.unregister_host(buffer)
+
     def _register_pool(self, client: Client) -> None:
+        if hasattr(client, "on_peer_unmap"):
+            client.on_peer_unmap = self._forget_peer_pool
         buffer = self._pool_buffer(client)
         if buffer is not None and self._copier is not None:
             started = time.monotonic()

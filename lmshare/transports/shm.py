@@ -88,12 +88,19 @@ class ShmTransport(Transport):
     def __init__(self, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.lease_s = lease_s
         self._regions: dict[str, PeerRegion] = {}
+        self._paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
         self._lock = threading.Lock()
         self._local = threading.local()
 
     def _region(self, peer: PeerInfo) -> PeerRegion:
+        """The peer's pool, mapped once. A peer that restarted has a new pool: the old
+        mapping is dropped here (it goes once no read in flight uses it)."""
         path = peer.extra["region_path"]
         with self._lock:
+            old_path = self._paths.get(peer.worker_id)
+            if old_path is not None and old_path != path:
+                self._regions.pop(old_path, None)
+            self._paths[peer.worker_id] = path
             region = self._regions.get(path)
             if region is None:
                 region = self._regions[path] = PeerRegion.of(peer)
