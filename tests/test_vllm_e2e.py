@@ -42,6 +42,15 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def wait_shared(engines, cluster: LocalCluster, tokens: list[int], chunks: int) -> None:
+    """After A's stores: wait until B's worker sees ``chunks`` chunks of ``tokens`` (A's
+    worker reports new chunks to the controller in its next batch)."""
+    namespace = bytes.fromhex(engines.b.info["namespace"])
+    keys = chunk_keys(namespace, tokens, CHUNK)
+    with cluster.client("node-b") as b:
+        wait_for(lambda: sum(b.lookup_keys(namespace, keys, count=False)) >= chunks, 10)
+
+
 def counters(cluster: LocalCluster, worker: str) -> dict[str, int]:
     with cluster.client(worker) as client:
         return client.stats()["counters"]
@@ -111,6 +120,7 @@ def test_peer_hit_gives_the_same_output(engines, cluster):
     assert first["token_ids"] == expected
     assert first["num_cached_tokens"] == 0
     engines.a.flush()  # A's stores are done
+    wait_shared(engines, cluster, p, 3)
     assert counters(cluster, "node-a")["entries"] >= 3
 
     before = counters(cluster, "node-b")
@@ -129,6 +139,7 @@ def test_partial_last_chunk_leaves_the_last_token(engines, cluster):
     expected = reference(engines, p)
     assert engines.a.generate(p)["token_ids"] == expected
     engines.a.flush()
+    wait_shared(engines, cluster, p, 4)
     out = engines.b.generate(p)
     assert out["token_ids"] == expected
     assert out["num_cached_tokens"] == 4 * CHUNK - BLOCK
