@@ -332,7 +332,7 @@ class WorkerAgent:
         for holder, indexes in wanted.items():
             peer = infos[holder]
             try:
-                reply, release = self.shm.locate_for_client(
+                reply, release = self.shm.locate(
                     peer, [keys[i] for i in indexes], lease_s, deadline)
             except (LMShareError, OSError, KeyError) as exc:
                 log.warning("cannot locate chunks on same-host peer %s: %s", holder, exc)
@@ -363,11 +363,12 @@ class WorkerAgent:
         direct = len(chunks) - len(entries)
         self._count(local_hit_chunks=len(entries), peer_hit_chunks=direct,
                     direct_peer_chunks=direct)
-        handle = self.leases.add(lease_s, entries=entries, on_end=releases) \
-            if chunks or releases else 0
-        if not chunks and handle:
-            self.leases.release(handle)
+        if chunks:
+            handle = self.leases.add(lease_s, entries=entries, on_end=releases)
+        else:  # nothing to read: end the holders' leases now
             handle = 0
+            for release in releases:
+                release()
         return protocol.ok(request_id, handle=handle, local=len(entries), peer=direct,
                            chunks=chunks, regions=regions)
 

@@ -121,12 +121,9 @@ class ShmTransport(Transport):
             return 0
         try:
             region = self._region(peer)
-            endpoint = self._endpoint(peer)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return 0
-            reply = endpoint.call("locate", timeout_s=left, keys=list(keys),
-                                  lease_s=self.lease_s)
+            reply, release = self.locate(peer, keys, self.lease_s, deadline)
+        except TimeoutError:  # the deadline passed before the fetch began
+            return 0
         except (LMShareError, OSError, KeyError) as exc:
             log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
             return 0
@@ -149,16 +146,16 @@ class ShmTransport(Transport):
                     break
                 delivered += 1
         finally:
-            # no need to wait for the answer: if it is lost, the lease expires on its own
-            if reply.get("handle"):
-                endpoint.send_nowait("release", handle=reply["handle"])
+            release()
         return delivered
 
-    def locate_for_client(self, peer: PeerInfo, keys: list[bytes], lease_s: float,
-                          deadline: float) -> tuple[dict, Callable[[], None]]:
-        """Pin the prefix of ``keys`` the same-host ``peer`` holds, under a lease, for a local
-        client that reads the peer's region itself: the peer's answer (slabs, generations) and
-        a function that ends the lease. Raises LMShareError/OSError when the peer is gone."""
+    def locate(self, peer: PeerInfo, keys: list[bytes], lease_s: float,
+               deadline: float) -> tuple[dict, Callable[[], None]]:
+        """Pin the prefix of ``keys`` the same-host ``peer`` holds, under a lease, for a reader
+        of the peer's region (this transport's fetch, or a local client reading in place): the
+        peer's answer (slabs, generations) and a function that ends the lease without waiting
+        (if that message is lost, the lease expires on its own). Raises TimeoutError when the
+        deadline has passed, LMShareError/OSError when the peer is gone."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("deadline passed before locating chunks")
