@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmshare import ModelSignature
 from lmshare.local_cluster import LocalCluster, free_port
 from lmshare.shm import shm_dir
+from lmshare.testing.waiting import wait_until
 
 SIG = ModelSignature(model="metrics-model", chunk_tokens=16)
 
@@ -41,16 +42,6 @@ def scrape_when_up(port: int, timeout_s: float = 10.0) -> dict[tuple[str, tuple]
 def value(samples, name: str, **labels) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from lmshare import ModelSignature
 from lmshare.local_cluster import LocalCluster
+from lmshare.testing.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -48,14 +49,6 @@ def namespaces():
 def tc(namespace: str, action: str, device: str, *qdisc: str) -> None:
     sh("ip", "netns", "exec", namespace, "tc", "qdisc", action, "dev", device, "root", *qdisc)
 
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_slow_or_dead_link_costs_the_deadline_never_wrong_bytes(namespaces, tmp_path):

@@ -199,6 +199,13 @@ class Engine:
         return failed, worker_meta
 
 
+def assert_copied(a, src_blocks, b, dst_blocks, layers=range(LAYERS)):
+    """Engine ``b``'s blocks hold engine ``a``'s, block for block, in every layer of ``layers``."""
+    for layer in layers:
+        for src, dst in zip(src_blocks, dst_blocks, strict=True):
+            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+
+
 def request(req_id, tokens, **extra):
     return SimpleNamespace(request_id=req_id, prompt_token_ids=list(tokens), mm_features=[],
                            prompt_embeds=None, lora_request=None, cache_salt=None, **extra)
@@ -225,9 +232,7 @@ def test_store_then_peer_load_copies_whole_blocks(model_dir):
     assert len(meta.loads) == 1 and not meta.saves  # the cluster already holds every chunk
     failed, _ = b.run(meta)
     assert failed == set()
-    for layer in range(LAYERS):
-        for src, dst in zip(range(8), blocks_b[:8]):
-            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+    assert_copied(a, range(8), b, blocks_b[:8])
     assert all(h.released for h in cluster.hits)
 
 
@@ -241,8 +246,7 @@ def test_hit_leaves_the_last_token_to_vllm(model_dir):
     assert external == 256 - BLOCK  # 7 whole blocks; vLLM computes the last block
     assert len(meta.loads[0].block_ids) == 7
     b.run(meta)
-    for src, dst in zip(range(7), range(8, 15)):
-        assert block_bytes(b.caches, 0, dst) == block_bytes(a.caches, 0, src)
+    assert_copied(a, range(7), b, range(8, 15), layers=[0])
 
 
 def test_local_prefix_hit_only_loads_the_rest(model_dir):
@@ -256,8 +260,7 @@ def test_local_prefix_hit_only_loads_the_rest(model_dir):
     load = meta.loads[0]
     assert load.first_chunk == 1 and load.first_block == 3 and len(load.block_ids) == 5
     b.run(meta)
-    for src, dst in zip(range(3, 8), range(13, 18)):
-        assert block_bytes(b.caches, 1, dst) == block_bytes(a.caches, 1, src)
+    assert_copied(a, range(3, 8), b, range(13, 18), layers=[1])
 
 
 def test_missing_chunks_are_reported_as_failed_blocks(model_dir):
@@ -434,9 +437,7 @@ def test_gpu_style_loads_overlap_the_forward_layer_by_layer(model_dir):
     assert cluster.hits[-1].released
     assert b.worker.get_block_ids_with_load_errors() == set()
     b.worker.clear_connector_metadata()
-    for layer in range(LAYERS):
-        for src, dst in zip(range(8), range(20, 28)):
-            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+    assert_copied(a, range(8), b, range(20, 28))
 
 
 def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
@@ -466,9 +467,7 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
     assert steps == ["acquire", "copied", "acquire", "copied", "acquire", "copied"]
     assert [len(h) for h in cluster.hits[-3:]] == [1, 2, 1]  # local prefix, then 2 + 1 peers
     assert all(h.released for h in cluster.hits)
-    for layer in range(LAYERS):
-        for src, dst in zip(range(8), range(20, 28)):
-            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+    assert_copied(a, range(8), b, range(20, 28))
 
 
 def test_a_request_vllm_asks_about_again_is_counted_once(model_dir):
@@ -498,9 +497,7 @@ def test_a_chunk_changed_in_its_holders_memory_is_recomputed(model_dir):
     assert cluster.direct_acquires == 1
     assert failed == set(range(24, 28))  # chunks 2 and 3 (blocks 4..7 of the request)
     assert worker_meta.failed_chunks == {"b1": 2}
-    for layer in range(LAYERS):  # chunks 0 and 1 were loaded
-        for src, dst in zip(range(4), range(20, 24)):
-            assert block_bytes(b.caches, layer, dst) == block_bytes(a.caches, layer, src)
+    assert_copied(a, range(4), b, range(20, 24))  # chunks 0 and 1 were loaded
 
 
 def test_a_restarted_peers_old_pool_is_unregistered(model_dir):

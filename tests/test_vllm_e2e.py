@@ -23,6 +23,7 @@ from lmshare.keys import chunk_keys  # noqa: E402
 from lmshare.local_cluster import LocalCluster  # noqa: E402
 from lmshare.testing.tiny_model import build_tiny_model  # noqa: E402
 from lmshare.testing.vllm_engine import EngineProcess  # noqa: E402
+from lmshare.testing.waiting import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,12 +36,6 @@ def prompt(seed: int, length: int = 1000) -> list[int]:
     return [rng.randrange(3, 2000) for _ in range(length)]
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
 
 def wait_shared(engines, cluster: LocalCluster, tokens: list[int], chunks: int) -> None:
     """After A's stores: wait until B's worker sees ``chunks`` chunks of ``tokens`` (A's
@@ -48,7 +43,8 @@ def wait_shared(engines, cluster: LocalCluster, tokens: list[int], chunks: int) 
     namespace = bytes.fromhex(engines.b.info["namespace"])
     keys = chunk_keys(namespace, tokens, CHUNK)
     with cluster.client("node-b") as b:
-        wait_for(lambda: sum(b.lookup_keys(namespace, keys, count=False)) >= chunks, 10)
+        wait_until(lambda: sum(b.lookup_keys(namespace, keys, count=False)) >= chunks, 10,
+                   "B's worker to see A's new chunks")
 
 
 def counters(cluster: LocalCluster, worker: str) -> dict[str, int]:
@@ -209,7 +205,8 @@ def test_default_multiprocess_engines(engines, cluster):
         held = counters(cluster, "node-a")["entries"]
         assert a.generate(p)["token_ids"] == expected
         # stores run in the engine's model-worker process, in the background
-        wait_for(lambda: counters(cluster, "node-a")["entries"] >= held + 4)
+        wait_until(lambda: counters(cluster, "node-a")["entries"] >= held + 4, 30,
+                   "the engine's background stores")
     finally:
         a.close()
     before = counters(cluster, "node-b")
