@@ -277,11 +277,8 @@ def segments_nbytes(segments: Sequence[Buffer]) -> int:
 
 def copy_segments(segments: Sequence[Buffer], out: torch.Tensor) -> torch.Tensor:
     """Concatenate ``segments`` into the flat uint8 CPU tensor ``out``; returns ``out``."""
-    offset = 0
-    for segment in segments:
-        src = _as_tensor(segment)
-        out[offset : offset + src.numel()].copy_(src)
-        offset += src.numel()
+    runs = [_as_tensor(segment) for segment in segments]
+    copy_range(runs, 0, sum(run.numel() for run in runs), out)
     return out
 
 
