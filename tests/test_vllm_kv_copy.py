@@ -31,12 +31,15 @@ from lmshare.testing.fake_vllm import (  # noqa: E402
 )
 
 
-@pytest.fixture(params=[True, False], ids=["layer-outermost", "block-outermost"])
+@pytest.fixture(params=[(True, False), (False, False), (True, True), (False, True)],
+                ids=["layer-outermost", "block-outermost", "vllm-0.26-per-layer",
+                     "vllm-0.26-packed"])
 def setup(request):
-    config = fake_config(layer_outermost=request.param)
+    layer_outermost, vllm_026 = request.param
+    config = fake_config(layer_outermost=layer_outermost, vllm_026=vllm_026)
     geometry = KVGeometry.from_kv_cache_config(config)
     caches = fake_kv_caches(config)
-    return geometry, caches, PagedBlocks.from_kv_caches(geometry, caches)
+    return geometry, caches, PagedBlocks.from_kv_caches(geometry, caches), config
 
 
 def test_geometry():
@@ -48,7 +51,7 @@ def test_geometry():
 
 
 def test_gather_is_layer_major_whole_pages(setup):
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     out = blocks.gather([5, 2])
     assert tuple(out.shape) == (LAYERS, 2, PAGE)
     for layer in range(LAYERS):
@@ -58,12 +61,11 @@ def test_gather_is_layer_major_whole_pages(setup):
 
 @pytest.mark.parametrize("split", [None, [1], [PAGE // 3, PAGE * 2 + 7]])
 def test_cpu_roundtrip_between_engines(setup, split):
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     src_ids = [3, 9, 4, 1]
     data = CpuBlockCopier(blocks).save(src_ids).wait().tobytes()
     assert len(data) == geometry.chunk_nbytes(4)
-    other = fake_kv_caches(fake_config(layer_outermost=geometry.regions[0].layer_stride != PAGE),
-                           seed=7)
+    other = fake_kv_caches(config, seed=7)
     before = {b: block_bytes(other, 0, b) for b in range(BLOCKS)}
     copier = CpuBlockCopier(PagedBlocks.from_kv_caches(geometry, other))
     segments = [memoryview(data)] if split is None else \
@@ -78,7 +80,7 @@ def test_cpu_roundtrip_between_engines(setup, split):
 
 
 def test_partial_load_and_bad_sizes(setup):
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     copier = CpuBlockCopier(blocks)
     data = copier.save([1, 2, 3, 4]).wait().tobytes()
     copier.load([data], 1, [12, 13])  # blocks 1..2 of the chunk
@@ -112,7 +114,7 @@ def test_make_copier_cpu(setup):
 
 def test_device_copier_host_logic(setup):
     """The pinned-staging + stream copier, run with CPU tensors and inline stream ops."""
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     copier = AsyncDeviceCopier(blocks, InlineStreamOps(), pool_bytes=1 << 20)
     pending = copier.save([6, 7])
     data = pending.wait().tobytes()
@@ -168,7 +170,7 @@ def _pool_with(data: bytes, offset: int = 4096) -> tuple[bytearray, list[memoryv
 
 
 def test_device_copier_reads_registered_pool_directly(setup):
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     data = CpuBlockCopier(blocks).save([2, 3]).wait().tobytes()
     copier = AsyncDeviceCopier(blocks, InlineStreamOps(register=True))
     pool, segments = _pool_with(data)
@@ -246,7 +248,7 @@ def test_cuda_copier_loads_from_registered_shared_memory(tmp_path):
 
 
 def test_cpu_copier_reads_adjacent_slabs_in_place(setup):
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     data = CpuBlockCopier(blocks).save([5, 6]).wait().tobytes()
     copier = CpuBlockCopier(blocks)
     pool, segments = _pool_with(data)
@@ -300,7 +302,7 @@ def test_device_copier_loads_layer_by_layer(setup, group):
     """Loads are queued, then issued layer group by layer group with one event a layer: when
     layer i's event is recorded, layer i of every loaded block is in place and later layers are
     not yet; the compute stream waits for exactly the layer it asks for."""
-    geometry, caches, blocks = setup
+    geometry, caches, blocks, config = setup
     source = CpuBlockCopier(blocks)
     first = source.save([2, 3]).wait().tobytes()  # chunk of 2 blocks
     second = source.save([7, 8]).wait().tobytes()

@@ -97,12 +97,13 @@ class KVGeometry:
         for tensor in kv_cache_config.kv_cache_tensors:
             if getattr(tensor, "host_resident", False):
                 continue
-            layers = [n for n in tensor.layers if n in names]
+            all_layers, layer_stride, block_stride = _placement(tensor, page)
+            layers = [n for n in all_layers if n in names]
             if not layers:
                 continue
-            if len(layers) != len(tensor.layers):
+            if len(layers) != len(all_layers):
                 raise ConfigError("a KV allocation mixes cache groups; lmshare cannot copy it")
-            regions.append(Region(len(layers), int(tensor.layer_stride), int(tensor.block_stride),
+            regions.append(Region(len(layers), layer_stride, block_stride,
                                   int(getattr(tensor, "offset", 0)), int(tensor.size)))
             order.extend(layers)
         if not regions or set(order) != names:
@@ -117,6 +118,22 @@ class KVGeometry:
                 raise ConfigError(f"KV allocation {r} does not fit {geometry.num_blocks} blocks "
                                   f"of {page} bytes")
         return geometry
+
+
+def _placement(tensor: Any, page: int) -> tuple[list[str], int, int]:
+    """(layer names, layer stride, block stride) of one ``KVCacheTensor``, by the fields it has.
+
+    Newer vLLM places several same-shaped layers in one allocation (``layers``,
+    ``layer_stride``, ``block_stride``). vLLM 0.26 gives one allocation per layer
+    (``shared_by``; ``block_stride`` 0 means pages follow each other, > 0 that the layer's
+    pages sit ``block_stride`` apart in a packed allocation, from ``offset``)."""
+    if hasattr(tensor, "layers"):
+        return list(tensor.layers), int(tensor.layer_stride), int(tensor.block_stride)
+    if not hasattr(tensor, "shared_by"):
+        raise ConfigError("vLLM's KVCacheTensor has neither `layers` nor `shared_by`: a vLLM "
+                          "version lmshare does not know; run without the LMShareConnector")
+    # Several names share one allocation only when they alias the same bytes (stride 0).
+    return list(tensor.shared_by), 0, int(tensor.block_stride) or page
 
 
 # --------------------------------------------------------------------------- paged views
