@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from lmshare.control import RpcClient
 from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
@@ -42,6 +43,35 @@ def runtime_dir() -> Path:
 def worker_endpoint(name: str) -> str:
     """The local endpoint of the worker called ``name`` on this host."""
     return f"ipc://{runtime_dir() / f'worker-{name}.sock'}"
+
+
+@runtime_checkable
+class ChunkWriter(Protocol):
+    """A chunk that copies its own bytes into the slabs reserved for it (see ``put_keys``)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def write_into(self, views: Sequence[memoryview]) -> None:
+        """Start copying the chunk into ``views`` (in order, ``nbytes`` in all)."""
+
+    def written(self) -> None:
+        """Wait until :meth:`write_into` is done."""
+
+
+class _BytesWriter:
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._data = memoryview(data).cast("B")
+        self.nbytes = self._data.nbytes
+
+    def write_into(self, views: Sequence[memoryview]) -> None:
+        offset = 0
+        for view in views:
+            view[:] = self._data[offset : offset + view.nbytes]
+            offset += view.nbytes
+
+    def written(self) -> None:
+        pass
 
 
 class _WorkerRpc(RpcClient):
@@ -207,27 +237,32 @@ class Client:
 
     # ------------------------------------------------------------------ key-level API
     def put_keys(self, namespace: bytes, keys: Sequence[bytes],
-                 chunks: Sequence[bytes | memoryview]) -> int:
-        """Store ``chunks[i]`` under ``keys[i]``; returns how many were new to the pool."""
+                 chunks: Sequence[bytes | memoryview | ChunkWriter]) -> int:
+        """Store ``chunks[i]`` under ``keys[i]``; returns how many were new to the pool.
+
+        A chunk is bytes, or a :class:`ChunkWriter` that copies itself into the reserved slabs
+        (e.g. straight from GPU memory): all writes are started, then waited for, then
+        committed."""
         if len(chunks) > len(keys):
             raise ValueError(f"{len(chunks)} chunks but only {len(keys)} full-chunk keys")
         keys = list(keys[: len(chunks)])
         if not keys:
             return 0
-        datas = [memoryview(c).cast("B") for c in chunks]
+        writers = [c if isinstance(c, ChunkWriter) else _BytesWriter(c) for c in chunks]
         reply = self._call("reserve", namespace=namespace, keys=keys,
-                           sizes=[d.nbytes for d in datas])
+                           sizes=[w.nbytes for w in writers])
         handles = []
         try:
-            for data, slot in zip(datas, reply["reservations"]):
+            started = []
+            for writer, slot in zip(writers, reply["reservations"]):
                 if slot is None:
                     continue  # already stored
                 handle, slabs = slot
-                offset = 0
-                for view in self._slab_views(slabs, data.nbytes):
-                    view[:] = data[offset : offset + view.nbytes]
-                    offset += view.nbytes
+                writer.write_into(self._slab_views(slabs, writer.nbytes))
+                started.append(writer)
                 handles.append(handle)
+            for writer in started:
+                writer.written()
         except BaseException:
             if handles:
                 self._call("abort", handles=handles)

@@ -131,6 +131,30 @@ def test_device_copier_host_logic(setup):
         copier.load([data[:PAGE]], 0, [1])
 
 
+def test_device_saves_go_straight_into_the_pool_and_are_bounded(setup):
+    """The device copier gathers a step's chunks at once and writes each one into the
+    destination slabs (the worker pool) itself; chunks beyond its save budget are skipped,
+    and the budget comes back once a save is released."""
+    geometry, caches, blocks, config = setup
+    chunk = geometry.chunk_nbytes(2)
+    copier = AsyncDeviceCopier(blocks, InlineStreamOps(), max_save_bytes=2 * chunk)
+    wanted = [[6, 7], [1, 0], [9, 3]]
+    pendings = copier.save_chunks(wanted)
+    assert pendings[2] is None and copier.saves_dropped == 1
+    reference = CpuBlockCopier(blocks)
+    for pending, ids in zip(pendings[:2], wanted):
+        pool = bytearray(chunk + 64)
+        slabs = [memoryview(pool)[64 : 64 + 100], memoryview(pool)[64 + 100 : 64 + chunk]]
+        pending.write_into(slabs)
+        pending.written()
+        assert bytes(pool[64:]) == reference.save(ids).wait().tobytes()
+        pending.release()
+    (again,) = copier.save_chunks([wanted[2]])
+    assert again is not None and again.wait().tobytes() == reference.save(wanted[2]).wait().tobytes()
+    again.release()
+    copier.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layer_outermost", [True, False])
 def test_cuda_copier_roundtrip(layer_outermost):

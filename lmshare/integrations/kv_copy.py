@@ -220,6 +220,20 @@ class PagedBlocks:
             first += layers
         return out
 
+    def gather_chunks(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Chunks of blocks ``block_ids`` (``[chunks, blocks]``, on the KV's device) into
+        ``out`` (``[chunks, num_layers, blocks, page_bytes]``: each chunk layer-major and
+        contiguous): two kernels per allocation, whatever the number of chunks."""
+        first = 0
+        for view in self._views:
+            layers = view.shape[0]
+            words, out_words = _as_words(view), _as_words(out[:, first : first + layers])
+            if words is not None and out_words is not None:
+                out_words.copy_(words[:, block_ids].transpose(0, 1))
+            else:
+                out[:, first : first + layers].copy_(view[:, block_ids].transpose(0, 1))
+            first += layers
+
     def scatter(self, block_ids: Sequence[int] | torch.Tensor, src: torch.Tensor) -> None:
         index = self._index(block_ids)
         g = self.geometry
@@ -317,8 +331,12 @@ def copy_range(runs: Sequence[torch.Tensor], lo: int, hi: int, out: torch.Tensor
 
 
 class PendingSave:
-    """Blocks being copied out of vLLM's KV. :meth:`wait` gives their host bytes (layer-major)
-    that stay valid until :meth:`release`."""
+    """Blocks being copied out of vLLM's KV, to be stored as one chunk.
+
+    The store writes them where they go with :meth:`write_into` (the worker pool's reserved
+    slabs: on a GPU, one DMA per run of slabs from device memory), waits with :meth:`written`,
+    then calls :meth:`release`. :meth:`wait` gives the bytes as host memory instead (valid until
+    :meth:`release`)."""
 
     def __init__(self, host: torch.Tensor, wait: Callable[[], None] | None = None,
                  release: Callable[[], None] | None = None) -> None:
@@ -336,11 +354,69 @@ class PendingSave:
             self._wait = None
         return memoryview(self._host.numpy()).cast("B")
 
+    def write_into(self, views: Sequence[memoryview]) -> None:
+        """Copy the chunk's bytes into ``views`` (in order; their sizes add up to
+        :attr:`nbytes`); may return before the copy is done (see :meth:`written`)."""
+        data, offset = self.wait(), 0
+        for view in views:
+            view[:] = data[offset : offset + view.nbytes]
+            offset += view.nbytes
+
+    def written(self) -> None:
+        """Wait until every :meth:`write_into` copy is done."""
+
     def release(self) -> None:
         if self._release is not None:
             self.wait()
             self._release()
             self._release = None
+
+
+class DevicePendingSave(PendingSave):
+    """A chunk gathered into device memory on the copier's save stream; :meth:`write_into`
+    copies it device -> host on that stream (from the store's thread), never on the compute
+    stream, so the step that computed it does not wait."""
+
+    def __init__(self, copier: AsyncDeviceCopier, device: torch.Tensor, gathered: Any) -> None:
+        super().__init__(device)
+        self._copier = copier
+        self._device: torch.Tensor | None = device
+        self._gathered = gathered  # event: the gather has read the blocks
+        self._copied: Any = None
+        self._host_copy: torch.Tensor | None = None
+
+    def _source(self) -> torch.Tensor:
+        if self._device is None:
+            raise ValueError("the save was released")
+        return self._device
+
+    def write_into(self, views: Sequence[memoryview]) -> None:
+        source, ops, offset = self._source(), self._copier.ops, 0
+        with ops.use(self._copier.save_stream):
+            for view in views:
+                n = view.nbytes
+                _as_tensor(view).copy_(source[offset : offset + n], non_blocking=True)
+                offset += n
+            self._copied = ops.record(self._copier.save_stream)
+
+    def written(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def wait(self) -> memoryview:
+        if self._host_copy is None:
+            host = self._copier.ops.pinned(self._source().numel())
+            self.write_into([memoryview(host.numpy()).cast("B")])
+            self.written()
+            self._host_copy = host
+        return memoryview(self._host_copy.numpy()).cast("B")
+
+    def release(self) -> None:
+        if self._device is not None:
+            self.written()
+            nbytes, self._device = self._device.numel(), None
+            self._host_copy = None
+            self._copier._saved(nbytes)
 
 
 class BlockCopier(ABC):
@@ -451,6 +527,11 @@ class BlockCopier(ABC):
     def save(self, block_ids: Sequence[int]) -> PendingSave:
         """Start copying ``block_ids`` (all layers) out; safe to reuse the blocks once this
         returns (for the device copier: once the compute stream passes this point)."""
+
+    def save_chunks(self, chunks: Sequence[Sequence[int]]) -> list[PendingSave | None]:
+        """:meth:`save` for each chunk's blocks; None for a chunk the copier has no room
+        for now (it is not stored: a future miss)."""
+        return [self.save(block_ids) for block_ids in chunks]
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Finish outstanding copies and drop buffers."""
@@ -657,20 +738,29 @@ class AsyncDeviceCopier(BlockCopier):
     waits until the copies no longer read the pool (then leases may go); staging buffers go
     back to the pool once their copies completed.
 
-    Saves: the side stream waits for the compute stream (the forward that wrote the KV),
-    gathers the blocks on the device and copies them to pinned host memory (non_blocking);
-    :meth:`PendingSave.wait` synchronizes on the event, and the compute stream waits for the
-    gather before it may reuse the blocks.
+    Saves (:meth:`save_chunks`): a save stream waits for the compute stream (the forward that
+    wrote the KV) and gathers the step's chunks into device memory (bounded by
+    ``max_save_bytes``); the compute stream waits for that gather only. The store thread then
+    copies each chunk device -> host straight into the worker pool's reserved slabs
+    (:meth:`DevicePendingSave.write_into`, page-locked pool: DMA at full speed), so neither a
+    pinned staging buffer nor a host memcpy stands between the forward and the pool.
     """
 
     asynchronous = True
 
     def __init__(self, blocks: PagedBlocks, ops: StreamOps | None = None,
-                 pool_bytes: int = 1 << 30, max_temp_bytes: int = 256 << 20) -> None:
+                 pool_bytes: int = 1 << 30, max_temp_bytes: int = 256 << 20,
+                 max_save_bytes: int = 4 << 30) -> None:
         super().__init__(blocks)
         self.max_temp_bytes = max_temp_bytes  # device memory for loads in flight, per group
+        self.max_save_bytes = max_save_bytes  # device memory for gathered chunks to store
         self.ops = ops if ops is not None else CudaStreamOps(blocks.device)
-        self.stream = self.ops.new_stream()
+        self.stream = self.ops.new_stream()  # loads
+        self.save_stream = self.ops.new_stream()  # gathers and device -> host copies of saves
+        self._save_lock = threading.Lock()
+        self._save_bytes = 0
+        self._save_keep: list[tuple[Any, list[torch.Tensor]]] = []  # index tensors in use
+        self.saves_dropped = 0
         self.pool = HostBufferPool(self.ops, pool_bytes)
         # (event, pinned buffers to give back, tensors to keep alive until the event)
         self._in_flight: list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = []
@@ -782,26 +872,66 @@ class AsyncDeviceCopier(BlockCopier):
         self._layer_events = []
 
     def save(self, block_ids: Sequence[int]) -> PendingSave:
-        self._reclaim()
-        g = self.geometry
-        nbytes = g.chunk_nbytes(len(block_ids))
-        host = self.pool.take(nbytes)
-        self.ops.stream_waits_current(self.stream)
-        with self.ops.use(self.stream):
-            index = torch.tensor(list(block_ids), dtype=torch.int64)
-            device_index = index.to(self.blocks.device, non_blocking=True)
-            gathered = self.blocks.gather(device_index)
-            host[:nbytes].copy_(gathered.view(-1), non_blocking=True)
-        event = self.ops.record(self.stream)
-        # The next forward must not overwrite these blocks before the gather has read them.
-        self.ops.current_waits_stream(self.stream)
-        keep = [gathered, device_index, index]
+        (pending,) = self.save_chunks([block_ids])
+        if pending is None:
+            raise LMShareError(f"no device memory left for saves ({self.max_save_bytes} bytes "
+                               f"in flight)")
+        return pending
 
-        def wait() -> None:
-            event.synchronize()
-            keep.clear()
+    def save_chunks(self, chunks: Sequence[Sequence[int]]) -> list[PendingSave | None]:
+        """Gather the chunks on the save stream into device memory (a few kernels for all of
+        them), then let the compute stream go on once the gather has read the blocks: the
+        device -> host copies happen later, in :meth:`DevicePendingSave.write_into`, while the
+        next steps run. At most ``max_save_bytes`` of gathered chunks wait for their store;
+        chunks beyond that are not saved (None)."""
+        g, out = self.geometry, []
+        by_count: dict[int, list[int]] = {}
+        for position, block_ids in enumerate(chunks):
+            by_count.setdefault(len(block_ids), []).append(position)
+        results: list[PendingSave | None] = [None] * len(chunks)
+        self.ops.stream_waits_current(self.save_stream)  # the forward that wrote the KV
+        with self.ops.use(self.save_stream):
+            for count, positions in by_count.items():
+                nbytes = g.chunk_nbytes(count)
+                taken = self._reserve_save_bytes(nbytes, len(positions))
+                positions = positions[:taken]
+                if not positions:
+                    continue
+                index = torch.tensor([list(chunks[p]) for p in positions], dtype=torch.int64)
+                device_index = index.to(self.blocks.device, non_blocking=True)
+                gathered = torch.empty((len(positions), g.num_layers, count, g.page_bytes),
+                                       dtype=torch.uint8, device=self.blocks.device)
+                self.blocks.gather_chunks(device_index, gathered)
+                out.append((positions, gathered.view(len(positions), -1), [index, device_index]))
+        event = self.ops.record(self.save_stream)
+        # The next kernels on the compute stream (which may overwrite these blocks) wait for
+        # the gather only, not for any copy to the host.
+        self.ops.current_waits_event(event)
+        for positions, gathered, keep in out:
+            for row, position in enumerate(positions):
+                results[position] = DevicePendingSave(self, gathered[row], event)
+            self._save_keep.append((event, keep))
+        self._save_keep = [(e, k) for e, k in self._save_keep if not e.query()]
+        return results
 
-        return PendingSave(host[:nbytes], wait=wait, release=lambda: self.pool.give(host))
+    def _reserve_save_bytes(self, nbytes: int, count: int) -> int:
+        """How many of ``count`` chunks of ``nbytes`` fit under ``max_save_bytes``; counts
+        them as in flight."""
+        with self._save_lock:
+            room = max(0, self.max_save_bytes - self._save_bytes) // max(1, nbytes)
+            taken = min(count, room)
+            self._save_bytes += taken * nbytes
+            if taken < count:
+                self.saves_dropped += count - taken
+                if self.saves_dropped == count - taken or self.saves_dropped % 100 == 0:
+                    log.warning("lmshare: %d bytes of saves wait for the worker; not saving %d "
+                                "chunks (%d so far)", self._save_bytes, count - taken,
+                                self.saves_dropped)
+        return taken
+
+    def _saved(self, nbytes: int) -> None:
+        with self._save_lock:
+            self._save_bytes -= nbytes
 
     def close(self) -> None:
         self.loads_finished()
