@@ -1,8 +1,10 @@
-"""The vLLM connector's logic with a fake worker client and fake vLLM scheduler objects: hit
-decisions, loads into blocks, stores, failures. No engine is started (see test_vllm_e2e.py)."""
+"""The vLLM connector's two sides, each built from plain parts, with a fake worker client and
+fake vLLM scheduler objects: hit decisions, loads into blocks, stores, failures; and the facade
+vLLM loads, on a config-shaped object. No engine is started (see test_vllm_e2e.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -16,13 +18,21 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  #
 from vllm.v1.core.sched.output import CachedRequestData  # noqa: E402
 
 from lmshare.errors import ConfigError, WorkerUnavailable  # noqa: E402
-from lmshare.integrations.kv_copy import AsyncDeviceCopier, InlineStreamOps  # noqa: E402
-from lmshare.integrations.vllm import (  # noqa: E402
-    LMShareConnector,
-    LMShareMetadata,
-    LMShareWorkerMetadata,
-    WorkerLink,
+from lmshare.integrations.kv_copy import (  # noqa: E402
+    AsyncDeviceCopier,
+    CpuBlockCopier,
+    InlineStreamOps,
+    KVGeometry,
+    buffer_address,
+    make_copier,
 )
+from lmshare.integrations.vllm import LMShareConnector  # noqa: E402
+from lmshare.integrations.vllm.link import WorkerLink  # noqa: E402
+from lmshare.integrations.vllm.metadata import LMShareMetadata, LMShareWorkerMetadata  # noqa: E402
+from lmshare.integrations.vllm.scheduler import LMShareConnectorScheduler  # noqa: E402
+from lmshare.integrations.vllm.settings import ConnectorSettings  # noqa: E402
+from lmshare.integrations.vllm.worker import LMShareConnectorWorker  # noqa: E402
+from lmshare.keys import ModelSignature  # noqa: E402
 from lmshare.testing.fake_vllm import (  # noqa: E402
     LAYERS,
     PAGE,
@@ -71,6 +81,7 @@ class FakeCluster:
         self.lose_after: int | None = None  # acquire delivers at most this many chunks
         self.changed_in_peer: set[bytes] = set()  # direct reads of these keys fail verify
         self.direct_acquires = 0
+        self.peer_memory: bytearray | None = None  # the peer's pool direct reads are in
         self.calls: list[str] = []
         self.hits: list[FakeHit] = []
 
@@ -81,6 +92,7 @@ class FakeCluster:
 class FakeClient:
     def __init__(self, cluster):
         self.cluster = cluster
+        self.on_peer_unmap = None  # set by the connector, called when a peer's pool goes
 
     def _prefix(self, keys, peers):
         local = peer = 0
@@ -110,7 +122,9 @@ class FakeClient:
             chunks.append(data)
         if direct and peer:
             self.cluster.direct_acquires += 1
-            hit = FakeHit(chunks, local, peer, peer_memory=bytearray(64), changed=[
+            memory = self.cluster.peer_memory if self.cluster.peer_memory is not None \
+                else bytearray(64)
+            hit = FakeHit(chunks, local, peer, peer_memory=memory, changed=[
                 i for i, key in enumerate(keys[:n]) if key in self.cluster.changed_in_peer])
         else:
             hit = FakeHit(chunks, local, peer)
@@ -130,43 +144,37 @@ class FakeClient:
         pass
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "seed": 1}))
-    (folder / "tokenizer.json").write_text("{}")
-    return folder
+SIGNATURE = ModelSignature(model="test-model", kv_layout="test", chunk_tokens=CHUNK)
 
 
-def make_vllm_config(model_dir, extra=None, dtype=torch.bfloat16):
-    transfer = KVTransferConfig(
-        kv_connector="LMShareConnector", kv_connector_module_path="lmshare.integrations.vllm",
-        kv_role="kv_both",
-        kv_connector_extra_config={"worker": "node-a", "chunk_tokens": CHUNK,
-                                   "async_save": False, **(extra or {})})
-    return SimpleNamespace(
-        kv_transfer_config=transfer,
-        cache_config=SimpleNamespace(block_size=BLOCK, cache_dtype="auto"),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        model_config=SimpleNamespace(model=str(model_dir), revision=None,
-                                     tokenizer=str(model_dir), tokenizer_revision=None,
-                                     tokenizer_mode="auto", dtype=dtype, quantization=None,
-                                     hf_config=None),
-        attention_config=SimpleNamespace(backend=None))
+def make_settings(extra=None):
+    return ConnectorSettings.from_extra_config(
+        {"worker": "node-a", "chunk_tokens": CHUNK, "async_save": False, **(extra or {})}, BLOCK)
 
 
 class Engine:
-    """A scheduler-side and a worker-side connector over fake KV memory."""
+    """A scheduler side and a model-worker side over fake KV memory, each built from plain
+    parts; the steps pass metadata between them as vLLM does."""
 
-    def __init__(self, model_dir, cluster, seed=0, extra=None, dtype=torch.bfloat16):
+    def __init__(self, cluster, seed=0, extra=None, signature=SIGNATURE,
+                 copier_factory=make_copier, scheduler_client=None, worker_client=None):
         self.kv_config = fake_config()
-        config = make_vllm_config(model_dir, extra, dtype)
-        self.config = config
-        self.sched = LMShareConnector(config, KVConnectorRole.SCHEDULER, self.kv_config)
-        self.worker = LMShareConnector(config, KVConnectorRole.WORKER, self.kv_config)
-        for side in (self.sched, self.worker):
-            side._link = WorkerLink(side.settings, 1.0, client_factory=cluster.client)
+        self.settings = make_settings(extra)
+        geometry = KVGeometry.from_kv_cache_config(self.kv_config)
+        self.worker_clients = []
+
+        def worker_factory(**kwargs):
+            client = (worker_client or cluster.client)(**kwargs)
+            self.worker_clients.append(client)
+            return client
+
+        self.sched = LMShareConnectorScheduler(
+            self.settings, geometry, [signature],
+            link=WorkerLink(self.settings, 1.0, client_factory=scheduler_client or cluster.client))
+        self.worker = LMShareConnectorWorker(
+            self.settings, geometry, tp_rank=0,
+            link=WorkerLink(self.settings, 1.0, client_factory=worker_factory),
+            copier_factory=copier_factory)
         self.caches = fake_kv_caches(self.kv_config, seed=seed)
         self.worker.register_kv_caches(self.caches)
 
@@ -185,14 +193,22 @@ class Engine:
             kv_connector_block_state=None)
         return external, self.sched.build_connector_meta(output)
 
+    def schedule_again(self, req_id, computed, scheduled):
+        """A later step of a running request (no new blocks); returns the metadata."""
+        cached = CachedRequestData(req_ids=[req_id], resumed_req_ids=set(), new_token_ids=[[]],
+                                   all_token_ids={}, new_block_ids=[None],
+                                   num_computed_tokens=[computed], num_output_tokens=[0])
+        output = SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
+                                 num_scheduled_tokens={req_id: scheduled},
+                                 kv_connector_block_state=None)
+        return self.sched.build_connector_meta(output)
+
     def run(self, meta):
         """The model worker's part of one step; returns (failed blocks, worker metadata)."""
-        self.worker.bind_connector_metadata(meta)
-        self.worker.start_load_kv(None)
-        self.worker.wait_for_save()
+        self.worker.start_load_kv(meta)
+        self.worker.wait_for_save(meta)
         failed = self.worker.get_block_ids_with_load_errors()
         worker_meta = self.worker.build_connector_worker_meta()
-        self.worker.clear_connector_metadata()
         if worker_meta is not None:
             self.sched.update_connector_output(
                 SimpleNamespace(kv_connector_worker_meta=worker_meta))
@@ -214,9 +230,9 @@ def request(req_id, tokens, **extra):
 PROMPT = list(range(1000, 1300))  # 300 tokens: 4 full chunks, 9 full blocks
 
 
-def test_store_then_peer_load_copies_whole_blocks(model_dir):
+def test_store_then_peer_load_copies_whole_blocks():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     external, meta = a.schedule(request("a1", PROMPT), range(10))
     assert external == 0 and not meta.loads
     assert [len(s.keys[0]) for s in meta.saves] == [4]
@@ -225,7 +241,7 @@ def test_store_then_peer_load_copies_whole_blocks(model_dir):
     # the chunks now live on "another worker"
     cluster.peer, cluster.local = cluster.local, {}
 
-    b = Engine(model_dir, cluster, seed=2)
+    b = Engine(cluster, seed=2)
     blocks_b = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
     external, meta = b.schedule(request("b1", PROMPT), blocks_b)
     assert external == 4 * CHUNK  # 256 of 300 tokens
@@ -236,12 +252,12 @@ def test_store_then_peer_load_copies_whole_blocks(model_dir):
     assert all(h.released for h in cluster.hits)
 
 
-def test_hit_leaves_the_last_token_to_vllm(model_dir):
+def test_hit_leaves_the_last_token_to_vllm():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     prompt = PROMPT[:256]  # exactly 4 chunks
     a.run(a.schedule(request("a1", prompt), range(8))[1])
-    b = Engine(model_dir, cluster, seed=2)
+    b = Engine(cluster, seed=2)
     external, meta = b.schedule(request("b1", prompt), range(8, 16))
     assert external == 256 - BLOCK  # 7 whole blocks; vLLM computes the last block
     assert len(meta.loads[0].block_ids) == 7
@@ -249,11 +265,11 @@ def test_hit_leaves_the_last_token_to_vllm(model_dir):
     assert_copied(a, range(7), b, range(8, 15), layers=[0])
 
 
-def test_local_prefix_hit_only_loads_the_rest(model_dir):
+def test_local_prefix_hit_only_loads_the_rest():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
-    b = Engine(model_dir, cluster, seed=2)
+    b = Engine(cluster, seed=2)
     # vLLM's own prefix cache already has 3 blocks (96 tokens)
     external, meta = b.schedule(request("b1", PROMPT), range(10, 20), computed=96)
     assert external == 256 - 96
@@ -263,11 +279,11 @@ def test_local_prefix_hit_only_loads_the_rest(model_dir):
     assert_copied(a, range(3, 8), b, range(13, 18), layers=[1])
 
 
-def test_missing_chunks_are_reported_as_failed_blocks(model_dir):
+def test_missing_chunks_are_reported_as_failed_blocks():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
-    b = Engine(model_dir, cluster, seed=2)
+    b = Engine(cluster, seed=2)
     blocks_b = list(range(30, 40))
     external, meta = b.schedule(request("b1", PROMPT), blocks_b)
     assert external == 256
@@ -276,101 +292,166 @@ def test_missing_chunks_are_reported_as_failed_blocks(model_dir):
     assert failed == set(blocks_b[2:8])  # chunks 1..3 -> blocks 2..7
     assert isinstance(worker_meta, LMShareWorkerMetadata)
     assert worker_meta.failed_chunks == {"b1": 1}
-    assert b.sched._states["b1"].saved_upto == 1  # recomputed chunks get stored later
+    # vLLM recomputes from chunk 1: once computed, chunks 1..3 are stored (0 was loaded)
+    meta = b.schedule_again("b1", computed=CHUNK, scheduled=len(PROMPT) - CHUNK)
+    assert [(s.first_chunk, len(s.keys[0])) for s in meta.saves] == [(1, 3)]
 
 
-def test_worker_down_is_a_miss_and_is_not_retried_at_once(model_dir):
+def test_worker_down_is_a_miss_and_is_not_retried_at_once():
     calls = []
 
     def down(**kwargs):
         calls.append(1)
         raise WorkerUnavailable("no worker")
 
-    e = Engine(model_dir, FakeCluster())
-    e.sched._link = WorkerLink(e.sched.settings, 1.0, client_factory=down)
+    e = Engine(FakeCluster(), scheduler_client=down)
     assert e.sched.get_num_new_matched_tokens(request("r1", PROMPT), 0) == (0, False)
     assert e.sched.get_num_new_matched_tokens(request("r2", PROMPT), 0) == (0, False)
     assert len(calls) == 1  # circuit open for retry_s
 
 
-def test_load_failure_when_worker_vanishes(model_dir):
+def test_load_failure_when_worker_vanishes():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
-    b = Engine(model_dir, cluster, seed=2)
-    external, meta = b.schedule(request("b1", PROMPT), range(10))
 
     def gone(**kwargs):
         raise WorkerUnavailable("gone")
 
-    b.worker._link = WorkerLink(b.worker.settings, 1.0, client_factory=gone)
+    b = Engine(cluster, seed=2, worker_client=gone)
+    external, meta = b.schedule(request("b1", PROMPT), range(10))
+    assert external == 256
     failed, _ = b.run(meta)
     assert failed == set(range(8))
 
 
-def test_stores_each_chunk_once_across_chunked_prefill(model_dir):
+def test_stores_each_chunk_once_across_chunked_prefill():
     cluster = FakeCluster()
-    e = Engine(model_dir, cluster)
+    e = Engine(cluster)
     req = request("r", PROMPT)
     external, meta = e.schedule(req, range(10), scheduled=100)  # first prefill step: 100 tokens
     assert [s.first_chunk for s in meta.saves] == [0] and len(meta.saves[0].keys[0]) == 1
     e.run(meta)
-    cached = CachedRequestData(req_ids=["r"], resumed_req_ids=set(), new_token_ids=[[]],
-                               all_token_ids={}, new_block_ids=[None],
-                               num_computed_tokens=[100], num_output_tokens=[0])
-    output = SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
-                             num_scheduled_tokens={"r": 200}, kv_connector_block_state=None)
-    meta = e.sched.build_connector_meta(output)
+    meta = e.schedule_again("r", computed=100, scheduled=200)
     assert [(s.first_chunk, len(s.keys[0])) for s in meta.saves] == [(1, 3)]
     e.run(meta)
-    cached.num_computed_tokens = [300]
-    output.num_scheduled_tokens = {"r": 1}
-    assert not e.sched.build_connector_meta(output).saves  # decode steps store nothing
+    assert not e.schedule_again("r", computed=300, scheduled=1).saves  # decode stores nothing
     assert cluster.calls.count("put") == 2 and len(cluster.local) == 4
 
 
-def test_other_signatures_do_not_hit(model_dir):
+def test_other_signatures_do_not_hit():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
-    assert Engine(model_dir, cluster, dtype=torch.float16).schedule(
-        request("x", PROMPT), range(10))[0] == 0
-    assert Engine(model_dir, cluster, extra={"tenant": "other"}).schedule(
-        request("y", PROMPT), range(10))[0] == 0
+    float16 = dataclasses.replace(SIGNATURE, kv_dtype="float16")
+    assert Engine(cluster, signature=float16).schedule(request("x", PROMPT), range(10))[0] == 0
+    tenant = dataclasses.replace(SIGNATURE, tenant="other")
+    assert Engine(cluster, signature=tenant).schedule(request("y", PROMPT), range(10))[0] == 0
     salted = request("z", PROMPT)
     salted.cache_salt = "secret"
-    assert Engine(model_dir, cluster).schedule(salted, range(10))[0] == 0
-    assert Engine(model_dir, cluster).schedule(request("w", PROMPT), range(10))[0] == 256
+    assert Engine(cluster).schedule(salted, range(10))[0] == 0
+    assert Engine(cluster).schedule(request("w", PROMPT), range(10))[0] == 256
 
 
-def test_siloed_mode_ignores_peers(model_dir):
+def test_siloed_mode_ignores_peers():
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
     cluster.peer, cluster.local = cluster.local, {}
-    b = Engine(model_dir, cluster, extra={"peers": False})
+    b = Engine(cluster, extra={"peers": False})
     assert b.schedule(request("b1", PROMPT), range(10))[0] == 0
 
 
-def test_settings_are_validated(model_dir):
+def test_settings_are_validated():
     with pytest.raises(ConfigError, match="multiple of vLLM's block_size"):
-        Engine(model_dir, FakeCluster(), extra={"chunk_tokens": 48})
+        make_settings({"chunk_tokens": 48})
     with pytest.raises(ConfigError, match="unknown lmshare connector settings"):
-        Engine(model_dir, FakeCluster(), extra={"chunk_size": 64})
+        make_settings({"chunk_size": 64})
     with pytest.raises(ConfigError, match="must be a bool"):
-        Engine(model_dir, FakeCluster(), extra={"peers": "maybe"})
+        make_settings({"peers": "maybe"})
 
 
-def test_failure_policy_becomes_recompute(model_dir):
-    e = Engine(model_dir, FakeCluster())
-    assert e.config.kv_transfer_config.kv_load_failure_policy == "recompute"
-
-
-def test_empty_metadata_is_harmless(model_dir):
-    e = Engine(model_dir, FakeCluster())
+def test_empty_metadata_is_harmless():
+    e = Engine(FakeCluster())
     failed, worker_meta = e.run(LMShareMetadata())
     assert failed == set() and worker_meta is None
     assert PAGE > 0
+
+
+# --------------------------------------------------------------------------- the facade
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "seed": 1}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def make_vllm_config(model_dir, extra=None, kv_role="kv_both"):
+    transfer = KVTransferConfig(
+        kv_connector="LMShareConnector", kv_connector_module_path="lmshare.integrations.vllm",
+        kv_role=kv_role,
+        kv_connector_extra_config={"worker": "node-a", "chunk_tokens": CHUNK, **(extra or {})})
+    return SimpleNamespace(
+        kv_transfer_config=transfer,
+        cache_config=SimpleNamespace(block_size=BLOCK, cache_dtype="auto"),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(model=str(model_dir), revision=None,
+                                     tokenizer=str(model_dir), tokenizer_revision=None,
+                                     tokenizer_mode="auto", dtype=torch.bfloat16,
+                                     quantization=None, hf_config=None),
+        attention_config=SimpleNamespace(backend=None))
+
+
+def test_the_facade_gives_each_role_its_side(model_dir):
+    """The class vLLM loads builds the scheduler side for the scheduler and the model-worker
+    side for model workers, under the signature derived from vLLM's config (tenant included),
+    and makes a chunk that does not arrive a recompute."""
+    config = make_vllm_config(model_dir, {"tenant": "t"})
+    sched = LMShareConnector(config, KVConnectorRole.SCHEDULER, fake_config())
+    worker = LMShareConnector(config, KVConnectorRole.WORKER, fake_config())
+    assert isinstance(sched.connector_scheduler, LMShareConnectorScheduler)
+    assert sched.connector_worker is None
+    assert isinstance(worker.connector_worker, LMShareConnectorWorker)
+    assert worker.connector_scheduler is None
+    assert config.kv_transfer_config.kv_load_failure_policy == "recompute"
+    assert sched.signature == worker.signature and sched.signature.tenant == "t"
+    assert sched.signature.namespace() != LMShareConnector(
+        make_vllm_config(model_dir), KVConnectorRole.SCHEDULER, fake_config()
+    ).signature.namespace()
+    worker.register_kv_caches(fake_kv_caches(fake_config()))
+    worker.bind_connector_metadata(LMShareMetadata())
+    worker.start_load_kv(None)
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+    assert worker.get_block_ids_with_load_errors() == set()
+    assert worker.build_connector_worker_meta() is None
+    sched.shutdown()
+    worker.shutdown()
+
+
+def test_the_facade_folds_kv_role_into_the_sides(model_dir, tmp_path):
+    """A kv_consumer only loads: it plans no stores where kv_both does (the worker is absent
+    here, so every lookup is a miss)."""
+    absent = {"worker": "", "endpoint": f"ipc://{tmp_path}/absent.sock", "lookup_timeout_s": 0.2}
+    planned = {}
+    for role in ("kv_both", "kv_consumer"):
+        sched = LMShareConnector(make_vllm_config(model_dir, absent, kv_role=role),
+                                 KVConnectorRole.SCHEDULER, fake_config())
+        req = request("r", PROMPT)
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        sched.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([],)), 0)
+        new = SimpleNamespace(req_id="r", block_ids=(list(range(10)),), num_computed_tokens=0)
+        meta = sched.build_connector_meta(SimpleNamespace(
+            scheduled_new_reqs=[new], scheduled_cached_reqs=CachedRequestData.make_empty(),
+            num_scheduled_tokens={"r": len(PROMPT)}, kv_connector_block_state=None))
+        planned[role] = [len(s.keys[0]) for s in meta.saves]
+        sched.shutdown()
+    assert planned == {"kv_both": [4], "kv_consumer": []}
+    with pytest.raises(ConfigError, match="multiple of vLLM's block_size"):
+        LMShareConnector(make_vllm_config(model_dir, {"chunk_tokens": 48}),
+                         KVConnectorRole.SCHEDULER, fake_config())
 
 
 def test_worker_link_survives_a_worker_restart(tmp_path):
@@ -379,7 +460,6 @@ def test_worker_link_survives_a_worker_restart(tmp_path):
     import os
     import signal
 
-    from lmshare.integrations.vllm import ConnectorSettings
     from lmshare.local_cluster import LocalCluster
 
     namespace, key = b"n" * 16, b"k" * 16
@@ -401,14 +481,13 @@ def test_worker_link_survives_a_worker_restart(tmp_path):
         link.close()
 
 
-def test_gpu_style_loads_overlap_the_forward_layer_by_layer(model_dir):
+def test_gpu_style_loads_overlap_the_forward_layer_by_layer():
     """With the device copier (run here with CPU tensors and inline stream ops), each attention
     layer waits for its own layer's copies only, and the chunks stay leased until the forward
     is queued (wait_for_save)."""
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
-    b = Engine(model_dir, cluster, seed=2)
     waited: list[int] = []
 
     class Ops(InlineStreamOps):
@@ -422,30 +501,28 @@ def test_gpu_style_loads_overlap_the_forward_layer_by_layer(model_dir):
 
     ops = Ops()
     ops.events = []
-    b.worker._copier = AsyncDeviceCopier(b.worker._copier.blocks, ops)
+    b = Engine(cluster, seed=2, copier_factory=lambda blocks: AsyncDeviceCopier(blocks, ops))
     external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
     assert external == 4 * CHUNK
-    b.worker.bind_connector_metadata(meta)
-    b.worker.start_load_kv(None)
+    b.worker.start_load_kv(meta)
     assert len(ops.events) == LAYERS and waited == []  # copies issued, nothing waited yet
     names = b.worker.geometry.layer_names
     b.worker.wait_for_layer_load(names[0])
     b.worker.wait_for_layer_load(names[1])
     assert waited == [0, 1]
     assert not cluster.hits[-1].released  # the copies may still read the pool
-    b.worker.wait_for_save()
+    b.worker.wait_for_save(meta)
     assert cluster.hits[-1].released
     assert b.worker.get_block_ids_with_load_errors() == set()
-    b.worker.clear_connector_metadata()
     assert_copied(a, range(8), b, range(20, 28))
 
 
-def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
+def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next():
     """With an asynchronous copier, the local prefix and then batches of peer chunks are
     acquired one after the other, and each batch's copies are issued before the next acquire;
     the loaded blocks are the same as with one acquire."""
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
     keys = list(cluster.local)
     cluster.peer = {k: cluster.local.pop(k) for k in keys[1:]}  # chunk 0 local, 1..3 on a peer
@@ -455,8 +532,8 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
             cluster.calls.append("copied")
             return SimpleNamespace(synchronize=lambda: None, query=lambda: True)
 
-    b = Engine(model_dir, cluster, seed=2, extra={"fetch_batch_chunks": 2})
-    b.worker._copier = AsyncDeviceCopier(b.worker._copier.blocks, Ops())
+    b = Engine(cluster, seed=2, extra={"fetch_batch_chunks": 2},
+               copier_factory=lambda blocks: AsyncDeviceCopier(blocks, Ops()))
     external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
     assert external == 4 * CHUNK and meta.loads[0].local_chunks == 1
     cluster.calls.clear()
@@ -470,27 +547,27 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next(model_dir):
     assert_copied(a, range(8), b, range(20, 28))
 
 
-def test_a_request_vllm_asks_about_again_is_counted_once(model_dir):
+def test_a_request_vllm_asks_about_again_is_counted_once():
     """vLLM repeats the lookup each step it cannot schedule a request: the worker's hit/miss
     statistics count only the first."""
     cluster = FakeCluster()
-    b = Engine(model_dir, cluster, seed=2)
+    b = Engine(cluster, seed=2)
     req = request("r1", PROMPT)
     for _ in range(3):
         assert b.sched.get_num_new_matched_tokens(req, 0) == (0, False)
     assert cluster.calls == ["lookup", "lookup again", "lookup again"]
 
 
-def test_a_chunk_changed_in_its_holders_memory_is_recomputed(model_dir):
+def test_a_chunk_changed_in_its_holders_memory_is_recomputed():
     """Direct reads from a same-host peer's pool are verified before the forward: the first
     chunk whose slabs were reused meanwhile, and every later one, are reported as failed."""
     cluster = FakeCluster()
-    a = Engine(model_dir, cluster, seed=1)
+    a = Engine(cluster, seed=1)
     a.run(a.schedule(request("a1", PROMPT), range(10))[1])
     keys = list(cluster.local)
     cluster.peer, cluster.local = cluster.local, {}
     cluster.changed_in_peer = {keys[2]}
-    b = Engine(model_dir, cluster, seed=2)
+    b = Engine(cluster, seed=2)
     external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
     assert external == 4 * CHUNK
     failed, worker_meta = b.run(meta)
@@ -500,16 +577,37 @@ def test_a_chunk_changed_in_its_holders_memory_is_recomputed(model_dir):
     assert_copied(a, range(4), b, range(20, 24))  # chunks 0 and 1 were loaded
 
 
-def test_a_restarted_peers_old_pool_is_unregistered(model_dir):
-    """A same-host peer pool is registered with the copier once; when the client drops it
-    (the peer restarted with a new pool) the connector unregisters it so it can be unmapped."""
-    b = Engine(model_dir, FakeCluster(), seed=2)
+def test_a_restarted_peers_old_pool_is_unregistered():
+    """A same-host peer pool is registered with the copier once, however many chunks are read
+    in it; when the client drops it (the peer restarted with a new pool) the connector
+    unregisters it so it can be unmapped, and the new pool is registered when read."""
+    cluster = FakeCluster()
+    a = Engine(cluster, seed=1)
+    a.run(a.schedule(request("a1", PROMPT), range(10))[1])
+    cluster.peer, cluster.local = cluster.local, {}
     old_pool, new_pool = bytearray(8192), bytearray(8192)
-    registered = b.worker._copier._registered
-    before = len(registered)
-    for _ in range(2):
-        b.worker._register_peer_pool(old_pool)
-    b.worker._register_peer_pool(new_pool)
-    assert len(registered) == before + 2
-    b.worker._forget_peer_pool(old_pool)
-    assert len(registered) == before + 1 and len(b.worker._peer_pools) == 1
+    registrations: list[int] = []
+
+    class Recording(CpuBlockCopier):
+        def register_host(self, buffer, read_only=False):
+            registrations.append(buffer_address(buffer))
+            return super().register_host(buffer, read_only)
+
+        def unregister_host(self, buffer):
+            registrations.remove(buffer_address(buffer))
+            super().unregister_host(buffer)
+
+    b = Engine(cluster, seed=2, copier_factory=Recording)
+    cluster.peer_memory = old_pool
+    for name in ("b1", "b2"):
+        external, meta = b.schedule(request(name, PROMPT), range(20, 30))
+        assert external == 4 * CHUNK and b.run(meta)[0] == set()
+        cluster.local = {}  # the next request reads the peer's pool again
+    assert registrations == [buffer_address(old_pool)]
+    (client,) = b.worker_clients
+    client.on_peer_unmap(old_pool)  # what the client does when the peer restarted
+    assert registrations == []
+    cluster.peer_memory = new_pool
+    external, meta = b.schedule(request("b3", PROMPT), range(20, 30))
+    assert external == 4 * CHUNK and b.run(meta)[0] == set()
+    assert registrations == [buffer_address(new_pool)]

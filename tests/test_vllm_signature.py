@@ -15,9 +15,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytest.importorskip("vllm")  # the signature module lives in the connector package
 
 from lmshare.integrations.kv_copy import KVGeometry  # noqa: E402
-from lmshare.integrations.vllm_signature import derive_signature, lora_identity  # noqa: E402
+from lmshare.integrations.vllm.signature import derive_signature, lora_identity  # noqa: E402
 from lmshare.testing.fake_vllm import fake_config  # noqa: E402
 from lmshare.testing.tiny_model import build_tiny_model  # noqa: E402
 

@@ -1,0 +1,288 @@
+"""The model-worker side of the connector: registers vLLM's KV memory with a block copier,
+loads the chunks the scheduler decided on into the request's blocks (reporting the blocks that
+did not arrive), copies newly computed chunks out and hands them to the store thread, and tells
+the scheduler what failed. Built from plain parts (settings, KV geometry, the TP rank, a worker
+link, a copier factory), so it runs and is tested without vLLM's engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from lmshare.client import Client, Hit
+from lmshare.errors import ConfigError, LMShareError
+from lmshare.integrations.kv_copy import (
+    AsyncDeviceCopier,
+    BlockCopier,
+    ChunkSizeError,
+    KVGeometry,
+    LayoutError,
+    PagedBlocks,
+    buffer_address,
+    make_copier,
+)
+from lmshare.integrations.vllm.link import WorkerLink
+from lmshare.integrations.vllm.metadata import LMShareMetadata, LMShareWorkerMetadata, LoadSpec
+from lmshare.integrations.vllm.saver import SaveJob, Saver, store
+from lmshare.integrations.vllm.settings import ConnectorSettings
+
+log = logging.getLogger(__name__)
+
+
+class LMShareConnectorWorker:
+    """The connector's model-worker-side logic, for TP rank ``tp_rank``.
+
+    ``link`` defaults to a link to the worker named in ``settings`` with the model worker's
+    deadline; ``copier_factory`` makes the block copier for the registered KV memory (by default
+    the one that fits its device)."""
+
+    def __init__(self, settings: ConnectorSettings, geometry: KVGeometry, tp_rank: int = 0,
+                 link: WorkerLink | None = None,
+                 copier_factory: Callable[[PagedBlocks], BlockCopier] = make_copier) -> None:
+        self.settings = settings
+        self.geometry = geometry
+        self.tp_rank = tp_rank
+        self.blocks_per_chunk = settings.chunk_tokens // geometry.block_size
+        self.enabled = True  # False once the KV memory cannot be copied (see register_kv_caches)
+        self._link = link or WorkerLink(settings, settings.timeout_s)
+        self._copier_factory = copier_factory
+        self._copier: BlockCopier | None = None
+        self._layer_index = {name: i for i, name in enumerate(geometry.layer_names)}
+        self._loading_hits: list[Hit] = []  # leased until this step's copies finished
+        self._peer_pools: dict[int, Any] = {}  # same-host peers' pools registered with the copier
+        self._failed_blocks: set[int] = set()
+        self._failed_chunks: dict[str, int] = {}
+        self._disabled_reported = False
+        self._saver: Saver | None = None
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        try:
+            blocks = PagedBlocks.from_kv_caches(self.geometry, kv_caches)
+            self._copier = self._copier_factory(blocks)
+        except (LayoutError, ConfigError) as exc:
+            log.error("lmshare switched off: %s", exc)
+            self.enabled = False
+            return
+        # Register the worker's pool as this process maps it: chunks are read in place (on
+        # CUDA the pool is page-locked and loads DMA from it directly).
+        self._link.on_connect = self._register_pool
+        self._link.on_close = self._unregister_pool
+        log.info("lmshare: registered %d layers of KV on %s (%d blocks of %d bytes)",
+                 self.geometry.num_layers, blocks.device, self.geometry.num_blocks,
+                 self.geometry.page_bytes)
+
+    @staticmethod
+    def _pool_buffer(client: Client) -> Any:
+        return getattr(client, "pool_buffer", None)  # absent on test doubles
+
+    def _forget_peer_pool(self, buffer: Any) -> None:
+        """A same-host peer restarted: stop using (and page-locking) its old pool."""
+        address = buffer_address(buffer)
+        if self._peer_pools.pop(address, None) is not None and self._copier is not None:
+            self._copier.unregister_host(buffer)
+
+    def _register_pool(self, client: Client) -> None:
+        if hasattr(client, "on_peer_unmap"):
+            client.on_peer_unmap = self._forget_peer_pool
+        buffer = self._pool_buffer(client)
+        if buffer is not None and self._copier is not None:
+            started = time.monotonic()
+            if self._copier.register_host(buffer) and \
+                    isinstance(self._copier, AsyncDeviceCopier):
+                log.info("lmshare: page-locked the worker pool (%d bytes) in %.2fs",
+                         buffer.nbytes, time.monotonic() - started)
+
+    def _unregister_pool(self, client: Client) -> None:
+        buffer = self._pool_buffer(client)
+        if self._copier is not None:
+            if buffer is not None:
+                self._copier.unregister_host(buffer)
+            peers, self._peer_pools = list(self._peer_pools.values()), {}
+            for peer_buffer in peers:  # the client's peer mappings close with it
+                self._copier.unregister_host(peer_buffer)
+
+    def _fail_load(self, spec: LoadSpec, from_chunk: int) -> None:
+        """Report every block of chunks ``from_chunk ..`` of ``spec`` as not loaded."""
+        start_block = max(from_chunk * self.blocks_per_chunk, spec.first_block)
+        self._failed_blocks.update(spec.block_ids[start_block - spec.first_block :])
+        previous = self._failed_chunks.get(spec.req_id, from_chunk)
+        self._failed_chunks[spec.req_id] = min(previous, from_chunk)
+
+    def start_load_kv(self, metadata: KVConnectorMetadata | None) -> None:
+        """Start loading this step's hits (``metadata``: the scheduler's plan for the step)."""
+        self._finish_loads()  # normally done by the previous step's wait_for_save
+        if not isinstance(metadata, LMShareMetadata) or not metadata.loads:
+            return
+        for spec in metadata.loads:
+            try:
+                self._load(spec, self._loading_hits)
+            except Exception as exc:  # noqa: BLE001 - a failed load is a recompute
+                log.warning("lmshare load for %s failed (%s); vLLM recomputes it",
+                            spec.req_id, exc, exc_info=not isinstance(exc, LMShareError))
+                self._fail_load(spec, spec.first_chunk)
+        if self._copier is None:
+            return
+        try:
+            self._copier.loads_done()  # on GPU: copies start, layer by layer
+        except Exception:  # noqa: BLE001 - the blocks may be half written: recompute them
+            log.exception("lmshare: starting this step's KV copies failed; vLLM recomputes")
+            for spec in metadata.loads:
+                self._fail_load(spec, spec.first_chunk)
+            self._finish_loads()
+
+    def _finish_loads(self) -> None:
+        """Once the copies no longer read the pool, release the chunks' leases."""
+        if self._copier is not None:
+            try:
+                self._copier.loads_finished()
+            except Exception:  # noqa: BLE001 - leases expire on their own
+                log.exception("lmshare: waiting for KV copies failed")
+        hits, self._loading_hits = self._loading_hits, []
+        for hit in hits:
+            hit.release()
+
+    def _load_batches(self, spec: LoadSpec, count: int) -> list[tuple[int, int]]:
+        """(first, end) chunk index ranges of ``spec`` to acquire one after the other: with an
+        asynchronous copier, the local prefix and then peer chunks in batches, so the copies of
+        one batch overlap the fetch of the next; else all at once."""
+        batch = self.settings.fetch_batch_chunks
+        copier = self._copier
+        if not batch or copier is None or not copier.asynchronous or count <= 1:
+            return [(0, count)]
+        local = min(max(spec.local_chunks, 0), count)
+        ranges = [(0, local)] if local else []
+        ranges += [(i, min(i + batch, count)) for i in range(local, count, batch)]
+        return ranges
+
+    def _load(self, spec: LoadSpec, hits: list[Hit]) -> None:
+        copier = self._copier
+        if copier is None or not self.enabled:
+            self._fail_load(spec, spec.first_chunk)
+            return
+        namespace, keys = spec.namespaces[self.tp_rank], spec.keys[self.tp_rank]
+        bpc = self.blocks_per_chunk
+        end_block = spec.first_block + len(spec.block_ids)
+        loaded = local = peer = 0
+        in_peer_memory: list[tuple[Hit, int, int]] = []  # (hit, index, position in keys)
+        for first, end in self._load_batches(spec, len(keys)):
+            hit = self._link.call(lambda c, k=keys[first:end]: c.acquire_keys(
+                namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s,
+                direct=self.settings.same_host_direct))
+            hits.append(hit)  # released once the copies are done (_finish_loads)
+            local, peer = local + hit.local_chunks, peer + hit.peer_chunks
+            for index in range(len(hit)):
+                chunk = spec.first_chunk + first + index
+                lo = max(chunk * bpc, spec.first_block)
+                hi = min((chunk + 1) * bpc, end_block)
+                if hi <= lo:
+                    break
+                peer_buffer = hit.region_buffer(index)
+                if peer_buffer is not None:
+                    self._register_peer_pool(peer_buffer)
+                    in_peer_memory.append((hit, index, first + index))
+                try:
+                    copier.load(hit.views(index), lo - chunk * bpc,
+                                spec.block_ids[lo - spec.first_block : hi - spec.first_block])
+                except ChunkSizeError as exc:
+                    log.warning("lmshare: chunk %d of %s is unusable (%s)", chunk, spec.req_id,
+                                exc)
+                    break
+                loaded += 1
+            if loaded < end:
+                break  # a missing chunk ends the prefix
+            if end < len(keys):
+                copier.loads_done()  # this batch copies while the next one is fetched
+        if in_peer_memory:
+            loaded = min(loaded, self._verify_peer_reads(spec, in_peer_memory))
+        if loaded < len(keys):
+            log.info("lmshare: %s got %d of %d chunks; vLLM recomputes the rest", spec.req_id,
+                     loaded, len(keys))
+            self._fail_load(spec, spec.first_chunk + loaded)
+        else:
+            log.debug("lmshare: loaded %d chunks (%d local, %d from peers) for %s", loaded,
+                      local, peer, spec.req_id)
+
+    def _verify_peer_reads(self, spec: LoadSpec, reads: list[tuple[Hit, int, int]]) -> int:
+        """Chunks read in a same-host peer's pool are pinned there, and the slab generations
+        are the proof: finish the copies (before this step's forward can read them), then
+        return how many of ``spec``'s chunks are good (the first changed chunk ends them)."""
+        copier = self._copier
+        if copier is not None and copier.asynchronous:
+            copier.loads_done()
+            copier.loads_finished()  # the forward waits for these copies, then checks
+        for hit, index, position in reads:
+            if not hit.verify(index):
+                log.warning("lmshare: chunk %d of %s changed in its holder's memory while "
+                            "being read; vLLM recomputes from there", spec.first_chunk + position,
+                            spec.req_id)
+                return position
+        return len(spec.keys[self.tp_rank])
+
+    def _register_peer_pool(self, buffer: Any) -> None:
+        """Register a same-host peer's pool (read-only) once: chunks are read in place."""
+        if self._copier is None:
+            return
+        address = buffer_address(buffer)
+        if address not in self._peer_pools:
+            self._peer_pools[address] = buffer
+            self._copier.register_host(buffer, read_only=True)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # On GPU the layer's copies run on a side stream: this layer's attention waits for
+        # them, later layers keep copying meanwhile. On CPU loads completed in start_load_kv.
+        if self._loading_hits and self._copier is not None:
+            layer = self._layer_index.get(layer_name)
+            if layer is not None:
+                self._copier.wait_layer(layer)
+
+    def wait_for_save(self, metadata: KVConnectorMetadata | None) -> None:
+        """The step's forward is queued: release its loads, store its new chunks."""
+        self._finish_loads()  # the forward is queued: it waited for every layer it read
+        if not isinstance(metadata, LMShareMetadata) or not metadata.saves:
+            return
+        copier = self._copier
+        if copier is None or not self.enabled:
+            return
+        for spec in metadata.saves:
+            try:
+                pending = [copier.save(ids) for ids in spec.block_ids]
+            except Exception:  # noqa: BLE001 - a failed store is a future miss
+                log.exception("lmshare: copying chunks of %s out failed", spec.req_id)
+                continue
+            job = SaveJob(spec.namespaces[self.tp_rank], spec.keys[self.tp_rank], pending,
+                           spec.req_id)
+            if self.settings.async_save:
+                self._saver_thread().submit(job)
+            else:
+                store(self._link, job)
+
+    def _saver_thread(self) -> Saver:
+        if self._saver is None:
+            self._saver = Saver(self._link, self.settings.max_pending_saves)
+        return self._saver
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def build_connector_worker_meta(self) -> LMShareWorkerMetadata | None:
+        disabled = not self.enabled and not self._disabled_reported
+        if not self._failed_chunks and not disabled:
+            return None
+        self._disabled_reported = self._disabled_reported or disabled
+        meta = LMShareWorkerMetadata(self._failed_chunks, disabled)
+        self._failed_chunks = {}
+        return meta
+
+    def shutdown(self) -> None:
+        self._finish_loads()
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None
+        if self._copier is not None:
+            self._copier.close()
+        self._link.close()
