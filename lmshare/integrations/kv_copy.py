@@ -448,14 +448,15 @@ class BlockCopier(ABC):
             return True
         if not self._pin(address, nbytes, read_only):
             return False
-        self._registered[address] = _as_tensor(buffer)
+        # copy on write: loads on other threads iterate the registrations without a lock
+        self._registered = {**self._registered, address: _as_tensor(buffer)}
         return True
 
     def unregister_host(self, buffer: Buffer) -> None:
         address = buffer_address(buffer)
         if address in self._registered:
             self._unpin(address)
-            del self._registered[address]  # drops our view of the buffer
+            self._registered = {a: t for a, t in self._registered.items() if a != address}
 
     def _registered_runs(self, segments: Sequence[Buffer]) -> list[torch.Tensor] | None:
         """The segments as views of registered memory, adjacent ones merged; None if any
@@ -714,11 +715,10 @@ class HostBufferPool:
 class _QueuedLoad:
     """A chunk's load, queued until :meth:`AsyncDeviceCopier.loads_done`."""
 
-    runs: list[torch.Tensor]  # the chunk's bytes in order: registered pool or pinned staging
+    runs: list[torch.Tensor]  # the chunk's bytes in order, where they lie (pool or peer pool)
     per_chunk: int  # blocks in the chunk
     first: int  # first block of the chunk to load
     block_ids: list[int]  # destination blocks
-    staging: torch.Tensor | None  # pinned buffer to give back once the copies ran
 
 
 class AsyncDeviceCopier(BlockCopier):
@@ -728,15 +728,15 @@ class AsyncDeviceCopier(BlockCopier):
     Loads: :meth:`load` queues a chunk. Its bytes are read in place when they lie in host memory
     registered with :meth:`register_host` (the worker's shared pool, page-locked with
     cudaHostRegister: measured on an H100 at 54 GB/s vs 7 GB/s unregistered), else copied
-    into a pinned staging buffer first. :meth:`loads_done` issues, on the side stream and after
+    from where they lie through the driver (slower; a pool whose registration is still under
+    way). :meth:`loads_done` issues, on the side stream and after
     the compute stream's pending work (such as block zeroing), the step's copies layer group by
     layer group: the group's layers of every queued chunk go host → device in one copy a chunk
     (a chunk is layer-major, so a run of its layers is contiguous) into a temporary device
     buffer of at most ``max_temp_bytes`` (which sets the group size), each layer is scattered
     into its blocks (one kernel a layer), and an event marks layer ``i`` ready. :meth:`wait_layer` makes the compute stream wait for that event only,
     so attention of layer 0 runs while later layers are still copying. :meth:`loads_finished`
-    waits until the copies no longer read the pool (then leases may go); staging buffers go
-    back to the pool once their copies completed.
+    waits until the copies no longer read the pool (then leases may go).
 
     Saves (:meth:`save_chunks`): a save stream waits for the compute stream (the forward that
     wrote the KV) and gathers the step's chunks into device memory (bounded by
@@ -749,8 +749,7 @@ class AsyncDeviceCopier(BlockCopier):
     asynchronous = True
 
     def __init__(self, blocks: PagedBlocks, ops: StreamOps | None = None,
-                 pool_bytes: int = 1 << 30, max_temp_bytes: int = 256 << 20,
-                 max_save_bytes: int = 4 << 30) -> None:
+                 max_temp_bytes: int = 256 << 20, max_save_bytes: int = 4 << 30) -> None:
         super().__init__(blocks)
         self.max_temp_bytes = max_temp_bytes  # device memory for loads in flight, per group
         self.max_save_bytes = max_save_bytes  # device memory for gathered chunks to store
@@ -761,12 +760,12 @@ class AsyncDeviceCopier(BlockCopier):
         self._save_bytes = 0
         self._save_keep: list[tuple[Any, list[torch.Tensor]]] = []  # index tensors in use
         self.saves_dropped = 0
-        self.pool = HostBufferPool(self.ops, pool_bytes)
-        # (event, pinned buffers to give back, tensors to keep alive until the event)
-        self._in_flight: list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = []
+        self._in_flight: list[tuple[Any, list[torch.Tensor]]] = []  # (event, keep alive)
         self._queued: list[_QueuedLoad] = []
         self._layer_events: list[Any] = []  # of the loads started by loads_done
         self._reads_pool = False  # started loads read registered (leased) memory
+        self.loads_registered = 0  # chunks DMA'd from page-locked memory
+        self.loads_unregistered = 0  # chunks copied from memory not page-locked (yet)
 
     def _pin(self, address: int, nbytes: int, read_only: bool) -> bool:
         return self.ops.host_register(address, nbytes, read_only)
@@ -778,31 +777,26 @@ class AsyncDeviceCopier(BlockCopier):
 
     def _reclaim(self, wait: bool = False) -> None:
         still = []
-        for event, give_back, keep in self._in_flight:
+        for event, keep in self._in_flight:
             if wait:
                 event.synchronize()
-            if wait or event.query():
-                for buf in give_back:
-                    self.pool.give(buf)
-            else:
-                still.append((event, give_back, keep))
+            elif not event.query():
+                still.append((event, keep))
         self._in_flight = still
 
     def load(self, segments: Sequence[Buffer], first: int, block_ids: Sequence[int]) -> None:
         nbytes = segments_nbytes(segments)
         per_chunk = self._check(nbytes, first, len(block_ids))
         runs = self._registered_runs(segments)
-        staging = None
         if runs is None:
-            self._reclaim()
-            staging = self.pool.take(nbytes)
-            try:
-                copy_segments(segments, staging[:nbytes])  # the segments are not read after this
-            except BaseException:
-                self.pool.give(staging)
-                raise
-            runs = [staging[:nbytes]]
-        self._queued.append(_QueuedLoad(runs, per_chunk, first, list(block_ids), staging))
+            # Memory not page-locked (yet): copied from where it lies, through the driver
+            # (slower, synchronous), rather than paying for pinned staging inside a request.
+            runs = [_as_tensor(segment) for segment in segments]
+            self.loads_unregistered += 1
+        else:
+            self.loads_registered += 1
+        self._reclaim()
+        self._queued.append(_QueuedLoad(runs, per_chunk, first, list(block_ids)))
 
     def loads_done(self) -> None:
         if not self._queued:
@@ -833,9 +827,8 @@ class AsyncDeviceCopier(BlockCopier):
                         self.blocks.scatter_layer(layer, index, temp[:, layer - first_layer])
                     events.append(self.ops.record(self.stream))
         self._layer_events = events
-        self._reads_pool = self._reads_pool or any(q.staging is None for q in queued)
-        self._in_flight.append((events[-1], [q.staging for q in queued if q.staging is not None],
-                                [index for _, index in batches] + indexes))
+        self._reads_pool = True
+        self._in_flight.append((events[-1], [index for _, index in batches] + indexes))
 
     def _copy_layers(self, loads: list[_QueuedLoad], first_layer: int, end_layer: int
                      ) -> torch.Tensor:
@@ -936,7 +929,6 @@ class AsyncDeviceCopier(BlockCopier):
     def close(self) -> None:
         self.loads_finished()
         self._reclaim(wait=True)
-        self.pool.clear()
         for address in list(self._registered):
             self.ops.host_unregister(address)
         self._registered.clear()
