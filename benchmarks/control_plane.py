@@ -22,11 +22,11 @@ def key(worker: int, index: int) -> bytes:
     return hashlib.blake2b(f"{worker}/{index}".encode(), digest_size=16).digest()
 
 
-def register_times(port: int, count: int) -> list[float]:
+def register_times(port: int, count: int, key=None) -> list[float]:
     """Milliseconds per registration, each from a fresh connection (what a starting worker does)."""
     times = []
     for i in range(count):
-        client = ControllerClient("127.0.0.1", port, timeout_s=5)
+        client = ControllerClient("127.0.0.1", port, timeout_s=5, key=key)
         started = time.perf_counter()
         client.call("register", worker_id=f"reg-{i}", host="127.0.0.1", data_port=10000 + i,
                     transports=["tcp"], capacity_bytes=1 << 30, host_id="bench")
@@ -39,8 +39,8 @@ def run(workers: int = 1000, chunks_per_worker: int = 1000, lookups: int = 5000)
     with LocalCluster(heartbeat_timeout_s=3600) as cluster:
         cluster.start_controller()
         port = cluster.controller_port
-        client = ControllerClient("127.0.0.1", port, timeout_s=30)
-        reg_ms = register_times(port, 200)
+        client = cluster.controller_client(timeout_s=30)
+        reg_ms = register_times(port, 200, cluster.key)
         for w in progress(range(workers), "index 1M chunks", workers):
             epoch = client.call("register", worker_id=f"w{w}", host="127.0.0.1",
                                 data_port=20000 + (w % 40000), transports=["tcp"],

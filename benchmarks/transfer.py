@@ -16,7 +16,6 @@ import time
 from benchmarks import baselines, raw_socket
 from benchmarks.baselines import RedisServer
 from benchmarks.common import median, progress, table
-from lmshare.control import ControllerClient
 from lmshare.errors import RemoteError
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_cluster import LocalCluster
@@ -46,7 +45,7 @@ def holder_peer(cluster: LocalCluster, size: int, count: int
     with cluster.client("holder") as client:
         client.put(sig, tokens, [os.urandom(size) for _ in range(count)])
     key = keys[-1]
-    controller = ControllerClient("127.0.0.1", cluster.controller_port)
+    controller = cluster.controller_client()
     deadline = time.monotonic() + 10
     while True:
         try:

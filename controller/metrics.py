@@ -41,7 +41,7 @@ class ControllerCollector(Collector):
         self._service = service
         host = service.config.host
         host = "127.0.0.1" if host in ("", "0.0.0.0", "*") else host
-        self._client = ControllerClient(host, service.port, timeout_s)
+        self._client = ControllerClient(host, service.port, timeout_s, key=service.config.key)
         self._lock = threading.Lock()  # the client's socket is not thread-safe
 
     def _stats(self) -> ClusterStats | None:
@@ -65,6 +65,14 @@ class ControllerCollector(Collector):
         for kind, count in sorted(dict(self._service.event_counts).items()):
             events.add_metric([kind], count)
         yield events
+        refused = CounterMetricFamily(
+            "lmshare_controller_refused_connections", "Control-plane connections refused "
+            "because the peer does not hold the cluster key, by reason (wrong_key: CURVE with "
+            "another key; handshake: no CURVE or not lmshare)", labels=["reason"])
+        counts = self._service.guard.counts() if self._service.guard is not None else {}
+        for reason in ("wrong_key", "handshake"):
+            refused.add_metric([reason], counts.get(reason, 0))
+        yield refused
         if stats is None:
             return
         info = InfoMetricFamily("lmshare_controller", "The controller's identity",

@@ -21,6 +21,7 @@ import zmq
 from lmshare import protocol
 from lmshare.controller.index import ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
+from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ProtocolError
 from lmshare.keys import KEY_BYTES
 from lmshare.protocol import ErrorCode
@@ -45,6 +46,7 @@ class ControllerConfig:
     heartbeat_timeout_s: float = 5.0
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
     max_lookup_keys: int = 65536
+    key: ClusterKey | None = None  # the cluster key: CURVE on the socket; None = insecure
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
@@ -89,8 +91,15 @@ class ControllerService:
         # optional etcd election (controller/election.py); None = the only controller
         self.election: Any = None
         self._leadership_changed = threading.Event()
-        self._context = context or zmq.Context.instance()
+        # a keyed controller has its own context: a context has one ZAP handler
+        self._context = context or (zmq.Context() if config.key else zmq.Context.instance())
         self._socket = self._context.socket(zmq.ROUTER)
+        self.guard = None
+        if config.key is not None:
+            from lmshare.curve import CurveGuard
+
+            self.guard = CurveGuard(self._context, config.key, "controller")
+            self.guard.secure_server(self._socket, config.key)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * 4)
@@ -98,6 +107,8 @@ class ControllerService:
             self._socket.bind(f"tcp://{config.host}:{config.port}")
         except zmq.ZMQError as exc:
             self._socket.close()
+            if self.guard is not None:
+                self.guard.close()
             raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); "
                               "choose another --port or stop the process using it") from None
         endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -129,6 +140,8 @@ class ControllerService:
                 self._sample_hits()
         finally:
             self._socket.close(linger=0)
+            if self.guard is not None:
+                self.guard.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -379,4 +392,6 @@ class ControllerService:
             lookup_p50_us=round(p50, 1), lookup_p99_us=round(p99, 1),
             hit_history=list(self._hit_history), events=list(self.events),
             refused_messages=self.refused, role=self.role,
+            refused_connections=self.guard.counts() if self.guard is not None else {},
+            secure=self.guard is not None,
             leader=self.election.leader if self.election is not None else "")

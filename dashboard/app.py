@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.live import Live
 
 from lmshare.control import FailoverControllerClient, parse_controllers
+from lmshare.credentials import ClusterKey
 from lmshare.dashboard.view import SORTS, ViewState, budget, render
 from lmshare.errors import LMShareError
 from lmshare.stats import ClusterStats
@@ -32,10 +33,12 @@ log = logging.getLogger(__name__)
 class StatsPoller:
     """Fetches the controller's ClusterStats in a thread; the latest result is always at hand."""
 
-    def __init__(self, controller: str, interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
+    def __init__(self, controller: str, interval_s: float = 0.5, timeout_s: float = 1.0,
+                 key: ClusterKey | None = None) -> None:
         self.controller = controller
         self.interval_s = interval_s
-        self._client = FailoverControllerClient(parse_controllers(controller), timeout_s)
+        self._client = FailoverControllerClient(parse_controllers(controller), timeout_s,
+                                                key=key)
         self.stats: ClusterStats | None = None
         self.error: str | None = None
         self.error_since = 0.0
@@ -141,10 +144,11 @@ def _frame(poller: StatsPoller, state: ViewState, console: Console, height: int 
     return render(poller.stats, console.size.width, height, state)
 
 
-def print_once(controller: str, console: Console | None = None, timeout_s: float = 3.0) -> int:
+def print_once(controller: str, console: Console | None = None, timeout_s: float = 3.0,
+               key: ClusterKey | None = None) -> int:
     """Print a single frame (``lmshare dashboard --once``). Raises if the controller is away."""
     console = console or Console()
-    client = FailoverControllerClient(parse_controllers(controller), timeout_s)
+    client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
     try:
         stats = ClusterStats.from_dict(client.call("stats")["stats"])
     finally:
@@ -156,12 +160,14 @@ def print_once(controller: str, console: Console | None = None, timeout_s: float
 
 
 def run_dashboard(controller: str, refresh_s: float = 0.5, stop: threading.Event | None = None,
-                  footer: Callable[[], str] | None = None, console: Console | None = None) -> int:
+                  footer: Callable[[], str] | None = None, console: Console | None = None,
+                  key: ClusterKey | None = None) -> int:
     """Run the full-screen dashboard until ``q``, Ctrl-C, or ``stop`` is set. Returns 0."""
     console = console or Console()
     stop = stop or threading.Event()
     refresh_s = min(max(0.1, refresh_s), 0.5)  # at least twice a second
-    poller = StatsPoller(controller, refresh_s, timeout_s=max(1.0, refresh_s * 2)).start()
+    poller = StatsPoller(controller, refresh_s, timeout_s=max(1.0, refresh_s * 2),
+                         key=key).start()
     state = ViewState(controller=controller)
     try:
         with key_reader(stop) as keys, Live(console=console, screen=True, auto_refresh=False,

@@ -205,6 +205,10 @@ def _hits(stats: ClusterStats, width: int, tall: bool) -> list[Text]:
         f" · {stats.lookups:,} lookups")
     if stats.refused_messages:
         head.append(f" · {stats.refused_messages} refused", style="yellow")
+    refused_connections = sum(stats.refused_connections.values())
+    if refused_connections:
+        head.append(f" · {refused_connections} unauthenticated connections refused",
+                    style="red")
     spark_width = max(10, width - 16)
     ratio = [((h[0] + h[1]) / sum(h)) if sum(h) else 0.0 for h in history]
     now = f" {ratio[-1]:.0%}" if ratio else ""

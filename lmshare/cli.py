@@ -1,4 +1,4 @@
-"""The ``lmshare`` command: controller | worker | status | dashboard | demo | bench.
+"""The ``lmshare`` command: controller | worker | status | dashboard | demo | bench | keygen.
 
 The only module that knows every part; the parts are imported lazily so that, for example,
 ``lmshare controller`` never imports torch or the dashboard.
@@ -26,15 +26,41 @@ def _setup_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
+def _key(args: argparse.Namespace):
+    """The cluster key of this command (``--key-file``, ``$LMSHARE_KEY_FILE``), or None with
+    ``--insecure``; refuses to go on with neither."""
+    from lmshare.credentials import resolve_key
+
+    return resolve_key(args.key_file, args.insecure)
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="the cluster key (from `lmshare keygen`; default $LMSHARE_KEY_FILE)")
+    p.add_argument("--insecure", action="store_true",
+                   help="run without a cluster key: no authentication, no encryption")
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from lmshare.credentials import generate_key_file
+
+    key = generate_key_file(args.out)
+    print(f"cluster key {key.fingerprint} written to {args.out} (mode 600); give it to every "
+          "controller, worker and client of the cluster with --key-file or LMSHARE_KEY_FILE",
+          flush=True)
+    return 0
+
+
 def _cmd_controller(args: argparse.Namespace) -> int:
     import signal
 
     from lmshare.controller import ControllerConfig, ControllerService
 
+    key = _key(args)
     service = ControllerService(ControllerConfig(
         host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
-        max_message_bytes=parse_size(args.max_message_bytes)))
+        max_message_bytes=parse_size(args.max_message_bytes), key=key))
     if args.metrics_port is not None:
         from lmshare.controller.metrics import start_controller_metrics
 
@@ -53,7 +79,9 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
     role = f" (etcd election at {args.etcd})" if election else ""
-    print(f"lmshare controller listening on {args.host}:{service.port}{role}", flush=True)
+    security = f"cluster key {key.fingerprint}" if key else "INSECURE: no cluster key"
+    print(f"lmshare controller listening on {args.host}:{service.port}{role}; {security}",
+          flush=True)
     try:
         service.serve_forever()
     finally:
@@ -68,7 +96,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from lmshare.worker.config import resolve_transports
 
     (host, port), *standbys = parse_controllers(args.controller)
-    config = WorkerConfig(
+    key = _key(args)
+    config = WorkerConfig(key=key,
         controller_host=host, controller_port=port, standby_controllers=tuple(standbys),
         cache_bytes=parse_size(args.cache_size),
         slab_bytes=parse_size(args.slab_size), host=args.host, port=args.port,
@@ -93,12 +122,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_cluster_stats(controller: str, timeout_s: float):
+def fetch_cluster_stats(controller: str, timeout_s: float, key=None):
     """The controller's ClusterStats (shared by ``status`` and the dashboard)."""
     from lmshare.control import FailoverControllerClient, parse_controllers
     from lmshare.stats import ClusterStats
 
-    client = FailoverControllerClient(parse_controllers(controller), timeout_s)
+    client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
     try:
         return ClusterStats.from_dict(client.call("stats")["stats"])
     finally:
@@ -106,7 +135,7 @@ def fetch_cluster_stats(controller: str, timeout_s: float):
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    stats = fetch_cluster_stats(args.controller, args.timeout)
+    stats = fetch_cluster_stats(args.controller, args.timeout, _key(args))
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2, default=str))
         return 0
@@ -123,9 +152,10 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     from lmshare.dashboard import print_once, run_dashboard
 
     parse_address(args.controller)  # a bad address is a usage error, not a retry loop
+    key = _key(args)
     if args.once:
-        return print_once(args.controller, timeout_s=args.timeout)
-    return run_dashboard(args.controller, refresh_s=args.refresh)
+        return print_once(args.controller, timeout_s=args.timeout, key=key)
+    return run_dashboard(args.controller, refresh_s=args.refresh, key=key)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -173,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election-key", default="/lmshare/controller/leader")
     p.add_argument("--election-ttl", type=float, default=2.0, metavar="S",
                    help="leader lease in etcd; a dead leader is replaced after about this long")
+    _add_key_options(p)
     p.set_defaults(func=_cmd_controller)
 
     p = commands.add_parser("worker", help="run a worker beside a vLLM instance")
@@ -196,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs lmshare[ucx]), tcp (always on); default auto = shm, ucx where "
                         "RDMA hardware is present, tcp")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
+    _add_key_options(p)
     p.set_defaults(func=_cmd_worker)
 
     p = commands.add_parser("status", help="print the cluster's workers and numbers")
     p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=3.0, metavar="S")
+    _add_key_options(p)
     p.set_defaults(func=_cmd_status)
 
     p = commands.add_parser("dashboard", help="live terminal dashboard of a cluster")
@@ -211,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--timeout", type=float, default=3.0, metavar="S",
                    help="deadline of the controller's answer with --once (default 3)")
+    _add_key_options(p)
     p.set_defaults(func=_cmd_dashboard)
 
     p = commands.add_parser("demo", help="embedded local cluster with synthetic shared-prefix "
@@ -223,7 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=10.0, metavar="N",
                    help="requests per second of the synthetic workload (default 10)")
     p.add_argument("--cache-size", default="256MiB", help="each worker's pool (default 256MiB)")
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="cluster key of the demo's processes (default: a new one of its own)")
     p.set_defaults(func=_cmd_demo)
+
+    p = commands.add_parser("keygen", help="make a cluster key (give it to every process)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="where to write it (created with mode 600; never overwritten)")
+    p.set_defaults(func=_cmd_keygen)
 
     p = commands.add_parser("bench", help="run the benchmarks of a source checkout "
                                           "(results: BENCHMARKS.md format)")

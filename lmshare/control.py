@@ -11,6 +11,7 @@ from typing import Any
 import zmq
 
 from lmshare import protocol
+from lmshare.credentials import ClusterKey, CurveKeys
 from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
@@ -31,9 +32,10 @@ class RpcClient:
     what = "controller"
 
     def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve = curve  # CurveZMQ client keys (a controller of a keyed cluster)
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._socket: zmq.Socket | None = None
@@ -45,6 +47,10 @@ class RpcClient:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if self.curve is not None:
+                from lmshare.curve import secure_client
+
+                secure_client(sock, self.curve)
             sock.connect(self.endpoint)
             self._socket = sock
         return self._socket
@@ -72,7 +78,8 @@ class RpcClient:
                     if time.monotonic() >= deadline:
                         raise self.unavailable_error(
                             f"{self.what} at {self.endpoint} is not reachable (no connection "
-                            f"within {timeout:.1f}s); check that it runs and the address") from None
+                            f"within {timeout:.1f}s); check that it runs, the address, and that "
+                            f"both sides use the same cluster key") from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
@@ -109,8 +116,9 @@ class ControllerClient(RpcClient):
     """Talks to the controller at ``tcp://host:port``."""
 
     def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None) -> None:
-        super().__init__(f"tcp://{host}:{port}", timeout_s, context)
+                 context: zmq.Context | None = None, key: ClusterKey | None = None) -> None:
+        super().__init__(f"tcp://{host}:{port}", timeout_s, context,
+                         key.curve_client() if key is not None else None)
         self.host, self.port = host, port
 
 
@@ -124,12 +132,13 @@ class FailoverControllerClient:
     """
 
     def __init__(self, addresses: list[tuple[str, int]], timeout_s: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, key: ClusterKey | None = None) -> None:
         if not addresses:
             raise ValueError("at least one controller address is needed")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
-        self._clients = [ControllerClient(h, p, timeout_s, context) for h, p in self.addresses]
+        self._clients = [ControllerClient(h, p, timeout_s, context, key)
+                         for h, p in self.addresses]
         self._current = 0
 
     @property

@@ -334,7 +334,7 @@ def run_demo(args: argparse.Namespace,
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         previous_handlers[sig] = signal.signal(sig, lambda *_: stop.set())
     cluster = LocalCluster(controller_port=args.port or 0, heartbeat_timeout_s=3.0,
-                           new_session=True)
+                           new_session=True, key_file=getattr(args, "key_file", None) or "")
     names = [f"worker-{i + 1}" for i in range(workers)]
     clients: dict[str, Client] = {}
     workload: Workload | None = None
@@ -370,11 +370,12 @@ def run_demo(args: argparse.Namespace,
             saved = root.handlers[:]
             root.handlers = [warnings]
             try:
-                dashboard(cluster.controller_address, stop=stop, footer=footer)
+                dashboard(cluster.controller_address, stop=stop, footer=footer,
+                          key=cluster.key)
             finally:
                 root.handlers = saved
         else:
-            controller = ControllerClient("127.0.0.1", cluster.controller_port, 2.0)
+            controller = cluster.controller_client(2.0)
             try:
                 _print_summaries(controller, workload, stop)
             finally:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmshare.control import ControllerClient
+from lmshare.credentials import ClusterKey, generate_key_file, load_key_file
 from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError, WorkerUnavailable
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,23 @@ class LocalCluster:
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     new_session: bool = False  # children in their own session: a terminal's Ctrl-C skips them
+    # the cluster key every process gets (LMSHARE_KEY_FILE); "" = a new one in runtime_dir;
+    # None = run everything --insecure
+    key_file: str | None = ""
+    key: ClusterKey | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.runtime_dir = Path(self.runtime_dir)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.runtime_dir, 0o700)
         if not self.controller_port:
             self.controller_port = free_port()
+        if self.key_file == "":
+            path = self.runtime_dir / "cluster.key"
+            self.key = load_key_file(path) if path.exists() else generate_key_file(path)
+            self.key_file = str(path)
+        elif self.key_file is not None:
+            self.key = load_key_file(self.key_file)
 
     @property
     def controller_address(self) -> str:
@@ -93,8 +105,14 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["LMSHARE_RUNTIME_DIR"] = str(self.runtime_dir)
+        env.pop("LMSHARE_KEY_FILE", None)
+        if self.key_file:
+            env["LMSHARE_KEY_FILE"] = self.key_file
         env.update(self.extra_env)
         return env
+
+    def _security_args(self) -> list[str]:
+        return [] if self.key_file else ["--insecure"]
 
     def _spawn(self, name: str, args: list[str], prefix: tuple[str, ...] = ()) -> ManagedProcess:
         log_path = self.runtime_dir / f"{name}.log"
@@ -108,7 +126,8 @@ class LocalCluster:
                          prefix: tuple[str, ...] = (), wait: bool = True) -> ManagedProcess:
         """Start the controller (``prefix``, e.g. ``ip netns exec NS``, runs it elsewhere)."""
         args = ["controller", "--host", self.controller_host, "--port", str(self.controller_port),
-                "--heartbeat-timeout", str(self.heartbeat_timeout_s), *extra]
+                "--heartbeat-timeout", str(self.heartbeat_timeout_s), *self._security_args(),
+                *extra]
         self.controller = self._spawn("controller", args, prefix)
         if wait:
             self.wait_for_controller(timeout_s)
@@ -116,7 +135,7 @@ class LocalCluster:
 
     def wait_for_controller(self, timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
-        client = ControllerClient("127.0.0.1", self.controller_port, timeout_s=0.5)
+        client = self.controller_client(timeout_s=0.5)
         try:
             while True:
                 if self.controller is not None and not self.controller.alive():
@@ -134,7 +153,7 @@ class LocalCluster:
                      wait: bool = True, timeout_s: float = 15.0,
                      prefix: tuple[str, ...] = ()) -> ManagedProcess:
         args = ["worker", "--controller", self.controller_address, "--name", name,
-                "--cache-size", cache_size, *extra]
+                "--cache-size", cache_size, *self._security_args(), *extra]
         worker = self._spawn(f"worker-{name}", args, prefix)
         self.workers[name] = worker
         if wait:
@@ -161,6 +180,11 @@ class LocalCluster:
                                         f"{worker.log_text()[-2000:]}")
             time.sleep(0.05)
 
+    def controller_client(self, timeout_s: float = 2.0) -> ControllerClient:
+        """A client of the controller holding this cluster's key."""
+        return ControllerClient("127.0.0.1", self.controller_port, timeout_s=timeout_s,
+                                key=self.key)
+
     def worker_endpoint(self, name: str) -> str:
         return f"ipc://{self.runtime_dir / f'worker-{name}.sock'}"
 
@@ -174,7 +198,7 @@ class LocalCluster:
         """The controller's ClusterStats."""
         from lmshare.stats import ClusterStats
 
-        client = ControllerClient("127.0.0.1", self.controller_port, timeout_s=2.0)
+        client = self.controller_client(timeout_s=2.0)
         try:
             return ClusterStats.from_dict(client.call("stats")["stats"])
         finally:

@@ -82,6 +82,9 @@ class ClusterStats:
     refused_messages: int = 0
     role: str = "leader"  # "leader", or "standby" when controllers elect one through etcd
     leader: str = ""  # HOST:PORT of the leader, when elected through etcd
+    # control-plane connections refused (no or wrong cluster key), by reason
+    refused_connections: dict[str, int] = field(default_factory=dict)
+    secure: bool = False  # the controller runs with a cluster key (CURVE)
 
     @property
     def bytes_cached(self) -> int:

@@ -30,8 +30,9 @@ def payloads(seed: int, chunks: int = 5) -> list[bytes]:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, monkeypatch):
     c = LocalCluster(heartbeat_timeout_s=1.5, runtime_dir=tmp_path)
+    monkeypatch.setenv("LMSHARE_KEY_FILE", c.key_file)  # what run_cli's commands use
     c.start_controller("--heartbeat-interval", "0.3")
     try:
         yield c

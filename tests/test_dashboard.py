@@ -109,11 +109,11 @@ def test_once_and_reconnect(tmp_path):
         cluster.start_worker("solo", "16MiB")
         once = subprocess.run([sys.executable, "-m", "lmshare", "dashboard", "--once",
                                "--controller", cluster.controller_address],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, env=cluster.env())
         assert once.returncode == 0, once.stderr
         assert "solo" in once.stdout and "1 alive" in once.stdout
 
-        poller = StatsPoller(cluster.controller_address, timeout_s=0.5)
+        poller = StatsPoller(cluster.controller_address, timeout_s=0.5, key=cluster.key)
         assert poller.poll_once() is not None and poller.error is None
         cluster.controller.terminate()
         assert poller.poll_once() is not None  # the last data stays on screen
@@ -126,7 +126,7 @@ def test_once_and_reconnect(tmp_path):
 
         gone = subprocess.run([sys.executable, "-m", "lmshare", "dashboard", "--once",
                                "--timeout", "0.5", "--controller", f"127.0.0.1:{free_port()}"],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, env=cluster.env())
         assert gone.returncode == 2 and "not reachable" in gone.stderr
         assert "Traceback" not in gone.stderr
     finally:

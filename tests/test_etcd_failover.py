@@ -39,8 +39,8 @@ def etcd(tmp_path):
     process.wait(10)
 
 
-def role(port: int) -> str:
-    client = ControllerClient("127.0.0.1", port, timeout_s=0.5)
+def role(port: int, key=None) -> str:
+    client = ControllerClient("127.0.0.1", port, timeout_s=0.5, key=key)
     try:
         return client.call("ping")["role"]
     except ControllerUnavailable:
@@ -61,9 +61,9 @@ def test_standby_takes_over_and_workers_follow(etcd, tmp_path):
             controllers.append(cluster._spawn(f"controller-{index}", [
                 "controller", "--port", str(port), "--etcd", etcd, "--election-ttl", "2",
                 "--heartbeat-timeout", "3"]))
-        leader = wait_until(lambda: next((p for p in ports if role(p) == "leader"), None), 20,
-                            "a leader")
-        assert [role(p) for p in ports].count("leader") == 1
+        leader = wait_until(lambda: next((p for p in ports if role(p, cluster.key) == "leader"),
+                                         None), 20, "a leader")
+        assert [role(p, cluster.key) for p in ports].count("leader") == 1
         cluster.start_worker("w1")
         cluster.start_worker("w2")
         tokens = list(range(16 * 4))
@@ -78,7 +78,8 @@ def test_standby_takes_over_and_workers_follow(etcd, tmp_path):
             controllers[ports.index(leader)].process.send_signal(signal.SIGKILL)
             survivor = ports[1 - ports.index(leader)]
             started = time.monotonic()
-            wait_until(lambda: role(survivor) == "leader", 15, "the standby to take over")
+            wait_until(lambda: role(survivor, cluster.key) == "leader", 15,
+                       "the standby to take over")
             more = list(range(1000, 1000 + 16 * 2))
             more_data = [os.urandom(100_000) for _ in range(2)]
             w1.put(SIG, more, more_data)

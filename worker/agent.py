@@ -115,7 +115,8 @@ class WorkerAgent:
                       **(self.ucx_export.registration() if self.ucx_export else {})},
         }
         self.link = ControlLink(
-            FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s),
+            FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s,
+                                     key=config.key),
             self.pool, registration, self.counter_snapshot)
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
@@ -221,7 +222,7 @@ class WorkerAgent:
         client = getattr(self._lookup_clients, "client", None)
         if client is None:
             client = FailoverControllerClient(self.config.controller_addresses,
-                                              self.config.rpc_timeout_s)
+                                              self.config.rpc_timeout_s, key=self.config.key)
             self._lookup_clients.client = client
         return client
 

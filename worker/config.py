@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError
 from lmshare.pool import DEFAULT_SLAB_BYTES
 
@@ -67,6 +68,7 @@ class WorkerConfig:
     transports: tuple[str, ...] = ("shm", "tcp")  # what this worker offers and uses, best first
     # more controllers (etcd-elected leader and standbys), tried in order after the first
     standby_controllers: tuple[tuple[str, int], ...] = ()
+    key: ClusterKey | None = None  # the cluster key (control and data plane); None = insecure
 
     @property
     def controller_addresses(self) -> list[tuple[str, int]]:

@@ -101,6 +101,13 @@ def main() -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Workers put their local sockets here; the connectors (and this script) find them by name.
     os.environ["LMSHARE_RUNTIME_DIR"] = str(run / "sockets")
+    # Every process of the cluster gets its key through LMSHARE_KEY_FILE.
+    if not os.environ.get("LMSHARE_KEY_FILE"):
+        from lmshare.credentials import generate_key_file, load_key_file
+
+        key_path = run / "cluster.key"
+        (load_key_file if key_path.exists() else generate_key_file)(key_path)
+        os.environ["LMSHARE_KEY_FILE"] = str(key_path)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_space_gib)
     lmshare = [sys.executable, "-m", "lmshare"]

@@ -1,0 +1,167 @@
+"""CurveZMQ on the control plane: the server side's key check, refusal log and counters.
+
+A ROUTER socket made a CURVE server by :func:`secure_server` only completes handshakes with
+clients that know the server's key; :class:`CurveGuard` answers the socket's ZAP requests (only
+the cluster's client key passes) and watches the socket's handshake failures (no CURVE at all,
+garbage, a wrong server key). Each refused peer address is logged once, and every refusal is
+counted by reason in :attr:`CurveGuard.refused`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import Counter
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from lmshare.credentials import ClusterKey, CurveKeys
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = "lmshare"
+MAX_LOGGED_ADDRESSES = 1024
+
+REASON_WRONG_KEY = "wrong_key"  # spoke CURVE, but not with the cluster's client key
+REASON_NO_CURVE = "handshake"  # no CURVE (no key / --insecure), a wrong server key, garbage
+
+
+def secure_client(sock: zmq.Socket, keys: CurveKeys) -> None:
+    """Make ``sock`` (before connect) a CURVE client of the cluster's controller."""
+    sock.curve_serverkey = keys.server_public
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+
+
+class CurveGuard:
+    """ZAP handler and handshake watcher of one CURVE server socket (one per zmq context)."""
+
+    def __init__(self, context: zmq.Context, key: ClusterKey, what: str) -> None:
+        self.what = what
+        self.refused: Counter[str] = Counter()
+        self._allowed = {key.curve_client_public()}
+        self._logged: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._context = context
+        self._zap = context.socket(zmq.REP)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind(ZAP_ENDPOINT)
+        self._monitor: zmq.Socket | None = None
+        self._accepted: dict[int, str] = {}  # fd -> peer address, for handshake failures
+        self._pending_failure: str | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"lmshare-{what}-auth",
+                                        daemon=True)
+
+    def secure_server(self, sock: zmq.Socket, key: ClusterKey) -> None:
+        """Make ``sock`` (before bind) a CURVE server checked by this guard; start watching."""
+        public, secret = key.curve_server()
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._thread.start()
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.refused.values())
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.refused)
+
+    def _refuse(self, reason: str, address: str) -> None:
+        host = address.rsplit(":", 1)[0]  # a client retrying comes from ever new ports
+        with self._lock:
+            self.refused[reason] += 1
+            first = (reason, host) not in self._logged and len(self._logged) < MAX_LOGGED_ADDRESSES
+            if first:
+                self._logged.add((reason, host))
+        if first:
+            log.warning("%s refused a connection from %s (%s): %s; logged once per address",
+                        self.what, address, reason,
+                        "it does not hold this cluster's key" if reason == REASON_WRONG_KEY
+                        else "no CURVE handshake with this cluster's key (a process without "
+                             "--key-file, another cluster's key, or not lmshare)")
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._zap, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(200))
+                if self._zap in ready:
+                    self._answer_zap(self._zap.recv_multipart())
+                if self._monitor is not None and self._monitor in ready:
+                    self._on_event(parse_monitor_message(self._monitor.recv_multipart()))
+        except zmq.ZMQError as exc:
+            if not self._stop.is_set():
+                log.error("%s: authentication thread stopped: %s", self.what, exc)
+        finally:
+            self._zap.close(linger=0)
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+
+    def _answer_zap(self, frames: list[bytes]) -> None:
+        # version, request id, domain, address, identity, mechanism, credentials...
+        if len(frames) < 6:
+            return
+        version, request_id, _domain, address, _identity, mechanism = frames[:6]
+        ok = mechanism == b"CURVE" and len(frames) >= 7 and \
+            _z85(frames[6]) in self._allowed
+        if not ok:
+            self._refuse(REASON_WRONG_KEY, address.decode(errors="replace"))
+        status, text = (b"200", b"OK") if ok else (b"400", b"not a member of this cluster")
+        self._zap.send_multipart([version, request_id, status, text, b"", b""])
+
+    def _on_event(self, event: dict) -> None:
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_ACCEPTED:
+            self._accepted[value] = _peer_address(value)
+        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            self._pending_failure = REASON_NO_CURVE  # the engine's next event: its disconnect
+        elif kind == zmq.EVENT_DISCONNECTED:
+            address = self._accepted.pop(value, "an unknown address")
+            if self._pending_failure is not None:
+                self._refuse(self._pending_failure, address)
+                self._pending_failure = None
+        if len(self._accepted) > 65536:  # fds of connections whose disconnect we missed
+            self._accepted.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        else:
+            self._zap.close(linger=0)
+
+
+def _z85(public: bytes) -> bytes:
+    from zmq.utils import z85
+
+    return z85.encode(public) if len(public) == 32 else public
+
+
+def _peer_address(fd: int) -> str:
+    """The remote address of an accepted connection's descriptor (best effort: it may already
+    be closed when the monitor event is read)."""
+    try:
+        with socket.socket(fileno=_dup(fd)) as sock:
+            host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+    except (OSError, ValueError):
+        return "an unknown address"
+
+
+def _dup(fd: int) -> int:
+    import os
+
+    return os.dup(fd)
