@@ -33,6 +33,7 @@ from lmshare.integrations.vllm.scheduler import LMShareConnectorScheduler  # noq
 from lmshare.integrations.vllm.settings import ConnectorSettings  # noqa: E402
 from lmshare.integrations.vllm.worker import LMShareConnectorWorker  # noqa: E402
 from lmshare.keys import ModelSignature  # noqa: E402
+from lmshare.testing.waiting import wait_until  # noqa: E402
 from lmshare.testing.fake_vllm import (  # noqa: E402
     LAYERS,
     PAGE,
@@ -136,9 +137,15 @@ class FakeClient:
         new = 0
         for key, chunk in zip(keys, chunks):
             if key not in self.cluster.local:
-                self.cluster.local[key] = bytes(chunk)
+                data = bytearray(chunk.nbytes)  # the chunk copies itself, as into pool slabs
+                chunk.write_into([memoryview(data)])
+                chunk.written()
+                self.cluster.local[key] = bytes(data)
                 new += 1
         return new
+
+    def stats(self):
+        return {"worker_id": "node-a", "transports": ["tcp"]}
 
     def close(self):
         pass
@@ -249,7 +256,7 @@ def test_store_then_peer_load_copies_whole_blocks():
     failed, _ = b.run(meta)
     assert failed == set()
     assert_copied(a, range(8), b, blocks_b[:8])
-    assert all(h.released for h in cluster.hits)
+    wait_until(lambda: all(h.released for h in cluster.hits), 10, "hits released off the step")
 
 
 def test_hit_leaves_the_last_token_to_vllm():
@@ -512,7 +519,7 @@ def test_gpu_style_loads_overlap_the_forward_layer_by_layer():
     assert waited == [0, 1]
     assert not cluster.hits[-1].released  # the copies may still read the pool
     b.worker.wait_for_save(meta)
-    assert cluster.hits[-1].released
+    wait_until(lambda: cluster.hits[-1].released, 10, "the hit released off the step")
     assert b.worker.get_block_ids_with_load_errors() == set()
     assert_copied(a, range(8), b, range(20, 28))
 
@@ -543,7 +550,7 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next():
              (i and cluster.calls[i - 1] != "copied")]  # runs of copy events as one step
     assert steps == ["acquire", "copied", "acquire", "copied", "acquire", "copied"]
     assert [len(h) for h in cluster.hits[-3:]] == [1, 2, 1]  # local prefix, then 2 + 1 peers
-    assert all(h.released for h in cluster.hits)
+    wait_until(lambda: all(h.released for h in cluster.hits), 10, "hits released off the step")
     assert_copied(a, range(8), b, range(20, 28))
 
 

@@ -1,5 +1,6 @@
-"""Stores off the forward loop: a store job is chunks copied out of vLLM's blocks, put to the
-worker by one background thread (or inline); a failed or dropped store is only a future miss."""
+"""Work off the forward loop: a store job is chunks copied out of vLLM's blocks, put to the
+worker by one background thread (or inline); a failed or dropped store is only a future miss.
+Hits are released by another thread, so that a step never waits for a worker's reply."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lmshare.client import Hit
 from lmshare.errors import RemoteError, WorkerUnavailable
 from lmshare.integrations.kv_copy import PendingSave
 from lmshare.integrations.vllm.link import WorkerLink
@@ -30,9 +32,8 @@ class SaveJob:
 
 def store(link: WorkerLink, job: SaveJob) -> int:
     """Put the job's chunks; failures are logged (a failed store is only a future miss)."""
-    try:
-        datas = [p.wait() for p in job.pending]
-        return link.call(lambda c: c.put_keys(job.namespace, job.keys, datas))
+    try:  # each chunk copies itself into its reserved slabs (on GPU: DMA from the device)
+        return link.call(lambda c: c.put_keys(job.namespace, job.keys, job.pending))
     except RemoteError as exc:
         log.info("lmshare: worker refused to store %d chunks of %s: %s", len(job.keys),
                  job.req_id, exc)
@@ -93,4 +94,28 @@ class Saver:
         except queue.Full:
             log.warning("lmshare: store queue did not drain; dropping pending stores")
             return
+        self._thread.join(timeout_s)
+
+
+class Releaser:
+    """One background thread that releases loaded hits (their leases end on the worker)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[list[Hit] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lmshare-release", daemon=True)
+        self._thread.start()
+
+    def submit(self, hits: list[Hit]) -> None:
+        self._queue.put(hits)
+
+    def _run(self) -> None:
+        while (hits := self._queue.get()) is not None:
+            for hit in hits:
+                try:
+                    hit.release()
+                except Exception:  # noqa: BLE001 - a lease not released expires on its own
+                    log.debug("lmshare: releasing a hit failed", exc_info=True)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
         self._thread.join(timeout_s)

@@ -7,8 +7,10 @@ link, a copier factory), so it runs and is tested without vLLM's engine."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
@@ -27,10 +29,20 @@ from lmshare.integrations.kv_copy import (
 )
 from lmshare.integrations.vllm.link import WorkerLink
 from lmshare.integrations.vllm.metadata import LMShareMetadata, LMShareWorkerMetadata, LoadSpec
-from lmshare.integrations.vllm.saver import SaveJob, Saver, store
+from lmshare.integrations.vllm.saver import Releaser, SaveJob, Saver, store
 from lmshare.integrations.vllm.settings import ConnectorSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSideStats:
+    """What this model worker's connector did since it started (summarized in the log)."""
+
+    loaded_chunks: int = 0  # copied into vLLM's blocks
+    peer_chunks: int = 0  # of those, from other workers' memory
+    failed_chunks: int = 0  # decided as hits but not loaded: recomputed
+    stored_chunks: int = 0  # handed to the store thread
 
 
 class LMShareConnectorWorker:
@@ -58,6 +70,10 @@ class LMShareConnectorWorker:
         self._failed_chunks: dict[str, int] = {}
         self._disabled_reported = False
         self._saver: Saver | None = None
+        self._releaser: Releaser | None = None
+        self._peer_reads: list[tuple[LoadSpec, Hit, int, int]] = []  # checked after the copies
+        self._serving = False  # past register_kv_caches: setup from now on runs in background
+        self.stats = WorkerSideStats()
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         try:
@@ -68,12 +84,26 @@ class LMShareConnectorWorker:
             self.enabled = False
             return
         # Register the worker's pool as this process maps it: chunks are read in place (on
-        # CUDA the pool is page-locked and loads DMA from it directly).
+        # CUDA the pool is page-locked and loads DMA from it directly). Done now, at engine
+        # start, so that no request pays for it; a worker reached later is registered in the
+        # background (loads copy from unregistered memory meanwhile).
         self._link.on_connect = self._register_pool
         self._link.on_close = self._unregister_pool
-        log.info("lmshare: registered %d layers of KV on %s (%d blocks of %d bytes)",
+        started = time.monotonic()
+        try:
+            info = self._link.call(lambda c: c.stats())
+        except LMShareError as exc:
+            log.warning("lmshare: worker %s not reachable at engine start (%s); serving "
+                        "without lmshare until it is", self.settings.worker or
+                        self.settings.endpoint, exc)
+            info = {}
+        self._serving = True
+        log.info("lmshare connector ready: worker %s, %d layers of KV on %s (%d blocks of %d "
+                 "bytes), transports %s, pool registered in %.2fs",
+                 info.get("worker_id", self.settings.worker or self.settings.endpoint),
                  self.geometry.num_layers, blocks.device, self.geometry.num_blocks,
-                 self.geometry.page_bytes)
+                 self.geometry.page_bytes, ",".join(info.get("transports", [])) or "-",
+                 time.monotonic() - started)
 
     @staticmethod
     def _pool_buffer(client: Client) -> Any:
@@ -90,11 +120,30 @@ class LMShareConnectorWorker:
             client.on_peer_unmap = self._forget_peer_pool
         buffer = self._pool_buffer(client)
         if buffer is not None and self._copier is not None:
+            self._register_host(buffer, read_only=False, what="the worker pool")
+
+    def _register_host(self, buffer: Any, read_only: bool, what: str) -> None:
+        """Register host memory with the copier: inline before the engine serves, in a
+        background thread once it does (page-locking GiBs takes seconds)."""
+        copier = self._copier
+        if copier is None:
+            return
+
+        def register() -> None:
             started = time.monotonic()
-            if self._copier.register_host(buffer) and \
-                    isinstance(self._copier, AsyncDeviceCopier):
-                log.info("lmshare: page-locked the worker pool (%d bytes) in %.2fs",
-                         buffer.nbytes, time.monotonic() - started)
+            try:
+                done = copier.register_host(buffer, read_only=read_only)
+            except Exception:  # noqa: BLE001 - loads keep working from unregistered memory
+                log.exception("lmshare: registering %s failed", what)
+                return
+            if done and isinstance(copier, AsyncDeviceCopier):
+                log.info("lmshare: page-locked %s (%d bytes) in %.2fs", what,
+                         memoryview(buffer).nbytes, time.monotonic() - started)
+
+        if not self._serving:
+            register()
+        else:
+            threading.Thread(target=register, name="lmshare-register", daemon=True).start()
 
     def _unregister_pool(self, client: Client) -> None:
         buffer = self._pool_buffer(client)
@@ -135,15 +184,27 @@ class LMShareConnectorWorker:
             self._finish_loads()
 
     def _finish_loads(self) -> None:
-        """Once the copies no longer read the pool, release the chunks' leases."""
+        """Once the copies no longer read the pool: check the chunks read in same-host peers'
+        memory (a changed one is reported as a load error: vLLM drops this step's output for
+        the request and recomputes from there), then release the chunks' leases off the
+        forward loop."""
         if self._copier is not None:
             try:
                 self._copier.loads_finished()
             except Exception:  # noqa: BLE001 - leases expire on their own
                 log.exception("lmshare: waiting for KV copies failed")
+        reads, self._peer_reads = self._peer_reads, []
+        failed: set[str] = set()
+        for spec, hit, index, position in reads:
+            if spec.req_id not in failed and not hit.verify(index):
+                log.warning("lmshare: chunk %d of %s changed in its holder's memory while "
+                            "being read; vLLM recomputes from there",
+                            spec.first_chunk + position, spec.req_id)
+                self._fail_load(spec, spec.first_chunk + position)
+                failed.add(spec.req_id)
         hits, self._loading_hits = self._loading_hits, []
-        for hit in hits:
-            hit.release()
+        if hits:
+            self._release_thread().submit(hits)
 
     def _load_batches(self, spec: LoadSpec, count: int) -> list[tuple[int, int]]:
         """(first, end) chunk index ranges of ``spec`` to acquire one after the other: with an
@@ -167,7 +228,6 @@ class LMShareConnectorWorker:
         bpc = self.blocks_per_chunk
         end_block = spec.first_block + len(spec.block_ids)
         loaded = local = peer = 0
-        in_peer_memory: list[tuple[Hit, int, int]] = []  # (hit, index, position in keys)
         for first, end in self._load_batches(spec, len(keys)):
             hit = self._link.call(lambda c, k=keys[first:end]: c.acquire_keys(
                 namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s,
@@ -183,7 +243,7 @@ class LMShareConnectorWorker:
                 peer_buffer = hit.region_buffer(index)
                 if peer_buffer is not None:
                     self._register_peer_pool(peer_buffer)
-                    in_peer_memory.append((hit, index, first + index))
+                    self._peer_reads.append((spec, hit, index, first + index))
                 try:
                     copier.load(hit.views(index), lo - chunk * bpc,
                                 spec.block_ids[lo - spec.first_block : hi - spec.first_block])
@@ -196,9 +256,10 @@ class LMShareConnectorWorker:
                 break  # a missing chunk ends the prefix
             if end < len(keys):
                 copier.loads_done()  # this batch copies while the next one is fetched
-        if in_peer_memory:
-            loaded = min(loaded, self._verify_peer_reads(spec, in_peer_memory))
+        self.stats.loaded_chunks += loaded
+        self.stats.peer_chunks += min(peer, loaded)
         if loaded < len(keys):
+            self.stats.failed_chunks += len(keys) - loaded
             log.info("lmshare: %s got %d of %d chunks; vLLM recomputes the rest", spec.req_id,
                      loaded, len(keys))
             self._fail_load(spec, spec.first_chunk + loaded)
@@ -206,30 +267,15 @@ class LMShareConnectorWorker:
             log.debug("lmshare: loaded %d chunks (%d local, %d from peers) for %s", loaded,
                       local, peer, spec.req_id)
 
-    def _verify_peer_reads(self, spec: LoadSpec, reads: list[tuple[Hit, int, int]]) -> int:
-        """Chunks read in a same-host peer's pool are pinned there, and the slab generations
-        are the proof: finish the copies (before this step's forward can read them), then
-        return how many of ``spec``'s chunks are good (the first changed chunk ends them)."""
-        copier = self._copier
-        if copier is not None and copier.asynchronous:
-            copier.loads_done()
-            copier.loads_finished()  # the forward waits for these copies, then checks
-        for hit, index, position in reads:
-            if not hit.verify(index):
-                log.warning("lmshare: chunk %d of %s changed in its holder's memory while "
-                            "being read; vLLM recomputes from there", spec.first_chunk + position,
-                            spec.req_id)
-                return position
-        return len(spec.keys[self.tp_rank])
-
     def _register_peer_pool(self, buffer: Any) -> None:
-        """Register a same-host peer's pool (read-only) once: chunks are read in place."""
+        """Register a same-host peer's pool (read-only) once, in the background: chunks are
+        read in place, DMA'd once it is page-locked."""
         if self._copier is None:
             return
         address = buffer_address(buffer)
         if address not in self._peer_pools:
             self._peer_pools[address] = buffer
-            self._copier.register_host(buffer, read_only=True)
+            self._register_host(buffer, read_only=True, what="a same-host peer's pool")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # On GPU the layer's copies run on a side stream: this layer's attention waits for
@@ -247,18 +293,33 @@ class LMShareConnectorWorker:
         copier = self._copier
         if copier is None or not self.enabled:
             return
+        try:  # every chunk of the step at once: on GPU a few gather kernels in all
+            pending = copier.save_chunks([ids for spec in metadata.saves for ids in spec.block_ids])
+        except Exception:  # noqa: BLE001 - a failed store is a future miss
+            log.exception("lmshare: copying this step's new chunks out failed")
+            return
+        position = 0
         for spec in metadata.saves:
-            try:
-                pending = [copier.save(ids) for ids in spec.block_ids]
-            except Exception:  # noqa: BLE001 - a failed store is a future miss
-                log.exception("lmshare: copying chunks of %s out failed", spec.req_id)
+            chunks = pending[position : position + len(spec.block_ids)]
+            position += len(spec.block_ids)
+            saved = next((i for i, p in enumerate(chunks) if p is None), len(chunks))
+            for p in chunks[saved:]:  # a prefix is stored up to the first chunk left out
+                if p is not None:
+                    p.release()
+            if not saved:
                 continue
-            job = SaveJob(spec.namespaces[self.tp_rank], spec.keys[self.tp_rank], pending,
-                           spec.req_id)
+            job = SaveJob(spec.namespaces[self.tp_rank], spec.keys[self.tp_rank][:saved],
+                          [p for p in chunks[:saved] if p is not None], spec.req_id)
+            self.stats.stored_chunks += saved
             if self.settings.async_save:
                 self._saver_thread().submit(job)
             else:
                 store(self._link, job)
+
+    def _release_thread(self) -> Releaser:
+        if self._releaser is None:
+            self._releaser = Releaser()
+        return self._releaser
 
     def _saver_thread(self) -> Saver:
         if self._saver is None:
@@ -283,6 +344,9 @@ class LMShareConnectorWorker:
         if self._saver is not None:
             self._saver.close()
             self._saver = None
+        if self._releaser is not None:
+            self._releaser.close()
+            self._releaser = None
         if self._copier is not None:
             self._copier.close()
         self._link.close()
