@@ -91,10 +91,11 @@ PATHS = ("lmshare TCP", "raw socket", "Mooncake TCP", "lmshare UCX over tcp",
 def run(rounds: int = 9) -> tuple[str, dict]:
     data: dict[str, dict[str, list[float]]] = {}
     redis_server = RedisServer()
-    tcp, shm = TcpTransport(), ShmTransport()
-    ucx = UcxTransport(TcpTransport(), host_identity()) if ucx_available() else None
+    cluster = LocalCluster()
+    tcp, shm = TcpTransport(key=cluster.key), ShmTransport()
+    ucx = UcxTransport(TcpTransport(key=cluster.key), host_identity()) if ucx_available() else None
     try:
-        with LocalCluster() as cluster:
+        with cluster:
             cluster.start_controller()
             cluster.start_worker("holder", "512MiB", *(
                 ["--transports", "shm,ucx,tcp"] if ucx is not None else []))

@@ -205,7 +205,8 @@ def _hits(stats: ClusterStats, width: int, tall: bool) -> list[Text]:
         f" · {stats.lookups:,} lookups")
     if stats.refused_messages:
         head.append(f" · {stats.refused_messages} refused", style="yellow")
-    refused_connections = sum(stats.refused_connections.values())
+    refused_connections = sum(stats.refused_connections.values()) + sum(
+        w.counters.refused_connections for w in stats.workers)
     if refused_connections:
         head.append(f" · {refused_connections} unauthenticated connections refused",
                     style="red")

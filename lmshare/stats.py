@@ -26,6 +26,7 @@ class WorkerCounters:
     lookups: int = 0
     admits: int = 0
     evictions: int = 0
+    refused_connections: int = 0  # data-plane connections that failed the key handshake
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerCounters:

@@ -80,14 +80,15 @@ class WorkerAgent:
         host = config.advertised_host()
         try:
             self.peer_server = TcpPeerServer(self._serve_chunk, host, config.port,
-                                             locator=self._locate, releaser=self.leases.release)
+                                             locator=self._locate, releaser=self.leases.release,
+                                             key=config.key)
         except OSError as exc:
             self.pool.close()
             raise ConfigError(f"cannot listen for peers on {host}:{config.port} ({exc.strerror}); "
                               "choose another --port or stop the process using it") from None
         self.host_id = host_identity()
         self.transports = tuple(config.transports)
-        tcp = TcpTransport()
+        tcp = TcpTransport(key=config.key)
         transports: list[Transport] = [tcp]
         self.shm: ShmTransport | None = None
         if "shm" in self.transports:
@@ -209,6 +210,7 @@ class WorkerAgent:
             c.bytes_fetched = self.fetcher.bytes_fetched
             c.fetch_failures = self.fetcher.failures
             c.in_flight_fetches = self.fetcher.in_flight + self.peer_server.in_flight()
+            c.refused_connections = self.peer_server.refused_total()
             return c.to_dict()
 
     # ------------------------------------------------------------------ data plane

@@ -75,6 +75,14 @@ class WorkerCollector(Collector):
                 ("admits", "admits", "Chunks committed to the pool"),
                 ("evictions", "evictions", "Chunks evicted (LRU) to make room")):
             yield CounterMetricFamily(f"lmshare_worker_{name}", doc, value=c[key])
+        refused = CounterMetricFamily(
+            "lmshare_worker_refused_connections", "Data-port connections refused before any "
+            "request: the peer failed the cluster-key handshake (bad_mac), or did not finish it "
+            "(timeout, closed)", labels=["reason"])
+        counts = agent.peer_server.refused_counts()
+        for reason in sorted({"bad_mac", "timeout", "closed", *counts}):
+            refused.add_metric([reason], counts.get(reason, 0))
+        yield refused
         by_transport = dict(getattr(agent.fetcher, "chunks_by_transport", {}) or {})
         fetched = CounterMetricFamily("lmshare_worker_fetched_chunks",
                                       "Chunks fetched from peers, by transport",

@@ -1,12 +1,14 @@
 """TCP data path.
 
-Wire format on one persistent connection, per request:
+Every connection opens with the data-plane handshake (``lmshare/handshake.py``): both sides
+prove they hold the cluster key before the first request. Then, per request:
   client → server: ``u32 length`` + msgpack ``{"v", "type": "fetch", "keys", "checksum"}``
   server → client: per key, a 16-byte header ``(u8 status, 3 pad, u32 crc32, u64 nbytes)``
                    followed by ``nbytes`` bytes when status is OK.
 The same connection also carries the small requests of one-sided transports (UCX):
   ``{"type": "locate", "keys", "lease_s"}`` → ``u32 length`` + msgpack ``{handle, chunks, gens}``
-  ``{"type": "release", "handle"}`` → no answer.
+  ``{"type": "release", "handle"}`` → no answer; it ends only leases that a ``locate`` on this
+  port made (never a local client's).
 The server sends straight from its pool slabs with ``socket.sendmsg`` (no intermediate copy);
 the client ``recv_into``s the destination slabs. Every socket wait has the request's deadline.
 """
@@ -19,11 +21,14 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 
 import msgpack
 
+from lmshare.credentials import ClusterKey
 from lmshare.errors import TransferError
+from lmshare.handshake import HandshakeRefused, client_handshake, data_key, server_handshake
 from lmshare.protocol import PROTOCOL_VERSION
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
 
@@ -132,8 +137,9 @@ class TcpTransport(Transport):
 
     name = "tcp"
 
-    def __init__(self, connect_timeout_s: float = 2.0) -> None:
+    def __init__(self, connect_timeout_s: float = 2.0, key: ClusterKey | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self._key = data_key(key)
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
 
@@ -146,7 +152,12 @@ class TcpTransport(Transport):
                     return idle.pop()
         timeout = min(self.connect_timeout_s, _remaining(deadline))
         sock = socket.create_connection(address, timeout=timeout)
-        _tune(sock)
+        try:
+            _tune(sock)
+            client_handshake(sock, self._key, min(deadline, time.monotonic() + timeout))
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def _reusable(self, peer: PeerInfo) -> bool:
@@ -269,8 +280,16 @@ class TcpPeerServer:
 
     def __init__(self, source: ChunkSource, host: str = "127.0.0.1", port: int = 0,
                  send_timeout_s: float = 10.0, locator: Locator | None = None,
-                 releaser: Releaser | None = None, idle_timeout_s: float = 300.0) -> None:
+                 releaser: Releaser | None = None, idle_timeout_s: float = 300.0,
+                 key: ClusterKey | None = None, handshake_timeout_s: float = 5.0) -> None:
         self.source = source
+        self._key = data_key(key)
+        self.handshake_timeout_s = handshake_timeout_s
+        #: connections refused before any request, by reason (bad_mac, timeout, closed)
+        self.refused: Counter[str] = Counter()
+        self._refused_hosts: set[str] = set()
+        # leases a locate on this port made: the only ones a release on this port may end
+        self._located: dict[int, float] = {}
         self.idle_timeout_s = idle_timeout_s
         self.locator = locator
         self.releaser = releaser
@@ -335,15 +354,59 @@ class TcpPeerServer:
             raise ConnectionError(f"unknown request type {type_!r}")
         return request
 
+    def refused_total(self) -> int:
+        with self._state:
+            return sum(self.refused.values())
+
+    def refused_counts(self) -> dict[str, int]:
+        with self._state:
+            return dict(self.refused)
+
+    def _refuse(self, conn: socket.socket, exc: HandshakeRefused) -> None:
+        try:
+            host = conn.getpeername()[0]
+        except OSError:
+            host = "an unknown address"
+        with self._state:
+            self.refused[exc.reason] += 1
+            first = host not in self._refused_hosts and len(self._refused_hosts) < 1024
+            if first:
+                self._refused_hosts.add(host)
+        if first:
+            log.warning("data port refused a connection from %s (%s): %s; logged once per "
+                        "address", host, exc.reason, exc)
+
+    def _release(self, handle: object) -> None:
+        if self.releaser is None or not isinstance(handle, int):
+            return
+        with self._state:
+            located = self._located.pop(handle, None) is not None
+        if located:
+            self.releaser(handle)
+
+    def _remember_located(self, handle: object) -> None:
+        if not isinstance(handle, int) or not handle:
+            return
+        now = time.monotonic()
+        with self._state:
+            if len(self._located) > 100_000:  # leases expire on their own; forget old ones
+                horizon = now - 3600
+                self._located = {h: t for h, t in self._located.items() if t > horizon}
+            self._located[handle] = now
+
     def _serve(self, conn: socket.socket) -> None:
         try:
+            try:
+                server_handshake(conn, self._key, time.monotonic() + self.handshake_timeout_s)
+            except HandshakeRefused as exc:
+                self._refuse(conn, exc)
+                return
             while not self._stopping.is_set():
                 request = self._read_request(conn)
                 if request is None:
                     break
                 if request["type"] == "release":
-                    if self.releaser is not None and isinstance(request.get("handle"), int):
-                        self.releaser(request["handle"])
+                    self._release(request.get("handle"))
                     continue
                 with self._state:
                     self._in_flight += 1
@@ -369,6 +432,7 @@ class TcpPeerServer:
             reply = {"handle": 0, "chunks": [], "gens": []}
         else:
             reply = self.locator(request["keys"], float(request.get("lease_s", 5.0)))
+            self._remember_located(reply.get("handle"))
         _send_message(conn, reply, time.monotonic() + self.send_timeout_s)
 
     def _answer(self, conn: socket.socket, request: dict) -> None:

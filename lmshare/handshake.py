@@ -1,0 +1,100 @@
+"""The data-plane handshake: a mutual HMAC challenge/response that opens every peer connection.
+
+Before the first request on a TCP peer connection (and so before any KV byte moves):
+
+  server → client: ``MAGIC`` + 32-byte server nonce
+  client → server: 32-byte client nonce + HMAC(k, "client" | server nonce | client nonce)
+  server → client: HMAC(k, "server" | client nonce | server nonce)
+
+``k`` is the cluster key's data-plane key (all zeros for ``--insecure`` processes, which thus
+only talk among themselves). Each side proves it holds ``k`` on a nonce the other chose fresh,
+so a recorded handshake cannot be replayed and a peer without the key learns nothing. What it
+does not do: encrypt or authenticate the bytes that follow (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import socket
+import time
+
+from lmshare.credentials import ClusterKey
+
+MAGIC = b"LMSHAKE1"
+NONCE_BYTES = 32
+MAC_BYTES = 32
+INSECURE_KEY = bytes(32)
+
+
+class HandshakeRefused(ConnectionError):
+    """The other side does not hold the cluster key (or does not speak the handshake)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def data_key(key: ClusterKey | None) -> bytes:
+    return key.data_key() if key is not None else INSECURE_KEY
+
+
+def _mac(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(key, role + first + second, hashlib.sha256).digest()
+
+
+def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HandshakeRefused("timeout", "handshake not finished in time")
+        sock.settimeout(left)
+        try:
+            part = sock.recv(count - len(data))
+        except TimeoutError:
+            raise HandshakeRefused("timeout", "handshake not finished in time") from None
+        if not part:
+            raise HandshakeRefused("closed", "connection closed during the handshake")
+        data += part
+    return bytes(data)
+
+
+def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise HandshakeRefused("timeout", "handshake not finished in time")
+    sock.settimeout(left)
+    sock.sendall(data)
+
+
+def server_handshake(sock: socket.socket, key: bytes, deadline: float) -> None:
+    """Run the server's side; raises HandshakeRefused (reason: bad_mac, timeout, closed)."""
+    server_nonce = secrets.token_bytes(NONCE_BYTES)
+    _send(sock, MAGIC + server_nonce, deadline)
+    answer = _recv_exact(sock, NONCE_BYTES + MAC_BYTES, deadline)
+    client_nonce, mac = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+    if not hmac.compare_digest(mac, _mac(key, b"client", server_nonce, client_nonce)):
+        raise HandshakeRefused("bad_mac", "the peer does not hold this cluster's key")
+    _send(sock, _mac(key, b"server", client_nonce, server_nonce), deadline)
+
+
+def client_handshake(sock: socket.socket, key: bytes, deadline: float) -> None:
+    """Run the client's side; raises HandshakeRefused when the server is not a member."""
+    hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES, deadline)
+    if hello[:len(MAGIC)] != MAGIC:
+        raise HandshakeRefused("protocol", "the peer does not speak lmshare's data-plane "
+                                           "handshake (an older lmshare, or not lmshare)")
+    server_nonce = hello[len(MAGIC):]
+    client_nonce = secrets.token_bytes(NONCE_BYTES)
+    _send(sock, client_nonce + _mac(key, b"client", server_nonce, client_nonce), deadline)
+    try:
+        proof = _recv_exact(sock, MAC_BYTES, deadline)
+    except HandshakeRefused as exc:
+        if exc.reason == "closed":
+            raise HandshakeRefused("bad_mac", "the peer refused this process's cluster key "
+                                              "(another cluster's key, or --insecure)") from None
+        raise
+    if not hmac.compare_digest(proof, _mac(key, b"server", client_nonce, server_nonce)):
+        raise HandshakeRefused("bad_mac", "the peer does not hold this cluster's key")
