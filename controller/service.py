@@ -7,6 +7,7 @@ and the controller keeps serving everyone else.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -19,11 +20,10 @@ from typing import Any
 import zmq
 
 from lmshare import protocol
-from lmshare.controller.index import ChunkIndex
+from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ProtocolError
-from lmshare.keys import KEY_BYTES
 from lmshare.protocol import ErrorCode
 from lmshare.stats import ClusterEvent, ClusterStats, WorkerCounters, WorkerView
 from lmshare.transports.base import PeerInfo
@@ -36,6 +36,8 @@ DEPARTED_SHOWN_S = 120.0  # how long stats keep showing a worker that left or di
 LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup"}
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
                     "ping"}
+STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
+MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
 
 
 @dataclass
@@ -47,8 +49,19 @@ class ControllerConfig:
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
     max_lookup_keys: int = 65536
     key: ClusterKey | None = None  # the cluster key: CURVE on the socket; None = insecure
+    max_keys_per_worker: int = DEFAULT_MAX_KEYS_PER_WORKER
 
     def __post_init__(self) -> None:
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name.replace('_s', '').replace('_', ' ')} must be a positive "
+                                  f"number of seconds, not {value!r}")
+        for name in ("max_message_bytes", "max_lookup_keys", "max_keys_per_worker"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, "
+                                  f"not {value!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError(f"heartbeat timeout ({self.heartbeat_timeout_s}s) must be longer "
                               f"than the heartbeat interval ({self.heartbeat_interval_s}s)")
@@ -72,7 +85,8 @@ class ControllerService:
         self.epoch = int(self.started_at * 1000)
         self._next_epoch = self.epoch
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
-        self.index = ChunkIndex()
+        self.index = ChunkIndex(config.max_keys_per_worker)
+        self.index.on_capped = self._on_capped
         self.events: deque[ClusterEvent] = deque(maxlen=200)
         self.lookup_us: deque[float] = deque(maxlen=20000)
         self.lookups = 0
@@ -87,6 +101,7 @@ class ControllerService:
         self._hit_history: deque[tuple[int, int, int]] = deque(maxlen=60)
         self._last_hit_totals: tuple[int, int, int] | None = None
         self._last_sample = 0.0
+        self.slowest_step_cpu_s = 0.0  # CPU time of the longest message or index slice
         self._stop = threading.Event()
         # optional etcd election (controller/election.py); None = the only controller
         self.election: Any = None
@@ -102,7 +117,9 @@ class ControllerService:
             self.guard.secure_server(self._socket, config.key)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * 4)
+        # A frame up to twice the limit is read and refused with a too_large reply; a larger
+        # one disconnects its sender before it is buffered whole.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes)
         try:
             self._socket.bind(f"tcp://{config.host}:{config.port}")
         except zmq.ZMQError as exc:
@@ -127,13 +144,18 @@ class ControllerService:
         log.info("controller %s listening on %s:%d", self.controller_id, self.config.host, self.port)
         try:
             while not self._stop.is_set():
-                if poller.poll(50):
+                # queued index work is absorbed a slice at a time between messages
+                if poller.poll(0 if self.index.pending else 50):
                     for _ in range(1000):  # drain what is queued, then check timers
                         try:
                             frames = self._socket.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        self._timed(self._handle, frames)
+                        if self.index.pending:
+                            self._timed(self.index.absorb)
+                elif self.index.pending:
+                    self._timed(self.index.absorb)
                 if self._leadership_changed.is_set():
                     self._start_term()
                 self._check_liveness()
@@ -142,6 +164,11 @@ class ControllerService:
             self._socket.close(linger=0)
             if self.guard is not None:
                 self.guard.close()
+
+    def _timed(self, step: Callable[..., Any], *args: Any) -> None:
+        started = time.thread_time()
+        step(*args)
+        self.slowest_step_cpu_s = max(self.slowest_step_cpu_s, time.thread_time() - started)
 
     def stop(self) -> None:
         self._stop.set()
@@ -159,7 +186,8 @@ class ControllerService:
         after a controller restart, so no stale index survives a change of leader."""
         self._leadership_changed.clear()
         self.registry.workers.clear()
-        self.index = ChunkIndex()
+        self.index = ChunkIndex(self.config.max_keys_per_worker)
+        self.index.on_capped = self._on_capped
         self.departed.clear()
         self.epoch = max(self._next_epoch + 1, int(time.time() * 1000))
         self._next_epoch = self.epoch
@@ -176,10 +204,18 @@ class ControllerService:
         envelope, payload = frames[:-1], frames[-1]
         request_id = 0
         try:
+            if len(frames) > MAX_FRAMES or sum(len(f) for f in frames) > \
+                    self.config.max_message_bytes:
+                envelope = frames[:1]  # the routing id: echo nothing else of it
+                raise _Refused(ErrorCode.TOO_LARGE,
+                               f"{ErrorCode.TOO_LARGE}: a message of {len(frames)} frames and "
+                               f"{sum(len(f) for f in frames)} bytes exceeds the limit of "
+                               f"{self.config.max_message_bytes} bytes in one frame")
             try:
                 message = protocol.decode_request(payload, CONTROLLER_TYPES,
                                                   self.config.max_message_bytes)
             except ProtocolError as exc:
+                request_id = exc.request_id
                 raise _Refused(protocol.error_code_of(exc), str(exc)) from None
             request_id = message["id"]
             if message["type"] in LEADER_ONLY and self.role == "standby":
@@ -198,7 +234,7 @@ class ControllerService:
             log.exception("handler failed")
             reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
         try:
-            self._socket.send_multipart([*envelope, protocol.encode(reply)], zmq.NOBLOCK)
+            self._socket.send_multipart([*envelope, protocol.encode_reply(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
 
@@ -212,18 +248,14 @@ class ControllerService:
                            "register again")
         return record
 
-    @staticmethod
-    def _check_keys(keys: Any) -> list[bytes]:
-        if not isinstance(keys, (list, tuple)) or not all(
-                isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
-            raise _Refused(ErrorCode.BAD_MESSAGE, f"keys must be a list of {KEY_BYTES}-byte strings")
-        return list(keys)
-
-    def _apply_entries(self, record: WorkerRecord, entries: dict) -> None:
+    def _apply_entries(self, record: WorkerRecord, entries: dict[bytes, list[bytes]]) -> None:
+        """Index a worker's keys (checked by the protocol); past its cap they are dropped."""
         for namespace, keys in entries.items():
-            if not isinstance(namespace, bytes) or len(namespace) != KEY_BYTES:
-                raise _Refused(ErrorCode.BAD_MESSAGE, "namespace must be 16 bytes")
-            self.index.add(record.worker_id, namespace, self._check_keys(keys))
+            self.index.add(record.worker_id, namespace, keys)
+
+    def _on_capped(self, worker_id: str) -> None:
+        self.event("refused", f"{worker_id} holds more than {self.config.max_keys_per_worker} "
+                              "keys; the index keeps that many (raise --max-keys-per-worker)")
 
     def _drop_worker(self, worker_id: str, kind: str, detail: str) -> None:
         record = self.registry.remove(worker_id)
@@ -235,10 +267,6 @@ class ControllerService:
     # ------------------------------------------------------------------ handlers
     def _on_register(self, m: dict[str, Any]) -> dict[str, Any]:
         worker_id = m["worker_id"]
-        if not worker_id or len(worker_id) > 200:
-            raise _Refused(ErrorCode.BAD_MESSAGE, "worker_id must be 1-200 characters")
-        if not 0 < m["data_port"] < 65536:
-            raise _Refused(ErrorCode.BAD_MESSAGE, f"data_port {m['data_port']} is not a port")
         self._next_epoch += 1
         record = WorkerRecord(worker_id, self._next_epoch, m["host"], m["data_port"],
                               m["host_id"], [str(t) for t in m["transports"]],
@@ -266,7 +294,7 @@ class ControllerService:
         if record.syncing or m["seq"] != record.last_seq + 1:
             return protocol.ok(m["id"], resync=True)
         self._apply_entries(record, m["admit"])
-        self.index.remove(record.worker_id, self._check_keys(m["evict"]))
+        self.index.remove(record.worker_id, m["evict"])
         record.last_seq = m["seq"]
         record.last_heartbeat = time.monotonic()
         return protocol.ok(m["id"], resync=False)
@@ -299,9 +327,6 @@ class ControllerService:
             raise _Refused(ErrorCode.TOO_LARGE, f"lookup of {len(keys)} keys exceeds "
                                                 f"{self.config.max_lookup_keys}; split it")
         namespace = m["namespace"]
-        if not isinstance(namespace, bytes) or len(namespace) != KEY_BYTES:
-            raise _Refused(ErrorCode.BAD_MESSAGE, "namespace must be 16 bytes")
-        keys = self._check_keys(keys)
         if not self.index.knows_namespace(namespace):
             raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
                            "no worker holds chunks of this namespace (model signature); nothing "
@@ -322,7 +347,8 @@ class ControllerService:
                            leader=self.election.leader if self.election is not None else "")
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
-        return protocol.ok(m["id"], stats=self.cluster_stats().to_dict())
+        stats = self.cluster_stats(m.get("offset", 0), m.get("limit", STATS_PAGE))
+        return protocol.ok(m["id"], stats=stats.to_dict())
 
     # ------------------------------------------------------------------ timers
     def _check_liveness(self) -> None:
@@ -341,44 +367,64 @@ class ControllerService:
             totals = (totals[0] + c.local_hit_chunks, totals[1] + c.peer_hit_chunks,
                       totals[2] + c.miss_chunks)
         if self._last_hit_totals is not None:
-            delta = tuple(max(0, a - b) for a, b in zip(totals, self._last_hit_totals))
+            delta = tuple(min(protocol.MAX_COUNTER, max(0, a - b))
+                          for a, b in zip(totals, self._last_hit_totals))
             self._hit_history.append(delta)  # type: ignore[arg-type]
         self._last_hit_totals = totals
 
     def _fill_peer_transports(self, views: list[WorkerView]) -> None:
-        """Which transport each worker uses towards the others (grouped, so it stays cheap
-        with thousands of workers)."""
-        groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        """Which transport each worker uses towards the others: counted per (host, transports)
+        group against each distinct transports list, so the cost is linear in workers."""
+        groups: dict[tuple[str, tuple[str, ...]], int] = {}
         for w in self.registry.workers.values():
-            groups.setdefault((w.host_id, tuple(w.transports)), []).append(w.worker_id)
+            group = (w.host_id, tuple(w.transports))
+            groups[group] = groups.get(group, 0) + 1
+        everywhere: dict[tuple[str, ...], int] = {}
+        by_host: dict[str, dict[tuple[str, ...], int]] = {}
+        for (host_id, transports), n in groups.items():
+            everywhere[transports] = everywhere.get(transports, 0) + n
+            by_host.setdefault(host_id, {})[transports] = n
         summary: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
         for host_id, transports in groups:
             counts: dict[str, int] = {}
-            for (peer_host, peer_transports), peers in groups.items():
-                peer = PeerInfo("", "", 0, peer_host, peer_transports)
-                name = choose_transport(host_id, transports, peer)
-                n = len(peers) - (1 if (peer_host, peer_transports) == (host_id, transports) else 0)
+            here = by_host[host_id]
+            for peer_transports, n in everywhere.items():
+                elsewhere = n - here.get(peer_transports, 0)
+                if elsewhere:
+                    other = PeerInfo("", "", 0, "\0elsewhere", peer_transports)
+                    name = choose_transport(host_id, transports, other)
+                    counts[name] = counts.get(name, 0) + elsewhere
+            for peer_transports, n in here.items():
+                n -= peer_transports == transports  # not itself
                 if n:
+                    name = choose_transport(host_id, transports,
+                                            PeerInfo("", "", 0, host_id, peer_transports))
                     counts[name] = counts.get(name, 0) + n
             summary[(host_id, transports)] = counts
         for view in views:
             view.peer_transports = summary.get((view.host_id, tuple(view.transports)), {})
 
-    def cluster_stats(self) -> ClusterStats:
+    def cluster_stats(self, offset: int = 0, limit: int | None = None) -> ClusterStats:
+        """The cluster's numbers, with the workers ``[offset, offset + limit)`` (live ones
+        first, then those that left or died recently); ``workers_total`` counts them all."""
         now = time.monotonic()
+        horizon = time.time() - DEPARTED_SHOWN_S
+        for worker_id, (_, _, when) in list(self.departed.items()):
+            if when < horizon:
+                del self.departed[worker_id]
+        live = list(self.registry.workers.values())
+        total = len(live) + len(self.departed)
+        end = total if limit is None else min(total, offset + limit)
         workers = [
             WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
                        self.registry.state(w, now), round(w.heartbeat_age(now), 3),
                        self.index.worker_chunks(w.worker_id), w.counters,
                        w.rate("bytes_served"), w.rate("bytes_fetched"))
-            for w in self.registry.workers.values()
+            for w in live[offset:end]
         ]
         self._fill_peer_transports(workers)
-        horizon = time.time() - DEPARTED_SHOWN_S
-        for worker_id, (w, state, when) in list(self.departed.items()):
-            if when < horizon:
-                del self.departed[worker_id]
-                continue
+        gone = list(self.departed.values())[max(0, offset - len(live)):max(0, end - len(live))]
+        for w, state, when in gone:
             workers.append(WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
                                       state, round(time.time() - when, 3), 0, w.counters))
         samples = sorted(self.lookup_us)
@@ -394,4 +440,5 @@ class ControllerService:
             refused_messages=self.refused, role=self.role,
             refused_connections=self.guard.counts() if self.guard is not None else {},
             secure=self.guard is not None,
-            leader=self.election.leader if self.election is not None else "")
+            leader=self.election.leader if self.election is not None else "",
+            workers_total=total, workers_offset=offset)

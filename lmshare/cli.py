@@ -129,7 +129,13 @@ def fetch_cluster_stats(controller: str, timeout_s: float, key=None):
 
     client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
     try:
-        return ClusterStats.from_dict(client.call("stats")["stats"])
+        stats = ClusterStats.from_dict(client.call("stats")["stats"])
+        while stats.workers and len(stats.workers) < stats.workers_total:  # a big cluster: pages
+            page = ClusterStats.from_dict(client.call("stats", offset=len(stats.workers))["stats"])
+            if not page.workers:
+                break
+            stats.workers.extend(page.workers)
+        return stats
     finally:
         client.close()
 

@@ -14,6 +14,8 @@ class ConfigError(LMShareError):
 class ProtocolError(LMShareError):
     """A message that cannot be decoded or is not valid for the protocol."""
 
+    request_id = 0  # the id of the refused request, when it could be read (for the reply)
+
 
 class RemoteError(LMShareError):
     """The other side answered with an error; ``code`` names it (see ``protocol.ErrorCode``)."""

@@ -13,6 +13,21 @@ from typing import Any
 import msgpack
 
 from lmshare.errors import ProtocolError
+from lmshare.keys import KEY_BYTES
+from lmshare.schema import (
+    I64_MAX,
+    Bool,
+    Bytes,
+    Float,
+    Int,
+    KeyMap,
+    List,
+    Map,
+    Optional,
+    Scalar,
+    Spec,
+    Str,
+)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -34,47 +49,79 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-_INT = (int,)
-_STR = (str,)
-_BYTES = (bytes,)
-_LIST = (list, tuple)
-_MAP = (dict,)
-_BOOL = (bool,)
-_NUM = (int, float)
+# Bounds of what one message may carry (the whole message is also capped in bytes).
+MAX_KEYS = 65536  # chunk keys in one request, or in one batch or sync part
+MAX_NAME = 200  # worker ids
+MAX_HOST = 255  # host names and host ids
+MAX_LEASE_S = 86400.0  # the worker clamps a lease further (its --max-lease)
+MAX_COUNTER = 2**62  # a heartbeat counter (monotonic, since the worker started)
+MAX_ERROR_TEXT = 1000  # characters of an error reply's message
 
-# Required fields of each request type (beyond v/type/id), with the types they must have.
-SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+_KEY = Bytes(exact=KEY_BYTES)
+_KEYS = List(_KEY, MAX_KEYS)
+_EPOCH = Int(0, I64_MAX)
+_HANDLE = Int(0, I64_MAX)
+_LEASE = Float(0.0, MAX_LEASE_S)
+_WORKER = Str(MAX_NAME, min_len=1)
+
+# The fields of each request type (beyond v/type/id), each typed and bounded; absent fields
+# are refused unless marked Optional. Unknown fields are ignored.
+SCHEMAS: dict[str, dict[str, Spec]] = {
     # worker -> controller
-    "register": {"worker_id": _STR, "host": _STR, "data_port": _INT, "transports": _LIST,
-                 "capacity_bytes": _INT, "host_id": _STR},
-    "heartbeat": {"worker_id": _STR, "epoch": _INT, "seq": _INT, "stats": _MAP},
-    "batch": {"worker_id": _STR, "epoch": _INT, "seq": _INT, "admit": _MAP, "evict": _LIST},
-    "sync": {"worker_id": _STR, "epoch": _INT, "seq": _INT, "part": _INT, "final": _BOOL,
-             "entries": _MAP},
-    "deregister": {"worker_id": _STR, "epoch": _INT},
+    "register": {"worker_id": _WORKER, "host": Str(MAX_HOST), "data_port": Int(1, 65535),
+                 "transports": List(Str(16), 8), "capacity_bytes": Int(0, MAX_COUNTER),
+                 "host_id": Str(MAX_HOST),
+                 "extra": Optional(Map(Str(64), Scalar(16 * 1024), 64))},
+    "heartbeat": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
+                  "stats": Map(Str(64), Int(0, MAX_COUNTER), 64)},
+    "batch": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
+              "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS},
+    "sync": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
+             "part": Int(0, 1 << 24), "final": Bool(), "entries": KeyMap(KEY_BYTES, MAX_KEYS)},
+    "deregister": {"worker_id": _WORKER, "epoch": _EPOCH},
     # anyone -> controller
-    "lookup": {"namespace": _BYTES, "keys": _LIST},
-    "stats": {},
+    "lookup": {"namespace": _KEY, "keys": _KEYS},
+    "stats": {"offset": Optional(Int(0, I64_MAX)), "limit": Optional(Int(1, 100_000))},
     "ping": {},
     # client -> worker
     "hello": {},
-    "local_lookup": {"namespace": _BYTES, "keys": _LIST, "peers": _BOOL},
-    "reserve": {"namespace": _BYTES, "keys": _LIST, "sizes": _LIST},
-    "commit": {"handles": _LIST},
-    "abort": {"handles": _LIST},
-    "acquire": {"namespace": _BYTES, "keys": _LIST, "peers": _BOOL, "lease_s": _NUM},
-    "release": {"handle": _INT},
-    "locate": {"keys": _LIST, "lease_s": _NUM},
+    "local_lookup": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(),
+                     "count": Optional(Bool())},
+    "reserve": {"namespace": _KEY, "keys": _KEYS, "sizes": List(Int(0, 1 << 40), MAX_KEYS),
+                "incarnation": Optional(Str(64))},
+    "commit": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},
+    "abort": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},
+    "acquire": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(), "lease_s": _LEASE,
+                "direct": Optional(Bool()), "incarnation": Optional(Str(64))},
+    "release": {"handle": _HANDLE, "incarnation": Optional(Str(64))},
+    "locate": {"keys": _KEYS, "lease_s": _LEASE},
     "worker_stats": {},
+    # peer -> worker, on the TCP data port (``locate`` and ``release`` as above)
+    "fetch": {"keys": _KEYS, "checksum": Optional(Bool())},
 }
 
 REPLY_TYPES = ("ok", "error")
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """Serialize a message; fills in the protocol version."""
+    """Serialize a message; fills in the protocol version. Raises ProtocolError (code
+    ``internal``) for a value msgpack cannot carry, e.g. an integer beyond 64 bits."""
     message.setdefault("v", PROTOCOL_VERSION)
-    return msgpack.packb(message, use_bin_type=True)
+    try:
+        return msgpack.packb(message, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{ErrorCode.INTERNAL}: cannot encode {message.get('type')!r:.20} "
+                            f"message ({exc})") from None
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    """Serialize a reply; one that cannot be encoded becomes an ``internal`` error reply, so
+    no reply can stop the loop that sends it."""
+    try:
+        return encode(reply)
+    except ProtocolError as exc:
+        return encode(error(reply.get("id", 0) if type(reply.get("id")) is int else 0,
+                            ErrorCode.INTERNAL, str(exc)))
 
 
 def request(type_: str, request_id: int = 0, **fields: Any) -> dict[str, Any]:
@@ -87,7 +134,7 @@ def ok(request_id: int, **fields: Any) -> dict[str, Any]:
 
 def error(request_id: int, code: str, message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "type": "error", "id": request_id, "code": code,
-            "message": message}
+            "message": message[:MAX_ERROR_TEXT]}
 
 
 def decode_raw(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
@@ -103,12 +150,12 @@ def decode_raw(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any
         raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: a message must be a msgpack map")
     version = message.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"{ErrorCode.BAD_VERSION}: protocol version {version!r} is not "
+        raise ProtocolError(f"{ErrorCode.BAD_VERSION}: protocol version {version!r:.20} is not "
                             f"supported (this side speaks {PROTOCOL_VERSION}); upgrade lmshare "
                             "so both sides match")
     if not isinstance(message.get("type"), str):
         raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: message has no 'type' string")
-    if not isinstance(message.setdefault("id", 0), int):
+    if type(message.setdefault("id", 0)) is not int:
         raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: 'id' must be an integer")
     return message
 
@@ -120,15 +167,19 @@ def decode_request(data: bytes, allowed: set[str] | None = None,
     type_ = message["type"]
     schema = SCHEMAS.get(type_)
     if schema is None or (allowed is not None and type_ not in allowed):
-        raise ProtocolError(f"{ErrorCode.UNKNOWN_TYPE}: unknown message type {type_!r}")
-    for field, types in schema.items():
-        if field not in message:
-            raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: {type_!r} needs field {field!r}")
-        value = message[field]
-        if not isinstance(value, types) or (types is not _BOOL and isinstance(value, bool)
-                                            and bool not in types):
-            raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: field {field!r} of {type_!r} has "
-                                f"type {type(value).__name__}")
+        exc = ProtocolError(f"{ErrorCode.UNKNOWN_TYPE}: unknown message type {type_!r:.60}")
+        exc.request_id = message["id"]
+        raise exc
+    try:
+        for field, spec in schema.items():
+            if field not in message:
+                if type(spec) is Optional:
+                    continue
+                raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: {type_!r} needs field {field!r}")
+            message[field] = spec.check(message[field], f"{field!r} of {type_!r}")
+    except ProtocolError as exc:
+        exc.request_id = message["id"]  # the refusal answers this request
+        raise
     return message
 
 

@@ -86,6 +86,9 @@ class ClusterStats:
     # control-plane connections refused (no or wrong cluster key), by reason
     refused_connections: dict[str, int] = field(default_factory=dict)
     secure: bool = False  # the controller runs with a cluster key (CURVE)
+    # ``workers`` is one page of a big cluster: workers [offset, offset + len) of this many
+    workers_total: int = 0
+    workers_offset: int = 0
 
     @property
     def bytes_cached(self) -> int:

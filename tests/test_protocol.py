@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from lmshare import protocol
 from lmshare.errors import ProtocolError
+from lmshare.schema import Optional
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=40)
@@ -33,17 +34,68 @@ def test_garbage_never_crashes_the_decoder(data):
 
 @given(st.sampled_from(sorted(protocol.SCHEMAS)), st.data())
 def test_a_missing_or_mistyped_field_is_refused(type_, data):
-    schema = protocol.SCHEMAS[type_]
+    schema = {f: spec for f, spec in protocol.SCHEMAS[type_].items()
+              if not isinstance(spec, Optional)}
     if not schema:
         return
     field = data.draw(st.sampled_from(sorted(schema)))
-    message = protocol.request(type_, 1, **{f: t[0]() for f, t in schema.items()})
+    message = protocol.request(type_, 1, **{f: spec.example() for f, spec in schema.items()})
+    protocol.decode_request(protocol.encode(dict(message)))  # the examples are valid
     del message[field]
     with pytest.raises(ProtocolError, match=f"needs field '{field}'"):
         protocol.decode_request(protocol.encode(message))
-    message[field] = next(v for v in ("x", 1.5, [], {}) if not isinstance(v, schema[field]))
+    example = schema[field].example()
+    message[field] = next(v for v in ("x", 1.5, [], {}, None) if type(v) is not type(example)
+                          and not (isinstance(example, float) and isinstance(v, int)))
     with pytest.raises(ProtocolError, match="has type"):
         protocol.decode_request(protocol.encode(message))
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"lease_s": float("nan")}, "bad_message"),
+    ({"lease_s": float("inf")}, "bad_message"),
+    ({"lease_s": -1.0}, "bad_message"),
+    ({"lease_s": 1e300}, "bad_message"),
+    ({"keys": [b"k" * 15]}, "bad_message"),
+    ({"keys": [b"k" * 16] * (protocol.MAX_KEYS + 1)}, "too_large"),
+    ({"namespace": b"n" * 17}, "bad_message"),
+    ({"peers": 1}, "bad_message"),
+])
+def test_values_out_of_range_are_refused(fields, code):
+    message = protocol.request("acquire", 1, namespace=b"n" * 16, keys=[b"k" * 16], peers=True,
+                               lease_s=5.0)
+    protocol.decode_request(protocol.encode(dict(message)))
+    message.update(fields)
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_request(protocol.encode(message))
+    assert protocol.error_code_of(info.value) == code
+    assert len(str(info.value)) < 300  # the error names the field, never echoes the value
+
+
+@pytest.mark.parametrize("stats", [{"used_bytes": -2**63},
+                                   {"used_bytes": 2**64 - 1}, {"used_bytes": float("nan")},
+                                   {"used_bytes": 1e20}, {"x" * 100: 1}])
+def test_heartbeat_counters_are_bounded(stats):
+    message = protocol.request("heartbeat", 1, worker_id="w", epoch=1, seq=0, stats=stats)
+    with pytest.raises(ProtocolError, match="bad_message"):
+        protocol.decode_request(protocol.encode(message))
+
+
+def test_register_caps_strings_and_extra():
+    fields = dict(worker_id="w", host="h", data_port=1, transports=["tcp"], capacity_bytes=1,
+                  host_id="x")
+    protocol.decode_request(protocol.encode(protocol.request("register", 1, **fields)))
+    for bad in ({"host": "h" * (40 << 20)}, {"extra": "not a map"}, {"extra": {"k": [1]}},
+                {"extra": {"k": float("nan")}}, {"worker_id": ""}, {"data_port": 0},
+                {"transports": ["tcp"] * 9}):
+        message = protocol.request("register", 1, **{**fields, **bad})
+        with pytest.raises(ProtocolError):
+            protocol.decode_request(protocol.encode(message), max_bytes=64 << 20)
+
+
+def test_a_reply_that_cannot_be_encoded_becomes_an_error_reply():
+    reply = protocol.decode_raw(protocol.encode_reply(protocol.ok(7, total=2**65)))
+    assert reply["type"] == "error" and reply["code"] == "internal" and reply["id"] == 7
 
 
 def test_envelope_errors_name_their_code():

@@ -20,7 +20,7 @@ from lmshare.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 
-SYNC_PART_KEYS = 50_000
+SYNC_PART_KEYS = 16_384  # a part the controller decodes in a few ms (it absorbs it in slices)
 BATCH_INTERVAL_S = 0.02
 
 

@@ -101,11 +101,12 @@ class LocalServer:
             reply.setdefault("type", "ok")
             reply["id"] = request_id
         except ProtocolError as exc:
-            reply = protocol.error(request_id, protocol.error_code_of(exc), str(exc))
+            reply = protocol.error(exc.request_id or request_id, protocol.error_code_of(exc),
+                                   str(exc))
         except LMShareError as exc:
             code = getattr(exc, "code", ErrorCode.INTERNAL)
             reply = protocol.error(request_id, code, str(exc))
         except Exception as exc:
             log.exception("local request failed")
             reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
-        self._reply_socket().send_multipart([*envelope, protocol.encode(reply)])
+        self._reply_socket().send_multipart([*envelope, protocol.encode_reply(reply)])

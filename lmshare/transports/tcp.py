@@ -26,8 +26,9 @@ from collections.abc import Callable
 
 import msgpack
 
+from lmshare import protocol
 from lmshare.credentials import ClusterKey
-from lmshare.errors import TransferError
+from lmshare.errors import ProtocolError, TransferError
 from lmshare.handshake import HandshakeRefused, client_handshake, data_key, server_handshake
 from lmshare.protocol import PROTOCOL_VERSION
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
@@ -39,6 +40,7 @@ REQUEST_LENGTH = struct.Struct("<I")
 STATUS_OK = 0
 STATUS_MISSING = 1
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+PEER_TYPES = {"fetch", "locate", "release"}
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
@@ -344,15 +346,10 @@ class TcpPeerServer:
             raise ConnectionError(f"request of {length} bytes is too large")
         body = bytearray(length)
         _recv_exact_into(conn, memoryview(body), time.monotonic() + self.send_timeout_s)
-        request = msgpack.unpackb(bytes(body), raw=False)
-        if not isinstance(request, dict) or request.get("v") != PROTOCOL_VERSION:
-            raise ConnectionError("malformed request")
-        type_ = request.get("type")
-        if type_ in ("fetch", "locate") and not isinstance(request.get("keys"), list):
-            raise ConnectionError(f"malformed {type_} request")
-        if type_ not in ("fetch", "locate", "release"):
-            raise ConnectionError(f"unknown request type {type_!r}")
-        return request
+        try:
+            return protocol.decode_request(bytes(body), PEER_TYPES, MAX_REQUEST_BYTES)
+        except ProtocolError as exc:
+            raise ConnectionError(f"malformed request: {exc}") from None
 
     def refused_total(self) -> int:
         with self._state:
@@ -431,7 +428,7 @@ class TcpPeerServer:
         if self.locator is None:
             reply = {"handle": 0, "chunks": [], "gens": []}
         else:
-            reply = self.locator(request["keys"], float(request.get("lease_s", 5.0)))
+            reply = self.locator(request["keys"], request["lease_s"])
             self._remember_located(reply.get("handle"))
         _send_message(conn, reply, time.monotonic() + self.send_timeout_s)
 
