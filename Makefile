@@ -23,14 +23,25 @@ demo: install
 	$(BIN)/lmshare demo
 
 # Debian packages the tests drive for real (tmux for the terminal test, iproute2 for network
-# namespaces, etcd-server for controller election; redis-server and libibverbs1 for the
-# benchmarks' baselines); installed only when missing and when running as root.
+# namespaces, util-linux for unshare, etcd-server for controller election; redis-server and
+# libibverbs1 for the benchmarks' baselines); installed only when missing and when running as
+# root. Tests start their own etcd and redis on loopback ports: the packages' system services
+# are neither started (policy-rc.d refuses it during the install) nor left enabled.
+DEB_SERVICES := redis-server etcd
 system-deps:
-	@missing=""; for cmd in tmux:tmux ip:iproute2 tc:iproute2 redis-server:redis-server etcd:etcd-server; do \
+	@missing=""; for cmd in tmux:tmux ip:iproute2 tc:iproute2 unshare:util-linux redis-server:redis-server etcd:etcd-server; do \
 	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; done; \
 	  ldconfig -p | grep -q libibverbs.so.1 || missing="$$missing libibverbs1"; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing (their system services stay stopped and disabled)"; \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; status=$$?; \
+	    rm -f /usr/sbin/policy-rc.d; \
+	    for unit in $(DEB_SERVICES); do \
+	      if command -v systemctl >/dev/null 2>&1; then systemctl disable --now $$unit >/dev/null 2>&1; fi; \
+	      if command -v update-rc.d >/dev/null 2>&1; then update-rc.d -f $$unit remove >/dev/null 2>&1; fi; \
+	    done; exit $$status; \
 	  else echo "missing Debian packages:$$missing (tests that need them are skipped)"; fi; \
 	fi
 
@@ -51,8 +62,9 @@ test-deps: $(VENV)/.vllm $(VENV)/.ucx system-deps
 lint: install
 	$(BIN)/ruff check .
 
+# -v: one line per test with the run's percentage, so a long run shows where it is
 test: test-deps lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -v -p no:cacheprovider --durations=10 tests
 
 bench: test-deps
 	$(BIN)/pip install -q -e '.[bench]'

@@ -89,11 +89,19 @@ def test_metrics_endpoints_move_with_traffic(cluster):
     assert value(after_holder, "lmshare_worker_admits_total") == 4
 
     def controller_caught_up():
+        # both workers' heartbeats and the reader's admits reach the controller on their own
+        # schedules: wait for every number asserted below, not for one of them
         samples = scrape(controller_port)
-        served = value(samples, "lmshare_controller_worker_served_bytes_total", worker="holder")
-        return samples if served == 400_000 else None
+        caught_up = (
+            value(samples, "lmshare_controller_worker_served_bytes_total", worker="holder")
+            == 400_000
+            and value(samples, "lmshare_controller_worker_chunks_total", worker="reader",
+                      result="peer_hit") == 4
+            and value(samples, "lmshare_controller_multi_holder_chunks") == 4
+            and value(samples, "lmshare_cluster_cached_bytes") == 800_000)
+        return samples if caught_up else None
 
-    after_controller = wait_until(controller_caught_up, 5, "heartbeat counters at the controller")
+    after_controller = wait_until(controller_caught_up, 15, "heartbeat counters at the controller")
     assert value(after_controller, "lmshare_controller_lookups_total") > \
         value(before_controller, "lmshare_controller_lookups_total")
     assert value(after_controller, "lmshare_controller_lookup_duration_seconds_count") >= 1

@@ -46,7 +46,10 @@ def test_readers_never_accept_reused_slabs(shm_dir):
     owner = KVPool(24 * SLAB, SLAB, name="owner")
     region = PeerRegion(str(owner.region.path), owner.capacity_bytes,
                         str(owner.generation_region.path), SLAB)
-    stop = time.monotonic() + 3.0
+    # run until enough reads went through and a reuse was caught (counts, not a time box: a
+    # loaded machine gets there later); the deadline only bounds a broken run
+    deadline = time.monotonic() + 120.0
+    done = threading.Event()
     versions: dict[int, int] = {}
     lock = threading.Lock()
     accepted = [0]
@@ -55,7 +58,7 @@ def test_readers_never_accept_reused_slabs(shm_dir):
 
     def churn(seed: int) -> None:
         rnd = random.Random(seed)
-        while time.monotonic() < stop:
+        while not done.is_set():
             i = rnd.randrange(60)
             with lock:
                 version = versions[i] = versions.get(i, 0) + 1
@@ -68,7 +71,9 @@ def test_readers_never_accept_reused_slabs(shm_dir):
     def read(seed: int) -> None:
         rnd = random.Random(seed)
         destination = bytearray(3 * SLAB - 7)
-        while time.monotonic() < stop:
+        while not done.is_set():
+            if (accepted[0] >= 200 and rejected[0] >= 1) or time.monotonic() > deadline:
+                done.set()
             i = rnd.randrange(60)
             version = versions.get(i, 0)
             entry = owner.pin(k(i * 1000 + version))
@@ -94,7 +99,7 @@ def test_readers_never_accept_reused_slabs(shm_dir):
     region.close()
     owner.close()
     assert not errors
-    assert accepted[0] > 100  # most reads go through
+    assert accepted[0] >= 200  # reads go through
     assert rejected[0] > 0  # and reuse during a read really happened and was caught
 
 
