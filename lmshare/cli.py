@@ -1,4 +1,4 @@
-"""The ``lmshare`` command: controller | worker | status | dashboard | demo | bench | keygen.
+"""The ``lmshare`` command: controller | worker | router | status | dashboard | demo | bench | keygen.
 
 The only module that knows every part; the parts are imported lazily so that, for example,
 ``lmshare controller`` never imports torch or the dashboard.
@@ -179,6 +179,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                            env=env)
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from lmshare.router import RouterConfig, parse_backend, serve
+
+    config = RouterConfig(
+        backends=[parse_backend(text) for text in args.backend], host=args.host,
+        port=args.port, policy=args.policy, controller=args.controller or "",
+        key=_key(args) if args.controller else None, tokenizer=args.tokenizer,
+        lookup_timeout_s=args.lookup_timeout, load_margin=args.load_margin,
+        connect_timeout_s=args.connect_timeout, read_timeout_s=args.read_timeout,
+        health_interval_s=args.health_interval, retries=args.retries)
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        await serve(config, ready=lambda port: print(
+            f"lmshare router ({config.policy}) on http://{config.host}:{port} in front of "
+            f"{len(config.backends)} backends", flush=True))
+
+    try:
+        asyncio.run(run())
+    except asyncio.CancelledError:
+        pass
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lmshare.demo import run_demo
 
@@ -235,6 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     _add_key_options(p)
     p.set_defaults(func=_cmd_worker)
+
+    p = commands.add_parser("router", help="OpenAI-compatible load balancer in front of vLLM "
+                                           "servers, routing by cached prefix and load")
+    p.add_argument("--backend", action="append", required=True, metavar="URL[=WORKER]",
+                   help="a vLLM server and the lmshare worker beside it (repeat for each)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--policy", default="prefix+load",
+                   help="round-robin | least-loaded | prefix | prefix+load (default)")
+    p.add_argument("--controller", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the lmshare controller (needed by the prefix policies)")
+    p.add_argument("--tokenizer", default="", metavar="DIR_OR_ID",
+                   help="the served model's tokenizer (default: what the backends report)")
+    p.add_argument("--lookup-timeout", type=float, default=0.05, metavar="S",
+                   help="deadline of the controller lookup; later = route by load (default 0.05)")
+    p.add_argument("--load-margin", type=int, default=2, metavar="N",
+                   help="prefix+load: requests in flight a holder may have beyond the "
+                        "least-loaded backend before a request goes elsewhere (default 2)")
+    p.add_argument("--connect-timeout", type=float, default=3.0, metavar="S")
+    p.add_argument("--read-timeout", type=float, default=300.0, metavar="S",
+                   help="longest silence of a backend during a response (default 300)")
+    p.add_argument("--health-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--retries", type=int, default=-1, metavar="N",
+                   help="other backends tried after one fails (default: all)")
+    _add_key_options(p)
+    p.set_defaults(func=_cmd_router)
 
     p = commands.add_parser("status", help="print the cluster's workers and numbers")
     p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")

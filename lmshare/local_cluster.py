@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class LocalCluster:
     python: str = sys.executable
     controller: ManagedProcess | None = None
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
+    routers: dict[str, ManagedProcess] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     new_session: bool = False  # children in their own session: a terminal's Ctrl-C skips them
     # the cluster key every process gets (LMSHARE_KEY_FILE); "" = a new one in runtime_dir;
@@ -180,6 +182,27 @@ class LocalCluster:
                                         f"{worker.log_text()[-2000:]}")
             time.sleep(0.05)
 
+    def start_router(self, port: int, *backends: str, policy: str = "prefix+load",
+                     extra: Sequence[str] = (), name: str = "router",
+                     timeout_s: float = 30.0) -> ManagedProcess:
+        """``lmshare router`` on ``port`` in front of ``backends`` (``URL[=WORKER]``), asking this
+        cluster's controller; returns once it listens."""
+        args = ["router", "--port", str(port), "--policy", policy, *self._security_args(),
+                *(a for b in backends for a in ("--backend", b)), *extra]
+        if self.controller is not None or self.controllers:
+            args += ["--controller", self.controller_address]
+        router = self._spawn(name, args)
+        self.routers[name] = router
+        deadline = time.monotonic() + timeout_s
+        while "lmshare router (" not in router.log_text():
+            if not router.alive():
+                raise LMShareError(f"router exited: {router.log_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise LMShareError(f"router did not start in {timeout_s}s: "
+                                   f"{router.log_text()[-2000:]}")
+            time.sleep(0.05)
+        return router
+
     def controller_client(self, timeout_s: float = 2.0) -> ControllerClient:
         """A client of the controller holding this cluster's key."""
         return ControllerClient("127.0.0.1", self.controller_port, timeout_s=timeout_s,
@@ -205,7 +228,10 @@ class LocalCluster:
             client.close()
 
     def stop(self) -> None:
-        """Stop workers (gracefully), then the controller. Kills what does not stop in time."""
+        """Stop routers and workers (gracefully), then the controller. Kills what does not stop
+        in time."""
+        for router in self.routers.values():
+            router.terminate(timeout_s=10)
         for worker in self.workers.values():
             if worker.alive():
                 worker.process.send_signal(signal.SIGTERM)

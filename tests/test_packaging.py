@@ -22,9 +22,10 @@ def wheel(tmp_path_factory):
 def test_wheel_holds_every_part_under_one_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("lmshare/cli.py", "lmshare/pool.py", "lmshare/controller/service.py",
-                   "lmshare/worker/agent.py", "lmshare/transports/tcp.py"):
+                   "lmshare/worker/agent.py", "lmshare/transports/tcp.py",
+                   "lmshare/router/service.py"):
         assert module in names
-    assert not any(n.startswith(("controller/", "worker/", "tests/")) for n in names)
+    assert not any(n.startswith(("controller/", "worker/", "router/", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "lmshare = lmshare.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
