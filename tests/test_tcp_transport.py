@@ -146,6 +146,11 @@ def test_stripe_spreads_chunks_over_holders():
     assert plan.by_peer == {"a": keys[0::2], "b": keys[1::2]}
     plan = FetchPlan.stripe(keys[:2], [["a"], ["a", "b"]])
     assert plan.by_peer == {"a": [keys[0]], "b": [keys[1]]}
+    one_holder = FetchPlan.stripe(keys, [["a"]] * 6)
+    streams = one_holder.streams(4)  # one holder's share over parallel connections
+    assert [k for _, part in streams for k in part] == keys and len(streams) == 4
+    assert all(peer == "a" and part for peer, part in streams)
+    assert len(FetchPlan.stripe(keys[:2], [["a"]] * 2).streams(4)) == 2
 
 
 def test_striped_fetch_from_two_holders_with_one_dead(pools, shm_dir):

@@ -1,7 +1,8 @@
 """Fetching chunks from peers into the local pool: striped across holders, in parallel.
 
 The chunks of one request are spread over the workers that hold them (round-robin per chunk),
-each holder's share goes over one transport call, and all shares run at once. Whatever arrives
+each holder's share goes over up to :data:`STREAMS_PER_PEER` transport calls (connections), and
+all of them run at once. Whatever arrives
 is committed to the pool; the usable hit is the prefix of chunks present, so a failed or late
 chunk truncates the hit and vLLM recomputes the rest.
 """
@@ -51,6 +52,10 @@ class PoolSink:
             reservation.abort()
 
 
+#: parallel connections to one holder for one fetch: a single Python TCP stream moves ~1.5 GB/s
+STREAMS_PER_PEER = 4
+
+
 @dataclass
 class FetchPlan:
     """Which keys to ask each holder for, in key order."""
@@ -65,12 +70,24 @@ class FetchPlan:
             plan.by_peer.setdefault(peer, []).append(key)
         return plan
 
+    def streams(self, per_peer: int = STREAMS_PER_PEER) -> list[tuple[str, list[bytes]]]:
+        """(holder, keys) per connection: each holder's keys in up to ``per_peer`` contiguous
+        runs of near-equal length, fetched at the same time."""
+        out = []
+        for peer, keys in self.by_peer.items():
+            count = max(1, min(per_peer, len(keys)))
+            for i in range(count):
+                part = keys[i * len(keys) // count : (i + 1) * len(keys) // count]
+                if part:
+                    out.append((peer, part))
+        return out
+
 
 class PeerFetcher:
     """Runs fetch plans with the best transport for each peer."""
 
     def __init__(self, pool: KVPool, transports: list[Transport], fetch_timeout_s: float,
-                 checksum: bool = False, max_parallel: int = 8,
+                 checksum: bool = False, max_parallel: int = 16,
                  choose: Callable[[PeerInfo], str] | None = None) -> None:
         self._pool = pool
         self._transports = {t.name: t for t in transports}
@@ -101,7 +118,7 @@ class PeerFetcher:
             self.in_flight += 1
         try:
             futures = []
-            for peer_id, peer_keys in plan.by_peer.items():
+            for peer_id, peer_keys in plan.streams():
                 peer = peers.get(peer_id)
                 if peer is None:
                     continue
