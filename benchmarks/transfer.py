@@ -92,7 +92,7 @@ def run(rounds: int = 9) -> tuple[str, dict]:
     data: dict[str, dict[str, list[float]]] = {}
     redis_server = RedisServer()
     cluster = LocalCluster()
-    tcp, shm = TcpTransport(key=cluster.key), ShmTransport()
+    tcp, shm = TcpTransport(key=cluster.key), ShmTransport(runtime=cluster.runtime_dir)
     ucx = UcxTransport(TcpTransport(key=cluster.key), host_identity()) if ucx_available() else None
     try:
         with cluster:

@@ -277,13 +277,13 @@ def _build_table(workers: list[WorkerView], optional: set[str]) -> Table:
         local, peer, _ = worker_hit_fractions(w)
         asked = c.local_hit_chunks + c.peer_hit_chunks + c.miss_chunks
         cells: list[Text | str] = [Text(w.worker_id, style="bold" if not gone else "dim")]
-        if "address" in optional:
-            cells.append(w.address)
+        if "address" in optional:  # Text, not str: names are never read as markup
+            cells.append(Text(w.address))
         if "transports" in optional:
-            cells.append(",".join(w.transports))
+            cells.append(Text(",".join(w.transports)))
         if "via" in optional:
             via = getattr(w, "peer_transports", None) or {}
-            cells.append(" ".join(f"{t}×{n}" for t, n in sorted(via.items())) or "–")
+            cells.append(Text(" ".join(f"{t}×{n}" for t, n in sorted(via.items())) or "–"))
         cells += [
             Text(w.state, style=STATE_STYLE.get(w.state, "")),
             Text(f"{w.heartbeat_age_s:.1f}s",

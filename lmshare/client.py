@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from lmshare.control import RpcClient
 from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
+from lmshare.local_files import check_private_dir
 from lmshare.pool import slab_views
 from lmshare.protocol import ErrorCode
 from lmshare.shm import SharedRegion
@@ -175,6 +176,9 @@ class Client:
             if not worker:
                 raise ConfigError("Client needs the local worker's name (worker=...) or endpoint")
             endpoint = worker_endpoint(worker)
+        if endpoint.startswith("ipc://"):  # refuse a directory another user could swap
+            check_private_dir(os.path.dirname(endpoint[len("ipc://"):]),
+                              "worker's runtime directory")
         self.endpoint = endpoint
         self._rpc = _WorkerRpc(endpoint, timeout_s)
         self._lock = threading.Lock()

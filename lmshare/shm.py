@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lmshare.errors import ConfigError
+from lmshare.local_files import check_shared_file
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,16 @@ class SharedRegion:
         self.path = path
         self.size = size
         self.owner = owner
-        flags = os.O_RDWR if writable else os.O_RDONLY
-        fd = os.open(path, flags)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW
         try:
-            actual = os.fstat(fd).st_size
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ConfigError(f"cannot open shared region {path}: {exc.strerror} (a region is "
+                              "a regular file of this user, never a link)") from None
+        try:
+            actual = check_shared_file(fd, path)
             if actual < size:
                 raise ConfigError(f"shared region {path} is {actual} bytes, expected {size}; "
                                   "the worker that owns it may have restarted — reconnect")

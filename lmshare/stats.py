@@ -3,8 +3,20 @@ dashboard both read this one data model (from the controller's ``stats`` reply).
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+MAX_NAME_CHARS = 200
+
+
+def printable(text: Any, limit: int = MAX_NAME_CHARS) -> str:
+    """``text`` safe to print on a terminal: control and format characters (escape codes,
+    bidirectional overrides…) become ``?``, and it is cut to ``limit`` characters. Every name
+    that reaches ``status`` or the dashboard passes here (and they print it as plain Text, never
+    as rich markup)."""
+    return "".join("?" if unicodedata.category(ch)[0] == "C" else ch
+                   for ch in str(text)[:limit])
 
 
 @dataclass
@@ -120,9 +132,17 @@ class ClusterStats:
         for w in data.get("workers", []):
             w = dict(w)
             w["counters"] = WorkerCounters.from_dict(w.get("counters", {}))
-            w["transports"] = list(w.get("transports", []))
+            w["transports"] = [printable(t, 20) for t in w.get("transports", [])]
+            for name in ("worker_id", "address", "host_id", "state"):
+                w[name] = printable(w.get(name, ""))
+            w["peer_transports"] = {printable(t, 20): n
+                                    for t, n in dict(w.get("peer_transports", {})).items()}
             workers.append(WorkerView(**w))
-        events = [ClusterEvent(**e) for e in data.get("events", [])]
+        events = [ClusterEvent(e["time"], printable(e["kind"], 20), printable(e["detail"], 400))
+                  for e in data.get("events", [])]
         history = [tuple(h) for h in data.get("hit_history", [])]
         rest = {k: v for k, v in data.items() if k not in ("workers", "events", "hit_history")}
+        for name in ("controller_id", "role", "leader"):
+            if name in rest:
+                rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, **rest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 from lmshare.stats import ClusterStats
 from lmshare.units import format_size
@@ -10,7 +11,7 @@ from lmshare.units import format_size
 
 def status_table(stats: ClusterStats) -> Table:
     local, peer, miss = stats.hit_rates()
-    table = Table(title=(
+    table = Table(title=Text(
         f"controller {stats.controller_id} · up {stats.uptime_s:.0f}s · "
         f"{stats.count('alive')} alive / {stats.count('suspect')} suspect / "
         f"{stats.count('dead')} dead · {stats.chunks_indexed} chunks · "
@@ -22,10 +23,11 @@ def status_table(stats: ClusterStats) -> Table:
         table.add_column(column)
     for w in sorted(stats.workers, key=lambda w: w.worker_id):
         c = w.counters
-        table.add_row(w.worker_id, w.address, w.state, f"{w.heartbeat_age_s:.1f}s",
+        table.add_row(Text(w.worker_id), Text(w.address), Text(w.state),
+                      f"{w.heartbeat_age_s:.1f}s",
                       str(w.chunks_indexed), format_size(c.used_bytes),
                       format_size(c.capacity_bytes), str(c.local_hit_chunks),
                       str(c.peer_hit_chunks), format_size(c.bytes_served),
                       format_size(c.bytes_fetched),
-                      " ".join(f"{t}×{n}" for t, n in sorted(w.peer_transports.items())))
+                      Text(" ".join(f"{t}×{n}" for t, n in sorted(w.peer_transports.items()))))
     return table

@@ -33,7 +33,6 @@ from lmshare.integrations.vllm.scheduler import LMShareConnectorScheduler  # noq
 from lmshare.integrations.vllm.settings import ConnectorSettings  # noqa: E402
 from lmshare.integrations.vllm.worker import LMShareConnectorWorker  # noqa: E402
 from lmshare.keys import ModelSignature  # noqa: E402
-from lmshare.testing.waiting import wait_until  # noqa: E402
 from lmshare.testing.fake_vllm import (  # noqa: E402
     LAYERS,
     PAGE,
@@ -41,6 +40,7 @@ from lmshare.testing.fake_vllm import (  # noqa: E402
     fake_config,
     fake_kv_caches,
 )
+from lmshare.testing.waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -30,6 +30,7 @@ from lmshare.errors import (
     RemoteError,
 )
 from lmshare.keys import KEY_BYTES
+from lmshare.local_files import ensure_private_dir
 from lmshare.pool import Entry, KVPool
 from lmshare.protocol import ErrorCode
 from lmshare.shm import remove_stale_regions
@@ -108,9 +109,7 @@ class WorkerAgent:
             "worker_id": self.worker_id, "host": host, "data_port": self.peer_server.port,
             "transports": list(self.transports), "capacity_bytes": self.pool.capacity_bytes,
             "host_id": self.host_id,
-            "extra": {"region_path": str(self.pool.region.path),
-                      "generation_path": str(self.pool.generation_region.path),
-                      "region_bytes": self.pool.capacity_bytes,
+            "extra": {"region_bytes": self.pool.capacity_bytes,
                       "slab_bytes": self.pool.slab_bytes, "endpoint": self.endpoint,
                       "pid": os.getpid(),
                       **(self.ucx_export.registration() if self.ucx_export else {})},
@@ -121,7 +120,12 @@ class WorkerAgent:
             self.pool, registration, self.counter_snapshot)
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
-            os.makedirs(os.path.dirname(self.endpoint[len("ipc://"):]), exist_ok=True)
+            try:
+                ensure_private_dir(os.path.dirname(self.endpoint[len("ipc://"):]))
+            except ConfigError:
+                self.peer_server.stop(0)
+                self.pool.close()
+                raise
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
             "commit": self._on_commit, "abort": self._on_abort, "acquire": self._on_acquire,
@@ -342,11 +346,10 @@ class WorkerAgent:
                 continue  # its chunks are missing: the hit stops before the first of them
             releases.append(release)
             region = len(regions)
-            extra = peer.extra
-            regions.append({"worker": holder, "path": extra["region_path"],
-                            "bytes": int(extra["region_bytes"]),
-                            "gen_path": extra["generation_path"],
-                            "slab_bytes": int(extra["slab_bytes"])})
+            where = reply["region"]  # from the holder itself, never from its registration
+            regions.append({"worker": holder, "path": where["path"],
+                            "bytes": int(where["bytes"]), "gen_path": where["gen_path"],
+                            "slab_bytes": int(where["slab_bytes"])})
             for index, (slabs, nbytes), gens in zip(indexes, reply["chunks"], reply["gens"]):
                 located[index] = (region, list(slabs), int(nbytes), list(gens))
         entries: list[Entry] = []
@@ -376,8 +379,13 @@ class WorkerAgent:
                            chunks=chunks, regions=regions)
 
     def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
-        """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself."""
-        return protocol.ok(m["id"], **self._locate(m["keys"], float(m["lease_s"])))
+        """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself:
+        the slabs, and the pool they are in (what the peer maps comes from here, the holder)."""
+        region = {"path": str(self.pool.region.path), "bytes": self.pool.capacity_bytes,
+                  "gen_path": str(self.pool.generation_region.path),
+                  "slab_bytes": self.pool.slab_bytes}
+        return protocol.ok(m["id"], region=region,
+                           **self._locate(m["keys"], float(m["lease_s"])))
 
     def _locate(self, keys: list, lease_s: float) -> dict[str, Any]:
         """Pin the local prefix of ``keys`` under a lease for a one-sided reader (same-host

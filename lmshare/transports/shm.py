@@ -11,9 +11,11 @@ returned, even from a reader that stalls past its lease.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from lmshare.control import RpcClient
 from lmshare.errors import LMShareError
@@ -39,10 +41,10 @@ class PeerRegion:
         self.generations = self.generation_region.buffer.cast("Q")
 
     @classmethod
-    def of(cls, peer: PeerInfo) -> PeerRegion:
-        extra = peer.extra
-        return cls(extra["region_path"], int(extra["region_bytes"]), extra["generation_path"],
-                   int(extra["slab_bytes"]))
+    def of(cls, where: dict) -> PeerRegion:
+        """The region a holder's ``locate`` answer names."""
+        return cls(str(where["path"]), int(where["bytes"]), str(where["gen_path"]),
+                   int(where["slab_bytes"]))
 
     def slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
         return slab_views(self.region.buffer, self.slab_bytes, slabs, nbytes)
@@ -85,17 +87,20 @@ class ShmTransport(Transport):
 
     name = "shm"
 
-    def __init__(self, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(self, lease_s: float = DEFAULT_LEASE_S, runtime: Path | None = None) -> None:
         self.lease_s = lease_s
+        # same-host peers are reached only through sockets in this private directory
+        self._runtime = Path(runtime) if runtime is not None else None
         self._regions: dict[str, PeerRegion] = {}
         self._paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def _region(self, peer: PeerInfo) -> PeerRegion:
-        """The peer's pool, mapped once. A peer that restarted has a new pool: the old
-        mapping is dropped here (it goes once no read in flight uses it)."""
-        path = peer.extra["region_path"]
+    def _region(self, peer: PeerInfo, where: dict) -> PeerRegion:
+        """The peer's pool (as the peer itself named it in its locate answer), mapped once. A
+        peer that restarted has a new pool: the old mapping is dropped here (it goes once no
+        read in flight uses it)."""
+        path = str(where["path"])
         with self._lock:
             old_path = self._paths.get(peer.worker_id)
             if old_path is not None and old_path != path:
@@ -103,15 +108,24 @@ class ShmTransport(Transport):
             self._paths[peer.worker_id] = path
             region = self._regions.get(path)
             if region is None:
-                region = self._regions[path] = PeerRegion.of(peer)
+                region = self._regions[path] = PeerRegion.of(where)
             return region
 
     def _endpoint(self, peer: PeerInfo) -> RpcClient:
         clients = getattr(self._local, "clients", None)
         if clients is None:
             clients = self._local.clients = {}
-        endpoint = peer.extra["endpoint"]
+        endpoint = str(peer.extra["endpoint"])
         if endpoint not in clients:
+            from lmshare.client import runtime_dir  # (client imports this module)
+
+            runtime = Path(os.path.abspath(self._runtime or runtime_dir()))
+            path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+            if path is None or ".." in path.parts or \
+                    Path(os.path.abspath(path.parent)) != runtime:
+                raise LMShareError(f"same-host peer {peer.worker_id!r} names the endpoint "
+                                   f"{endpoint!r}, which is not in this host's runtime "
+                                   f"directory {runtime}; not reading from it")
             clients[endpoint] = _PeerEndpoint(endpoint)
         return clients[endpoint]
 
@@ -120,11 +134,16 @@ class ShmTransport(Transport):
         if not keys:
             return 0
         try:
-            region = self._region(peer)
             reply, release = self.locate(peer, keys, self.lease_s, deadline)
         except TimeoutError:  # the deadline passed before the fetch began
             return 0
         except (LMShareError, OSError, KeyError) as exc:
+            log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
+            return 0
+        try:
+            region = self._region(peer, reply["region"])
+        except (LMShareError, OSError, KeyError, TypeError, ValueError) as exc:
+            release()
             log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
             return 0
         delivered = 0
@@ -153,8 +172,8 @@ class ShmTransport(Transport):
                deadline: float) -> tuple[dict, Callable[[], None]]:
         """Pin the prefix of ``keys`` the same-host ``peer`` holds, under a lease, for a reader
         of the peer's region (this transport's fetch, or a local client reading in place): the
-        peer's answer (slabs, generations) and a function that ends the lease without waiting
-        (if that message is lost, the lease expires on its own). Raises TimeoutError when the
+        peer's answer (slabs, generations, the region they are in) and a function that ends the
+        lease (if that fails, the lease expires on its own). Raises TimeoutError when the
         deadline has passed, LMShareError/OSError when the peer is gone."""
         left = deadline - time.monotonic()
         if left <= 0:
@@ -164,8 +183,13 @@ class ShmTransport(Transport):
         handle = reply.get("handle")
 
         def release() -> None:
+            # a short call, not a send without answer: the releasing thread's socket may be
+            # new, and a message queued before it connects would be dropped
             if handle:
-                self._endpoint(peer).send_nowait("release", handle=handle)
+                try:
+                    self._endpoint(peer).call("release", timeout_s=1.0, handle=handle)
+                except LMShareError as exc:
+                    log.debug("lease %d on %s ends on its own: %s", handle, peer.worker_id, exc)
 
         return reply, release
 

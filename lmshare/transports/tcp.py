@@ -464,4 +464,5 @@ class TcpPeerServer:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self._thread.join(timeout=1.0)
+        if self._thread.ident is not None:  # (a server that never started has no thread)
+            self._thread.join(timeout=1.0)
