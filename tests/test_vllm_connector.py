@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -164,8 +166,9 @@ class Engine:
     parts; the steps pass metadata between them as vLLM does."""
 
     def __init__(self, cluster, seed=0, extra=None, signature=SIGNATURE,
-                 copier_factory=make_copier, scheduler_client=None, worker_client=None):
-        self.kv_config = fake_config()
+                 copier_factory=make_copier, scheduler_client=None, worker_client=None,
+                 vllm_026=False):
+        self.kv_config = fake_config(vllm_026=vllm_026)
         self.settings = make_settings(extra)
         geometry = KVGeometry.from_kv_cache_config(self.kv_config)
         self.worker_clients = []
@@ -257,6 +260,39 @@ def test_store_then_peer_load_copies_whole_blocks():
     assert failed == set()
     assert_copied(a, range(8), b, blocks_b[:8])
     wait_until(lambda: all(h.released for h in cluster.hits), 10, "hits released off the step")
+
+
+def test_vllm_026_shapes_store_and_load(monkeypatch):
+    """vLLM 0.26: KVCacheTensor with shared_by (one allocation per layer) and no cache-hit-
+    source metrics; a store on one engine and a peer load on another still copy whole blocks."""
+    from lmshare.integrations.vllm import compat
+
+    monkeypatch.setattr(compat, "CacheHitSource", None)
+    cluster = FakeCluster()
+    a = Engine(cluster, seed=1, vllm_026=True)
+    _, meta = a.schedule(request("a1", PROMPT), range(10))
+    a.run(meta)
+    cluster.peer, cluster.local = cluster.local, {}
+    b = Engine(cluster, seed=2, vllm_026=True)
+    blocks_b = list(range(30, 40))
+    external, meta = b.schedule(request("b1", PROMPT), blocks_b)
+    assert external == 4 * CHUNK
+    assert b.sched.get_external_cache_hit_sources(request("b1", PROMPT), external) == {}
+    failed, _ = b.run(meta)
+    assert failed == set()
+    assert_copied(a, range(8), b, blocks_b[:8])
+
+
+def test_connector_imports_without_cache_hit_sources():
+    """vLLM 0.26 has no vllm.v1.metrics.cache_hit_source: the connector still loads."""
+    code = ("import sys\n"
+            "import vllm.distributed.kv_transfer.kv_connector.v1.base  # newer vLLM needs it\n"
+            "sys.modules['vllm.v1.metrics.cache_hit_source'] = None  # as in vLLM 0.26\n"
+            "import lmshare.integrations.vllm as c\n"
+            "assert c.compat.CacheHitSource is None and c.LMShareConnector\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_hit_leaves_the_last_token_to_vllm():

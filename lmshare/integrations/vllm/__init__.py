@@ -107,10 +107,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmshare.errors import ConfigError
 from lmshare.integrations.kv_copy import KVGeometry
+from lmshare.integrations.vllm.compat import CacheHitSource
 from lmshare.integrations.vllm.link import WorkerLink
 from lmshare.integrations.vllm.metadata import (
     LMShareMetadata,
@@ -195,7 +195,7 @@ class LMShareConnector(KVConnectorBase_V1):
     :class:`LMShareConnectorScheduler` (scheduler role) or :class:`LMShareConnectorWorker`
     (model-worker role)."""
 
-    _cache_hit_source = CacheHitSource.P2P
+    _cache_hit_source = CacheHitSource.P2P if CacheHitSource is not None else None
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -272,7 +272,7 @@ class LMShareConnector(KVConnectorBase_V1):
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int
-                                       ) -> dict[CacheHitSource, int]:
+                                       ) -> dict[Any, int]:
         return self.scheduler.get_external_cache_hit_sources(request, num_external_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,

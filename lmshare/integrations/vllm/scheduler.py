@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
 from lmshare.errors import LMShareError, WorkerUnavailable
 from lmshare.integrations.kv_copy import KVGeometry
+from lmshare.integrations.vllm.compat import hit_sources
 from lmshare.integrations.vllm.link import WorkerLink
 from lmshare.integrations.vllm.metadata import (
     LMShareMetadata,
@@ -154,15 +153,14 @@ class LMShareConnectorScheduler:
         return hit - num_computed_tokens
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int
-                                       ) -> dict[CacheHitSource, int]:
+                                       ) -> dict[Any, int]:
         if num_external_tokens <= 0:
             return {}
         state = self._states.get(request.request_id)
         if state is None:
-            return {CacheHitSource.P2P: num_external_tokens}
+            return hit_sources(0, num_external_tokens)
         local = min(num_external_tokens, state.local_chunks * self.chunk_tokens)
-        sources = {CacheHitSource.HOST: local, CacheHitSource.P2P: num_external_tokens - local}
-        return {k: v for k, v in sources.items() if v > 0}
+        return hit_sources(local, num_external_tokens - local)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:

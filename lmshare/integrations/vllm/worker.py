@@ -136,9 +136,11 @@ class LMShareConnectorWorker:
             except Exception:  # noqa: BLE001 - loads keep working from unregistered memory
                 log.exception("lmshare: registering %s failed", what)
                 return
-            if done and isinstance(copier, AsyncDeviceCopier):
-                log.info("lmshare: page-locked %s (%d bytes) in %.2fs", what,
-                         memoryview(buffer).nbytes, time.monotonic() - started)
+            if done:
+                log.info("lmshare: registered %s (%d bytes%s) in %.2fs", what,
+                         memoryview(buffer).nbytes,
+                         ", page-locked" if isinstance(copier, AsyncDeviceCopier) else "",
+                         time.monotonic() - started)
 
         if not self._serving:
             register()
