@@ -31,31 +31,91 @@ from lmshare.errors import LMShareError
 log = logging.getLogger(__name__)
 
 
-def _build_llm(args: argparse.Namespace):
-    from vllm import LLM
+def _connector_config(args: argparse.Namespace) -> Any:
     from vllm.config import KVTransferConfig
 
+    connector = args.connector or ("lmshare" if args.worker or args.endpoint else "none")
+    if connector == "none":
+        return None
+    if connector == "offload":  # vLLM's own CPU offloading: the siloed cache users would pick
+        return KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"cpu_bytes_to_use":
+                                                           args.offload_bytes})
+    extra: dict[str, Any] = {"chunk_tokens": args.chunk_tokens, "peers": not args.no_peers,
+                             "async_save": not args.sync_save}
+    if args.worker:
+        extra["worker"] = args.worker
+    if args.endpoint:
+        extra["endpoint"] = args.endpoint
+    if args.tenant:
+        extra["tenant"] = args.tenant
+    if args.no_direct:
+        extra["same_host_direct"] = False
+    return KVTransferConfig(
+        kv_connector="LMShareConnector", kv_connector_module_path="lmshare.integrations.vllm",
+        kv_role="kv_both", kv_connector_extra_config=extra)
+
+
+def _build_llm(args: argparse.Namespace):
+    from vllm import LLM
+
     kwargs: dict[str, Any] = {}
-    if args.worker or args.endpoint:
-        extra: dict[str, Any] = {"chunk_tokens": args.chunk_tokens, "peers": not args.no_peers,
-                                 "async_save": not args.sync_save}
-        if args.worker:
-            extra["worker"] = args.worker
-        if args.endpoint:
-            extra["endpoint"] = args.endpoint
-        if args.tenant:
-            extra["tenant"] = args.tenant
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="LMShareConnector", kv_connector_module_path="lmshare.integrations.vllm",
-            kv_role="kv_both", kv_connector_extra_config=extra)
+    transfer = _connector_config(args)
+    if transfer is not None:
+        kwargs["kv_transfer_config"] = transfer
     if not args.multiprocess:
         kwargs["distributed_executor_backend"] = "uni"
     if args.num_blocks:
         kwargs["num_gpu_blocks_override"] = args.num_blocks
+    if args.gpu_memory_utilization:
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.load_format:
+        kwargs["load_format"] = args.load_format
     return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-               block_size=args.block_size, enforce_eager=True, seed=0,
+               block_size=args.block_size, enforce_eager=not args.cuda_graphs, seed=0,
                enable_prefix_caching=not args.no_prefix_caching,
+               skip_tokenizer_init=args.skip_tokenizer,
                disable_log_stats=not args.stats, **kwargs)
+
+
+def _varied_dummy_weights() -> None:
+    """vLLM's dummy weights (uniform +-1e-3, norms included) make every output token the same.
+    Instead: uniform(+-0.02) matrices and 1.0 vectors, seeded by the order vLLM initializes
+    them, so outputs vary with the prompt and are identical across engines. Installed in every
+    process of the engine (vLLM's engine core re-imports this module) when
+    $LMSHARE_VARIED_DUMMY_WEIGHTS is set."""
+    import itertools
+
+    import torch
+    from vllm.model_executor.model_loader import dummy_loader
+
+    counter = itertools.count()
+
+    @torch.no_grad()
+    def initialize(model: Any, model_config: Any = None, *args: Any, **kwargs: Any) -> None:
+        for param in model.state_dict().values():
+            seed = next(counter)
+            if not torch.is_floating_point(param) or param.device.type == "meta":
+                continue
+            if param.dim() < 2:
+                param.fill_(1.0)
+                continue
+            generator = torch.Generator(device=param.device).manual_seed(seed)
+            param.uniform_(-0.02, 0.02, generator=generator)
+
+    dummy_loader.initialize_dummy_weights = initialize
+
+
+if os.environ.get("LMSHARE_VARIED_DUMMY_WEIGHTS"):
+    _varied_dummy_weights()
+
+
+def _request_output(out: Any) -> dict[str, Any]:
+    metrics = getattr(out, "metrics", None)
+    return {"token_ids": list(out.outputs[0].token_ids),
+            "num_cached_tokens": getattr(out, "num_cached_tokens", None),
+            # engine-measured time to first token (with --stats), else None
+            "ttft": getattr(metrics, "first_token_latency", None) or None}
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -77,19 +137,22 @@ def serve(args: argparse.Namespace) -> int:
                 _flush_connector_saves(llm)
                 results.write(json.dumps({"flushed": True}) + "\n")
                 continue
+            if request.get("reset_prefix_cache"):  # vLLM's own (GPU) prefix cache only
+                results.write(json.dumps({"reset": bool(llm.reset_prefix_cache())}) + "\n")
+                continue
             params = SamplingParams(max_tokens=int(request.get("max_tokens", 16)),
-                                    temperature=0.0, ignore_eos=True)
+                                    temperature=0.0, ignore_eos=True,
+                                    detokenize=not args.skip_tokenizer)
+            batch = request.get("batch")  # several prompts at once: vLLM batches them
+            prompts = batch if batch is not None else [request["prompt_token_ids"]]
             t0 = time.perf_counter()
-            outputs = llm.generate(
-                [TokensPrompt(prompt_token_ids=list(request["prompt_token_ids"]))], params,
-                use_tqdm=False)
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                   params, use_tqdm=False)
             seconds = time.perf_counter() - t0
-            out = outputs[0]
-            metrics = getattr(out, "metrics", None)
-            reply = {"token_ids": list(out.outputs[0].token_ids), "seconds": seconds,
-                     "num_cached_tokens": getattr(out, "num_cached_tokens", None),
-                     # engine-measured time to first token (with --stats), else None
-                     "ttft": getattr(metrics, "first_token_latency", None) or None}
+            if batch is not None:
+                reply = {"outputs": [_request_output(o) for o in outputs], "seconds": seconds}
+            else:
+                reply = {**_request_output(outputs[0]), "seconds": seconds}
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         results.write(json.dumps(reply) + "\n")
@@ -139,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep vLLM's request stats on and report each request's TTFT")
     p.add_argument("--multiprocess", action="store_true",
                    help="vLLM's default engine-core process (else single-process mode)")
+    p.add_argument("--connector", choices=("lmshare", "offload", "none"), default="",
+                   help="KV connector (default: lmshare with --worker/--endpoint, else none); "
+                        "offload = vLLM's own OffloadingConnector (CPU)")
+    p.add_argument("--offload-bytes", type=int, default=8 << 30,
+                   help="CPU memory of the OffloadingConnector")
+    p.add_argument("--no-direct", action="store_true",
+                   help="lmshare: no direct reads of same-host peers' pools")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="vLLM's default compiled + CUDA-graph mode (else enforce_eager)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.0)
+    p.add_argument("--load-format", default="", help="e.g. dummy: no weights files")
+    p.add_argument("--skip-tokenizer", action="store_true",
+                   help="token ids in and out only (no tokenizer in the model folder)")
     return p
 
 
@@ -206,6 +282,21 @@ class EngineProcess:
         if "error" in reply:
             raise EngineError(reply["error"])
         return reply
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_tokens: int = 16,
+                       timeout_s: float = 600.0) -> dict[str, Any]:
+        """Several prompts in one ``generate`` call (vLLM schedules them together):
+        ``{"outputs": [...], "seconds": wall time}``."""
+        self._send({"batch": [list(p) for p in prompts], "max_tokens": max_tokens})
+        reply = self._next(timeout_s)
+        if "error" in reply:
+            raise EngineError(reply["error"])
+        return reply
+
+    def reset_prefix_cache(self, timeout_s: float = 60.0) -> bool:
+        """Empty vLLM's own prefix cache (not the connector's); False if vLLM refused."""
+        self._send({"reset_prefix_cache": True})
+        return bool(self._next(timeout_s).get("reset"))
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self._send({"flush": True})
