@@ -287,16 +287,23 @@ class Client:
         return int(reply["local"]), int(reply["peer"])
 
     def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
-                     lease_s: float = DEFAULT_LEASE_S, direct: bool = False) -> Hit:
+                     lease_s: float = DEFAULT_LEASE_S, direct: bool = False,
+                     chunk_bytes: int | None = None) -> Hit:
         """Pin the longest available prefix of ``keys`` in the local pool, fetching chunks held
         only by peers first. A failed or late peer chunk truncates the prefix before it.
 
         ``direct=True``: chunks that same-host peers hold are not copied into the local pool;
         the hit points into the peers' pools (mapped read-only here), pinned there for the
-        lease (see :meth:`Hit.verify`). Peers on other hosts are fetched as usual."""
+        lease (see :meth:`Hit.verify`). Peers on other hosts are fetched as usual.
+
+        ``chunk_bytes``: the size of every chunk (when the caller knows it, e.g. from the
+        model's KV layout); a peer announcing another size is refused before the worker
+        reserves or evicts anything for it."""
         if not keys:
             return Hit(self, 0, [], 0, 0)
         fields: dict[str, object] = {"direct": True} if direct else {}
+        if chunk_bytes is not None:
+            fields["chunk_bytes"] = int(chunk_bytes)
         reply = self._call("acquire", namespace=namespace, keys=list(keys), peers=peers,
                            lease_s=float(lease_s), **fields)
         chunks = [(list(c[0]), int(c[1]), *((int(c[2]), list(c[3])) if len(c) > 2 else ()))

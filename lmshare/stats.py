@@ -39,6 +39,7 @@ class WorkerCounters:
     admits: int = 0
     evictions: int = 0
     refused_connections: int = 0  # data-plane connections that failed the key handshake
+    refused_chunks: int = 0  # fetched chunks refused for the size their holder announced
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerCounters:

@@ -215,6 +215,7 @@ class WorkerAgent:
             c.fetch_failures = self.fetcher.failures
             c.in_flight_fetches = self.fetcher.in_flight + self.peer_server.in_flight()
             c.refused_connections = self.peer_server.refused_total()
+            c.refused_chunks = self.fetcher.refused_chunks
             return c.to_dict()
 
     # ------------------------------------------------------------------ data plane
@@ -300,7 +301,8 @@ class WorkerAgent:
                 return granted
         if remote:
             self.fetcher.fetch(namespace, [keys[i] for i, _ in remote],
-                               [holders for _, holders in remote], infos)
+                               [holders for _, holders in remote], infos,
+                               chunk_bytes=m.get("chunk_bytes"))
         entries: list[Entry] = []
         for key in keys[:length]:
             entry = self.pool.pin(key)
@@ -414,6 +416,8 @@ class WorkerAgent:
         if len(sizes) != len(keys) or not all(isinstance(s, int) and s >= 0 for s in sizes):
             raise _RequestError(ErrorCode.BAD_MESSAGE, "sizes must be one byte count per key")
         reservations: list[Any] = []
+        if sizes:
+            self.fetcher.note_size(namespace, max(sizes))
         try:
             for key, size in zip(keys, sizes):
                 if self.pool.contains(key):

@@ -73,7 +73,10 @@ class WorkerCollector(Collector):
                 ("fetch_failures", "fetch_failures",
                  "Per-holder fetches that returned fewer chunks than asked (hit truncated)"),
                 ("admits", "admits", "Chunks committed to the pool"),
-                ("evictions", "evictions", "Chunks evicted (LRU) to make room")):
+                ("evictions", "evictions", "Chunks evicted (LRU) to make room"),
+                ("refused_chunks", "refused_chunks",
+                 "Fetched chunks refused before any reservation: their holder announced a size "
+                 "other than asked (or more than the namespace's chunks)")):
             yield CounterMetricFamily(f"lmshare_worker_{name}", doc, value=c[key])
         refused = CounterMetricFamily(
             "lmshare_worker_refused_connections", "Data-port connections refused before any "

@@ -24,16 +24,32 @@ log = logging.getLogger(__name__)
 
 
 class PoolSink:
-    """A ChunkSink that lands fetched chunks in pool reservations."""
+    """A ChunkSink that lands fetched chunks in pool reservations.
 
-    def __init__(self, pool: KVPool, namespace: bytes) -> None:
+    The size a peer announces for a chunk is checked before anything is reserved (or evicted
+    to make room): it must be ``exact`` when the asker said how large its chunks are, and at
+    most ``max_bytes`` in any case; a chunk that is not is refused (the hit stops there)."""
+
+    def __init__(self, pool: KVPool, namespace: bytes, max_bytes: int | None = None,
+                 exact: int | None = None) -> None:
         self._pool = pool
         self._namespace = namespace
+        self.max_bytes = max_bytes
+        self.exact = exact
         self._open: dict[bytes, Reservation] = {}
         self.bytes_received = 0
         self.chunks_received = 0
+        self.refused_chunks = 0
 
     def begin(self, key: bytes, nbytes: int) -> list[memoryview] | None:
+        if (self.exact is not None and nbytes != self.exact) or \
+                (self.max_bytes is not None and nbytes > self.max_bytes):
+            self.refused_chunks += 1
+            wanted = f"exactly {self.exact}" if self.exact is not None else \
+                f"at most {self.max_bytes}"
+            log.warning("a peer announced a chunk of %d bytes where %s were asked for; refused "
+                        "before reserving anything", nbytes, wanted)
+            return None
         try:
             reservation = self._pool.reserve(self._namespace, key, nbytes)
         except LMShareError as exc:
@@ -101,15 +117,34 @@ class PeerFetcher:
         self.bytes_fetched = 0
         self.chunks_fetched = 0
         self.failures = 0
+        self.refused_chunks = 0  # chunks refused because of the size their holder announced
+        # the largest chunk local writers stored per namespace: what a peer's chunk of the
+        # namespace may announce at most (without it, a quarter of the pool)
+        self._known_sizes: dict[bytes, int] = {}
         # called after every fetch with (seconds, chunks asked for, chunks that arrived)
         self.on_fetch: Callable[[float, int, int], None] | None = None
 
     def transport_for(self, peer: PeerInfo) -> Transport:
         return self._transports.get(self._choose(peer)) or self._transports["tcp"]
 
+    def note_size(self, namespace: bytes, nbytes: int) -> None:
+        """A local writer stores a chunk of ``nbytes`` in ``namespace``."""
+        with self._lock:
+            if nbytes > self._known_sizes.get(namespace, 0):
+                if len(self._known_sizes) >= 10_000:
+                    self._known_sizes.clear()
+                self._known_sizes[namespace] = nbytes
+
+    def size_limit(self, namespace: bytes) -> int:
+        """The most bytes a fetched chunk of ``namespace`` may announce."""
+        with self._lock:
+            known = self._known_sizes.get(namespace)
+        return known if known is not None else max(1, self._pool.capacity_bytes // 4)
+
     def fetch(self, namespace: bytes, keys: list[bytes], holders: list[list[str]],
-              peers: dict[str, PeerInfo]) -> int:
-        """Fetch ``keys`` (chunk i held by ``holders[i]``); returns how many arrived."""
+              peers: dict[str, PeerInfo], chunk_bytes: int | None = None) -> int:
+        """Fetch ``keys`` (chunk i held by ``holders[i]``); returns how many arrived.
+        ``chunk_bytes``: the size every chunk must have (when the asker knows it)."""
         started = time.monotonic()
         deadline = started + self.fetch_timeout_s
         plan = FetchPlan.stripe(keys, holders)
@@ -123,7 +158,7 @@ class PeerFetcher:
                 if peer is None:
                     continue
                 futures.append(self._executor.submit(self._fetch_one, peer, namespace, peer_keys,
-                                                     deadline))
+                                                     deadline, chunk_bytes))
             for future in futures:
                 left = max(0.0, deadline - time.monotonic()) + 1.0
                 try:
@@ -138,14 +173,15 @@ class PeerFetcher:
                 self.on_fetch(time.monotonic() - started, len(keys), received)
 
     def _fetch_one(self, peer: PeerInfo, namespace: bytes, keys: list[bytes],
-                   deadline: float) -> int:
-        sink = PoolSink(self._pool, namespace)
+                   deadline: float, chunk_bytes: int | None = None) -> int:
+        sink = PoolSink(self._pool, namespace, self.size_limit(namespace), chunk_bytes)
         transport = self.transport_for(peer)
         transport.fetch(peer, keys, sink, deadline, checksum=self.checksum)
         with self._lock:
             self.bytes_fetched += sink.bytes_received
             self.chunks_fetched += sink.chunks_received
             self.chunks_by_transport[transport.name] += sink.chunks_received
+            self.refused_chunks += sink.refused_chunks
             if sink.chunks_received < len(keys):
                 self.failures += 1
         return sink.chunks_received

@@ -1,0 +1,102 @@
+"""Peers that lie about what they hold: a member's fake holder announcing oversized chunks
+makes the reader neither reserve nor evict anything, and the refusal is counted."""
+
+import os
+import socket
+import threading
+import time
+
+import msgpack
+
+from lmshare import ModelSignature
+from lmshare.handshake import data_key, server_handshake
+from lmshare.keys import signature_keys
+from lmshare.testing.waiting import wait_until
+from lmshare.transports.tcp import CHUNK_HEADER, REQUEST_LENGTH, STATUS_OK
+
+SIG = ModelSignature(model="lying-peer", chunk_tokens=16)
+CHUNK = 200_000
+
+
+class FakeHolder:
+    """A data port that passes the handshake (it holds the key) and announces every chunk as
+    ``announced`` bytes long, then sends garbage."""
+
+    def __init__(self, key, announced: int) -> None:
+        self.announced = announced
+        self.requests = 0
+        self._key = data_key(key)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    server_handshake(conn, self._key, time.monotonic() + 5)
+                    (length,) = REQUEST_LENGTH.unpack(conn.recv(4, socket.MSG_WAITALL))
+                    request = msgpack.unpackb(conn.recv(length, socket.MSG_WAITALL))
+                    self.requests += 1
+                    for _ in request["keys"]:
+                        conn.sendall(CHUNK_HEADER.pack(STATUS_OK, 0, self.announced))
+                        conn.sendall(os.urandom(min(self.announced, 1 << 16)))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._listener.close()
+
+
+def announce(cluster, name: str, port: int, keys: list[bytes]) -> None:
+    controller = cluster.controller_client()
+    try:
+        epoch = controller.call("register", worker_id=name, host="127.0.0.1", data_port=port,
+                                transports=["tcp"], capacity_bytes=1 << 30,
+                                host_id="another-host")["epoch"]
+        controller.call("batch", worker_id=name, epoch=epoch, seq=1,
+                        admit={SIG.namespace(): keys}, evict=[])
+    finally:
+        controller.close()
+
+
+def test_oversized_announcements_reserve_and_evict_nothing(cluster):
+    cluster.start_controller()
+    cluster.start_worker("victim", "8MiB")
+    fake = FakeHolder(cluster.key, announced=6 << 20)  # most of the pool
+    try:
+        with cluster.client("victim") as victim:
+            # the victim's pool is nearly full of its own chunks of the namespace
+            own_tokens = list(range(10_000, 10_000 + 16 * 30))
+            own = [os.urandom(CHUNK) for _ in range(30)]
+            assert victim.put(SIG, own_tokens, own) == 30
+            before = victim.stats()["counters"]
+            tokens = list(range(16 * 3))
+            keys = signature_keys(SIG, tokens)
+            announce(cluster, "liar", fake.port, keys)
+            wait_until(lambda: victim.lookup(SIG, tokens).peer_tokens == 48, 5, "the announce")
+            # asked without a size: bounded by the namespace's own chunks (200 kB)
+            with victim.acquire(SIG, tokens) as hit:
+                assert len(hit) == 0
+            # asked with the size the model's layout gives: must be exactly that
+            fake.announced = CHUNK + 1
+            with victim.acquire_keys(SIG.namespace(), keys, chunk_bytes=CHUNK) as hit:
+                assert len(hit) == 0
+            assert fake.requests >= 2
+            after = victim.stats()["counters"]
+            assert after["evictions"] == before["evictions"] == 0
+            assert after["entries"] == 30 and after["refused_chunks"] >= 2
+            assert victim.get(SIG, own_tokens) == own  # nothing of its own was lost
+        log = cluster.workers["victim"].log_text()
+        assert "announced a chunk of 6291456 bytes where at most 200000" in log
+    finally:
+        fake.close()
