@@ -27,6 +27,7 @@ class WorkerRecord:
     last_seq: int = 0
     syncing: bool = False
     counters: WorkerCounters = field(default_factory=WorkerCounters)
+    namespaces: list[dict] = field(default_factory=list)  # its clients' (from heartbeats)
     previous_counters: WorkerCounters | None = None
     previous_heartbeat: float = 0.0
     # (time, counters) of recent heartbeats, for rates smoothed over RATE_WINDOW_S

@@ -67,6 +67,16 @@ class ControllerConfig:
                               f"than the heartbeat interval ({self.heartbeat_interval_s}s)")
 
 
+def _namespace_report(report: Any) -> list[dict]:
+    """A heartbeat's ``namespaces`` ({namespace: [chunk_tokens, lookups]}, checked by the
+    protocol) as stats show them, most used first."""
+    if not isinstance(report, dict):
+        return []
+    out = [{"namespace": ns.hex(), "chunk_tokens": uses[0], "lookups": uses[1]}
+           for ns, uses in report.items() if len(uses) == 2]
+    return sorted(out, key=lambda entry: -entry["lookups"])
+
+
 class _Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -286,6 +296,7 @@ class ControllerService:
     def _on_heartbeat(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
         record.record_heartbeat(WorkerCounters.from_dict(m["stats"]))
+        record.namespaces = _namespace_report(m.get("namespaces"))
         resync = record.syncing or record.last_seq != m["seq"]
         return protocol.ok(m["id"], resync=resync)
 
@@ -419,7 +430,8 @@ class ControllerService:
             WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
                        self.registry.state(w, now), round(w.heartbeat_age(now), 3),
                        self.index.worker_chunks(w.worker_id), w.counters,
-                       w.rate("bytes_served"), w.rate("bytes_fetched"))
+                       w.rate("bytes_served"), w.rate("bytes_fetched"),
+                       namespaces=list(w.namespaces))
             for w in live[offset:end]
         ]
         self._fill_peer_transports(workers)

@@ -276,14 +276,16 @@ class Client:
         return int(self._call("commit", handles=handles)["committed"])
 
     def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
-                    count: bool = True) -> tuple[int, int]:
+                    count: bool = True, chunk_tokens: int = 0) -> tuple[int, int]:
         """(local, peer) chunk counts of the longest available prefix of ``keys``.
         ``count=False``: a repeated lookup (e.g. a request vLLM could not schedule yet) that the
-        worker's hit/miss statistics should not count again."""
+        worker's hit/miss statistics should not count again. ``chunk_tokens``: the namespace's
+        chunk size, which the worker reports so that a router can compute the same keys."""
         if not keys:
             return (0, 0)
+        extra = {"chunk_tokens": int(chunk_tokens)} if chunk_tokens else {}
         reply = self._call("local_lookup", namespace=namespace, keys=list(keys), peers=peers,
-                           count=bool(count))
+                           count=bool(count), **extra)
         return int(reply["local"]), int(reply["peer"])
 
     def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
@@ -322,7 +324,8 @@ class Client:
                peers: bool = True) -> LookupResult:
         """How many prefix tokens of ``token_ids`` are available, locally and from peers."""
         local, peer = self.lookup_keys(signature.namespace(),
-                                       signature_keys(signature, token_ids), peers)
+                                       signature_keys(signature, token_ids), peers,
+                                       chunk_tokens=signature.chunk_tokens)
         size = signature.chunk_tokens
         return LookupResult((local + peer) * size, local * size, peer * size, size)
 

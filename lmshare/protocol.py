@@ -73,7 +73,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                  "host_id": Str(MAX_HOST),
                  "extra": Optional(Map(Str(64), Scalar(16 * 1024), 64))},
     "heartbeat": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
-                  "stats": Map(Str(64), Int(0, MAX_COUNTER), 64)},
+                  "stats": Map(Str(64), Int(0, MAX_COUNTER), 64),
+                  # namespace its clients look up → [chunk tokens, lookups] (read by routers)
+                  "namespaces": Optional(Map(_KEY, List(Int(0, MAX_COUNTER), 2), 16))},
     "batch": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
               "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS},
     "sync": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
@@ -86,7 +88,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     # client -> worker
     "hello": {},
     "local_lookup": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(),
-                     "count": Optional(Bool())},
+                     "count": Optional(Bool()), "chunk_tokens": Optional(Int(1, 1 << 20))},
     "reserve": {"namespace": _KEY, "keys": _KEYS, "sizes": List(Int(0, 1 << 40), MAX_KEYS),
                 "incarnation": Optional(Str(64))},
     "commit": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},

@@ -67,6 +67,8 @@ class WorkerView:
     fetched_bytes_per_s: float = 0.0
     # transport this worker uses towards the other live workers → how many peers
     peer_transports: dict[str, int] = field(default_factory=dict)
+    # KV namespaces its clients look up: {"namespace": hex, "chunk_tokens": n, "lookups": n}
+    namespaces: list[dict] = field(default_factory=list)
 
 
 @dataclass

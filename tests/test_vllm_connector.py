@@ -108,7 +108,7 @@ class FakeClient:
                 break
         return local, peer
 
-    def lookup_keys(self, namespace, keys, peers=True, count=True):
+    def lookup_keys(self, namespace, keys, peers=True, count=True, chunk_tokens=0):
         self.cluster.calls.append("lookup" if count else "lookup again")
         return self._prefix(keys, peers)
 

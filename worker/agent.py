@@ -43,6 +43,7 @@ from lmshare.worker.config import WorkerConfig, host_identity
 from lmshare.worker.control_link import ControlLink
 from lmshare.worker.leases import LeaseTable
 from lmshare.worker.local_server import LocalServer
+from lmshare.worker.namespaces import NamespaceLog
 from lmshare.worker.peer_fetch import PeerFetcher
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,12 @@ class WorkerAgent:
                       "pid": os.getpid(),
                       **(self.ucx_export.registration() if self.ucx_export else {})},
         }
+        self.namespaces = NamespaceLog()  # what the clients look up (reported to routers)
         self.link = ControlLink(
             FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s,
                                      key=config.key),
-            self.pool, registration, self.counter_snapshot)
+            self.pool, registration, self.counter_snapshot,
+            lambda: {"namespaces": self.namespaces.snapshot()})
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
             try:
@@ -288,6 +291,7 @@ class WorkerAgent:
         length, remote, _ = self.plan(namespace, keys, m["peers"])
         if m.get("count", True):  # repeated lookups of one request count once
             self._count(lookups=1, miss_chunks=len(keys) - length)
+            self.namespaces.record(namespace, m.get("chunk_tokens"))
         return protocol.ok(m["id"], local=length - len(remote), peer=len(remote))
 
     def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:
@@ -461,4 +465,5 @@ class WorkerAgent:
                            register_ms=round(self.link.last_register_s * 1000, 3),
                            leases=len(self.leases), data_port=self.peer_server.port,
                            transports=list(self.transports),
-                           fetched_by_transport=dict(self.fetcher.chunks_by_transport))
+                           fetched_by_transport=dict(self.fetcher.chunks_by_transport),
+                           namespaces=self.namespaces.snapshot())

@@ -26,8 +26,10 @@ BATCH_INTERVAL_S = 0.02
 
 class ControlLink:
     def __init__(self, client: FailoverControllerClient, pool: KVPool, registration: dict[str, Any],
-                 counters: Callable[[], dict[str, int]]) -> None:
+                 counters: Callable[[], dict[str, int]],
+                 heartbeat_fields: Callable[[], dict[str, Any]] | None = None) -> None:
         self._client = client
+        self._heartbeat_fields = heartbeat_fields  # more fields of each heartbeat
         self._pool = pool
         self._registration = registration
         self._counters = counters
@@ -116,7 +118,8 @@ class ControlLink:
         return self._client.call(type_, worker_id=self.worker_id, epoch=self.epoch, **fields)
 
     def _heartbeat(self) -> None:
-        reply = self._call("heartbeat", seq=self._seq, stats=self._counters())
+        extra = self._heartbeat_fields() if self._heartbeat_fields is not None else {}
+        reply = self._call("heartbeat", seq=self._seq, stats=self._counters(), **extra)
         if reply.get("resync"):
             self._need_sync = True
 

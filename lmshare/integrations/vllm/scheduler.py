@@ -137,7 +137,8 @@ class LMShareConnectorScheduler:
         for namespace, keys in zip(state.namespaces, state.keys):
             rank_local, rank_peer = self._link.call(
                 lambda c, ns=namespace, k=keys: c.lookup_keys(
-                    ns, k[first_chunk:wanted], peers=self.settings.peers, count=first_lookup))
+                    ns, k[first_chunk:wanted], peers=self.settings.peers, count=first_lookup,
+                    chunk_tokens=self.chunk_tokens))
             if local is None or rank_local + rank_peer < local + peer:
                 local, peer = rank_local, rank_peer
         assert local is not None and peer is not None
