@@ -17,6 +17,7 @@ from lmshare.router.controller_link import AsyncControllerLink
 log = logging.getLogger(__name__)
 
 MAX_LOOKUP_CHUNKS = 4096
+MAX_STATS_PAGES = 16
 
 
 @dataclass
@@ -110,14 +111,21 @@ async def refresh_signatures(link: AsyncControllerLink, backends: Sequence[Backe
                              timeout_s: float) -> bool:
     """Read each backend's KV namespace from its worker's report in the controller's stats.
     False when the controller did not answer (the namespaces known so far are kept)."""
-    try:
-        reply = await link.call("stats", timeout_s)
-    except LMShareError as exc:
-        log.debug("signature refresh: %s", exc)
-        return False
-    stats = reply.get("stats")
-    workers = stats.get("workers") if isinstance(stats, dict) else None
-    views = {w.get("worker_id"): w for w in workers or [] if isinstance(w, dict)}
+    views: dict = {}
+    for _ in range(MAX_STATS_PAGES):  # the controller pages its worker list
+        try:
+            reply = await link.call("stats", timeout_s, offset=len(views))
+        except LMShareError as exc:
+            log.debug("signature refresh: %s", exc)
+            return False
+        stats = reply.get("stats")
+        workers = stats.get("workers") if isinstance(stats, dict) else None
+        if not isinstance(workers, list) or not workers:
+            break
+        views.update((w.get("worker_id"), w) for w in workers if isinstance(w, dict))
+        total = stats.get("workers_total")
+        if not isinstance(total, int) or len(views) >= total:
+            break
     for backend in backends:
         view = views.get(backend.spec.worker)
         if view is None or view.get("state") not in ("alive", "suspect"):

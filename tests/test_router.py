@@ -3,7 +3,6 @@ servers, each its own process: passthrough, policies by load, failures and clear
 
 import http.client
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -14,39 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lmshare.local_cluster import LocalCluster, free_port
+from lmshare.testing.fake_openai import FakeServer as Fake
+from lmshare.testing.fake_openai import get_json as _get
 from lmshare.testing.waiting import wait_until
-
-
-class Fake:
-    def __init__(self, name: str, tmp_path, *extra: str) -> None:
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp_path / f"fake-{name}.log", "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lmshare.testing.fake_openai", "--port", str(self.port),
-             "--name", name, *extra], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(lambda: _get(f"{self.url}/v1/models", quiet=True), 20, f"fake {name} up")
-
-    def served(self) -> int:
-        return _get(f"{self.url}/fake/stats")[1]["served"]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(5)
-        self.log.close()
-
-
-def _get(url: str, quiet: bool = False):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-    except OSError:
-        if quiet:
-            return None
-        raise
 
 
 def post(port: int, path: str, body, timeout: float = 20.0):

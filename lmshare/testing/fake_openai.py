@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -69,6 +74,45 @@ def build_app(name: str, model: str, token_delay_s: float, fail_status: int) -> 
     app.router.add_get("/health", health)
     app.router.add_get("/fake/stats", stats)
     return app
+
+
+def get_json(url: str, quiet: bool = False):
+    """(status, JSON body) of a GET; None for an unreachable server when ``quiet``."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        if quiet:
+            return None
+        raise
+
+
+class FakeServer:
+    """This module's server as its own process (``kill`` it like a crashed backend)."""
+
+    def __init__(self, name: str, log_dir: str | Path, *extra: str) -> None:
+        from lmshare.local_cluster import free_port
+        from lmshare.testing.waiting import wait_until
+
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(log_dir) / f"fake-{name}.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lmshare.testing.fake_openai", "--port", str(self.port),
+             "--name", name, *extra], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: get_json(f"{self.url}/v1/models", quiet=True), 20, f"fake {name} up")
+
+    def served(self) -> int:
+        """Generation requests it received."""
+        return get_json(f"{self.url}/fake/stats")[1]["served"]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(5)
+        self.log.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,6 +74,21 @@ def _train_tokenizer(directory: Path):
     return fast
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def build_tiny_tokenizer(directory: str | Path, chat_template: bool = True) -> Path:
+    """The tiny model's tokenizer alone (no torch needed), with a simple chat template."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast = _train_tokenizer(folder)
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+        fast.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_model(directory: str | Path, *, seed: int = SEED, num_layers: int = NUM_LAYERS,
                      hidden_size: int = HIDDEN_SIZE, num_heads: int = NUM_HEADS,
                      num_kv_heads: int = NUM_KV_HEADS, force: bool = False) -> Path:
