@@ -25,17 +25,30 @@ from lmshare.control import FailoverControllerClient, parse_controllers
 from lmshare.credentials import ClusterKey
 from lmshare.dashboard.view import SORTS, ViewState, budget, render
 from lmshare.errors import LMShareError
-from lmshare.stats import ClusterStats
+from lmshare.stats import ClusterStats, RouterStats
 
 log = logging.getLogger(__name__)
+
+
+def fetch_router_stats(url: str, timeout_s: float) -> RouterStats:
+    """A router's ``/router/stats``."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url.rstrip('/')}/router/stats", timeout=timeout_s) as reply:
+        return RouterStats.from_dict(json.loads(reply.read(1 << 20)))
 
 
 class StatsPoller:
     """Fetches the controller's ClusterStats in a thread; the latest result is always at hand."""
 
     def __init__(self, controller: str, interval_s: float = 0.5, timeout_s: float = 1.0,
-                 key: ClusterKey | None = None) -> None:
+                 key: ClusterKey | None = None, router: str = "") -> None:
         self.controller = controller
+        self.router = router  # a router's base URL, polled beside the controller
+        self.timeout_s = timeout_s
+        self.router_stats: RouterStats | None = None
+        self.router_error: str | None = None
         self.interval_s = interval_s
         self._client = FailoverControllerClient(parse_controllers(controller), timeout_s,
                                                 key=key)
@@ -57,6 +70,12 @@ class StatsPoller:
                 self.error_since = time.monotonic()
                 log.debug("controller %s unreachable: %s", self.controller, exc)
             self.error = str(exc) or type(exc).__name__
+        if self.router:
+            try:
+                self.router_stats = fetch_router_stats(self.router, self.timeout_s)
+                self.router_error = None
+            except (OSError, ValueError, TypeError) as exc:
+                self.router_error = str(exc) or type(exc).__name__
         self.updated.set()
         return self.stats
 
@@ -141,11 +160,12 @@ def key_reader(stop: threading.Event) -> Iterator[queue.Queue[str]]:
 def _frame(poller: StatsPoller, state: ViewState, console: Console, height: int | None):
     state.error = poller.error
     state.error_for_s = time.monotonic() - poller.error_since if poller.error else 0.0
+    state.router_stats, state.router_error = poller.router_stats, poller.router_error
     return render(poller.stats, console.size.width, height, state)
 
 
 def print_once(controller: str, console: Console | None = None, timeout_s: float = 3.0,
-               key: ClusterKey | None = None) -> int:
+               key: ClusterKey | None = None, router: str = "") -> int:
     """Print a single frame (``lmshare dashboard --once``). Raises if the controller is away."""
     console = console or Console()
     client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
@@ -153,22 +173,27 @@ def print_once(controller: str, console: Console | None = None, timeout_s: float
         stats = ClusterStats.from_dict(client.call("stats")["stats"])
     finally:
         client.close()
+    state = ViewState(controller=controller, keys_help=False, router=router)
+    if router:
+        try:
+            state.router_stats = fetch_router_stats(router, timeout_s)
+        except (OSError, ValueError, TypeError) as exc:
+            state.router_error = str(exc) or type(exc).__name__
     height = console.size.height if console.is_terminal else None
-    console.print(render(stats, console.size.width, height,
-                         ViewState(controller=controller, keys_help=False)))
+    console.print(render(stats, console.size.width, height, state))
     return 0
 
 
 def run_dashboard(controller: str, refresh_s: float = 0.5, stop: threading.Event | None = None,
                   footer: Callable[[], str] | None = None, console: Console | None = None,
-                  key: ClusterKey | None = None) -> int:
+                  key: ClusterKey | None = None, router: str = "") -> int:
     """Run the full-screen dashboard until ``q``, Ctrl-C, or ``stop`` is set. Returns 0."""
     console = console or Console()
     stop = stop or threading.Event()
     refresh_s = min(max(0.1, refresh_s), 0.5)  # at least twice a second
     poller = StatsPoller(controller, refresh_s, timeout_s=max(1.0, refresh_s * 2),
-                         key=key).start()
-    state = ViewState(controller=controller)
+                         key=key, router=router).start()
+    state = ViewState(controller=controller, router=router)
     try:
         with key_reader(stop) as keys, Live(console=console, screen=True, auto_refresh=False,
                                             transient=True, redirect_stderr=False,

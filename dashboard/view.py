@@ -18,7 +18,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from lmshare.stats import ClusterEvent, ClusterStats, WorkerView
+from lmshare.stats import ClusterEvent, ClusterStats, RouterStats, WorkerView
 from lmshare.units import format_size
 
 SORTS = ("state", "name", "used", "chunks", "peer", "served")
@@ -41,6 +41,9 @@ class ViewState:
     error_for_s: float = 0.0  # how long the controller has been unreachable
     footer: str = ""  # an extra status line (the demo's workload numbers)
     keys_help: bool = True
+    router: str = ""  # a router's URL (``--router``): its panel is shown
+    router_stats: RouterStats | None = None
+    router_error: str | None = None
 
 
 # ---------------------------------------------------------------------- formatting helpers
@@ -139,6 +142,7 @@ def budget(stats: ClusterStats | None, height: int | None, state: ViewState) -> 
         return Budget(max(1, workers), min(events, 10), 1)
     hits = 5 if height >= TALL else 2
     fixed = 1 + 2 + hits + 2 + 1 + 1 + (1 if state.footer else 0)  # title..footer
+    fixed += router_lines(state)
     remaining = max(2, height - fixed)
     want_events = min(events, 20 if height >= TALL else 10)
     reserve = min(want_events, 3)
@@ -225,6 +229,50 @@ def _hits(stats: ClusterStats, width: int, tall: bool) -> list[Text]:
             lines.append(Text.assemble((f"{name:<6}", style),
                                        (sparkline(series, spark_width - 7, top=top), style),
                                        rate))
+    return lines
+
+
+MAX_ROUTER_BACKENDS = 8
+
+
+def router_lines(state: ViewState) -> int:
+    """Lines of the router panel (0 without ``--router``)."""
+    if not state.router:
+        return 0
+    backends = len(state.router_stats.backends) if state.router_stats else 0
+    return 2 + min(backends, MAX_ROUTER_BACKENDS)
+
+
+def _router_panel(state: ViewState, width: int) -> list[RenderableType]:
+    r = state.router_stats
+    title = f"router {state.router}" + (f" · {r.policy}" if r else "")
+    lines: list[RenderableType] = [Rule(title, style="grey37", align="left")]
+    if state.router_error is not None or r is None:
+        lines.append(_line(Text(f"router unreachable: {state.router_error or 'no data yet'}",
+                                style="yellow"), width))
+        return lines
+    decided = sum(r.decisions.values())
+    head = Text.assemble(("requests ", "bold"), f"{r.requests:,}")
+    for reason, count in sorted(r.decisions.items(), key=lambda item: -item[1]):
+        style = {"hit": "green", "overloaded": "cyan", "miss": "red"}.get(reason, "")
+        head.append(" · ")
+        head.append(f"{reason} {percent(count, decided)}", style=style)
+    if r.retries:
+        head.append(f" · {r.retries} retried", style="yellow")
+    if r.lookups:
+        head.append(f" · lookup {r.lookup_mean_ms:.2f}ms")
+    if r.prompt_tokens:
+        head.append(f" · {percent(r.held_tokens, r.prompt_tokens)} of prompt tokens cached "
+                    "where sent")
+    lines.append(_line(head, width))
+    for b in r.backends[:MAX_ROUTER_BACKENDS]:
+        state_text = ("up", "green") if b.up else (f"DOWN {b.reason}", "bold red")
+        line = Text.assemble(f"  {b.name:<12} ", (f"{state_text[0]:<5}", state_text[1]),
+                             f" in flight {b.in_flight:>3} ({short_size(b.in_flight_tokens)} tok)"
+                             f" · {b.requests:,} requests · {b.failures} failures")
+        if not b.chunk_tokens and r.policy.startswith("prefix"):
+            line.append(" · namespace not known yet", style="yellow")
+        lines.append(_line(line, width))
     return lines
 
 
@@ -331,6 +379,8 @@ def render(stats: ClusterStats | None, width: int, height: int | None,
     page = min(max(0, state.page), fit.pages - 1)
     parts.extend(_summary(stats, width))
     parts.extend(_hits(stats, width, tall=height is not None and height >= TALL))
+    if state.router:
+        parts.extend(_router_panel(state, width))
     ordered = dataclasses.replace(stats, workers=sort_workers(stats.workers, state.sort))
     shown = len(ordered.workers[page * fit.worker_rows:(page + 1) * fit.worker_rows])
     first = page * fit.worker_rows + 1

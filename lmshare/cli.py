@@ -160,8 +160,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     parse_address(args.controller)  # a bad address is a usage error, not a retry loop
     key = _key(args)
     if args.once:
-        return print_once(args.controller, timeout_s=args.timeout, key=key)
-    return run_dashboard(args.controller, refresh_s=args.refresh, key=key)
+        return print_once(args.controller, timeout_s=args.timeout, key=key, router=args.router)
+    return run_dashboard(args.controller, refresh_s=args.refresh, key=key, router=args.router)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float, default=0.5, metavar="S",
                    help="seconds between frames (at most 0.5; default 0.5)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--router", default="", metavar="URL",
+                   help="also show an lmshare router's panel (e.g. http://127.0.0.1:8000)")
     p.add_argument("--timeout", type=float, default=3.0, metavar="S",
                    help="deadline of the controller's answer with --once (default 3)")
     _add_key_options(p)

@@ -149,3 +149,48 @@ class ClusterStats:
             if name in rest:
                 rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, **rest)
+
+
+@dataclass
+class RouterBackendView:
+    """One backend as ``lmshare router`` sees it."""
+
+    name: str
+    url: str = ""
+    up: bool = False
+    reason: str = ""
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    requests: int = 0
+    failures: int = 0
+    chunk_tokens: int = 0  # 0 until the backend's KV namespace is known
+
+
+@dataclass
+class RouterStats:
+    """What a router reports on ``/router/stats`` (the dashboard's router panel)."""
+
+    policy: str
+    requests: int = 0
+    retries: int = 0
+    decisions: dict[str, int] = field(default_factory=dict)  # reason → requests
+    lookups: int = 0
+    lookup_mean_ms: float = 0.0
+    prompt_tokens: int = 0
+    held_tokens: int = 0  # prompt tokens the chosen backend's worker held
+    tokenizer: str = ""
+    backends: list[RouterBackendView] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RouterStats:
+        """From a router's JSON (checked: it came over the network)."""
+        if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
+            raise ValueError("not a router stats object")
+        names = {f.name for f in fields(RouterBackendView)}
+        backends = [RouterBackendView(**{k: v for k, v in b.items() if k in names})
+                    for b in data.get("backends", []) if isinstance(b, dict) and "name" in b]
+        decisions = {str(k): int(v) for k, v in (data.get("decisions") or {}).items()
+                     if isinstance(v, (int, float))}
+        simple = {f.name for f in fields(cls)} - {"backends", "decisions"}
+        return cls(backends=backends, decisions=decisions,
+                   **{k: v for k, v in data.items() if k in simple})

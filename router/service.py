@@ -340,16 +340,27 @@ class Router:
         return web.json_response(self.stats())
 
     def stats(self) -> dict[str, Any]:
-        """What the dashboard's router panel shows (see lmshare.stats.RouterStats)."""
-        decisions: dict[str, float] = {}
-        for metric in self.metrics.decisions.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    decisions[sample.labels["reason"]] = sample.value
+        """What the dashboard's router panel shows (lmshare.stats.RouterStats)."""
+
+        def samples(metric, suffix: str):
+            for family in metric.collect():
+                for sample in family.samples:
+                    if sample.name.endswith(suffix):
+                        yield sample
+
+        m = self.metrics
+        decisions = {s.labels["reason"]: int(s.value) for s in samples(m.decisions, "_total")}
+        tokens = {s.labels["kind"]: int(s.value) for s in samples(m.prefix_tokens, "_total")}
+        lookups = next(samples(m.lookup_seconds, "_count")).value
+        lookup_sum = next(samples(m.lookup_seconds, "_sum")).value
         return {
-            "policy": self.config.policy, "uptime_s": round(time.time() - self.started_at, 3),
+            "policy": self.config.policy,
+            "requests": int(sum(s.value for s in samples(m.requests, "_total"))),
+            "retries": int(next(samples(m.retries, "_total")).value),
+            "decisions": decisions, "lookups": int(lookups),
+            "lookup_mean_ms": round(lookup_sum / lookups * 1000, 3) if lookups else 0.0,
+            "prompt_tokens": tokens.get("prompt", 0), "held_tokens": tokens.get("held", 0),
             "tokenizer": self.tokenizer_status,
-            "decisions": decisions,
             "backends": [{"name": b.name, "url": b.url, "worker": b.spec.worker, "up": b.up,
                           "reason": b.reason, "in_flight": b.in_flight,
                           "in_flight_tokens": b.in_flight_tokens, "requests": b.requests,

@@ -131,3 +131,30 @@ def test_once_and_reconnect(tmp_path):
         assert "Traceback" not in gone.stderr
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("width,height", [(80, 24), (200, 50)])
+def test_router_panel_shows_decisions_and_backend_load(width, height):
+    from lmshare.stats import RouterStats
+
+    router = RouterStats.from_dict({
+        "policy": "prefix+load", "requests": 200, "retries": 2, "lookups": 190,
+        "lookup_mean_ms": 0.42, "prompt_tokens": 1000, "held_tokens": 700,
+        "decisions": {"hit": 150, "overloaded": 30, "miss": 20},
+        "backends": [{"name": "node-a", "up": True, "in_flight": 3, "in_flight_tokens": 5000,
+                      "requests": 120, "chunk_tokens": 256},
+                     {"name": "node-b", "up": False, "reason": "connection refused",
+                      "requests": 80, "failures": 4, "chunk_tokens": 256},
+                     {"name": "junk"}, "not a backend"]})
+    lines = frame(known_stats(40), width, height, router="http://127.0.0.1:8000",
+                  router_stats=router)
+    text = "\n".join(lines)
+    assert len(lines) <= height and max(len(line) for line in lines) <= width
+    for expected in ("router http://127.0.0.1:8000 · prefix+load", "requests 200", "hit 75%",
+                     "overloaded 15%", "miss 10%", "node-a", "in flight   3", "DOWN"):
+        assert expected in text, f"{expected!r} missing at {width}x{height}:\n{text}"
+    if width >= 120:
+        assert "70% of prompt tokens cached where sent" in text and "2 retried" in text
+    away = "\n".join(frame(known_stats(), width, height, router="http://127.0.0.1:8000",
+                           router_error="connection refused"))
+    assert "router unreachable: connection refused" in away

@@ -6,6 +6,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -138,6 +140,14 @@ def test_prefix_routes_documents_and_chat_system_prompts_to_their_holder(setup, 
     assert 'lmshare_router_decisions_total{policy="prefix",reason="hit"} 9.0' in metrics
     assert 'lmshare_router_decisions_total{policy="prefix",reason="miss"} 1.0' in metrics
     assert "lmshare_router_lookup_seconds_count 10.0" in metrics
+    # the dashboard's router panel
+    once = subprocess.run([sys.executable, "-m", "lmshare", "dashboard", "--once",
+                           "--controller", setup.controller_address, "--router",
+                           f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "160"})
+    assert once.returncode == 0, once.stderr
+    assert f"router http://127.0.0.1:{port} · prefix" in once.stdout
+    assert "requests 10 · hit 90% · miss 10%" in once.stdout
 
 
 def test_prefix_load_sends_a_busy_holders_request_elsewhere(setup, tokenizer_dir, tok):
