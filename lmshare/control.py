@@ -23,6 +23,7 @@ from lmshare.errors import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 2.0
+SEND_NOWAIT_WAIT_S = 0.2
 
 
 class RpcClient:
@@ -100,10 +101,17 @@ class RpcClient:
 
     def send_nowait(self, type_: str, **fields: Any) -> bool:
         """Send a request whose reply nobody waits for (it is dropped when it arrives).
-        False if it could not even be queued."""
+        False if it could not even be queued: a socket still connecting (e.g. the first use
+        from this thread) is given up to ``SEND_NOWAIT_WAIT_S`` to connect."""
+        payload = protocol.encode(protocol.request(type_, next(self._ids), **fields))
         try:
-            self._connect().send(protocol.encode(protocol.request(type_, next(self._ids),
-                                                                  **fields)), zmq.NOBLOCK)
+            sock = self._connect()
+            try:
+                sock.send(payload, zmq.NOBLOCK)
+            except zmq.Again:
+                if not sock.poll(int(SEND_NOWAIT_WAIT_S * 1000), zmq.POLLOUT):
+                    return False
+                sock.send(payload, zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False

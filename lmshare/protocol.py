@@ -46,6 +46,7 @@ class ErrorCode:
     WORKER_RESTARTED = "worker_restarted"
     NOT_LEADER = "not_leader"
     NOT_FOUND = "not_found"
+    BUSY = "busy"  # the worker's request queue is full or the request waited past its deadline
     INTERNAL = "internal"
 
 

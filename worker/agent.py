@@ -76,7 +76,7 @@ class WorkerAgent:
         self.counters = WorkerCounters(capacity_bytes=self.pool.capacity_bytes)
         self._counter_lock = threading.Lock()
         self._one_sided_bytes_served = 0
-        self.leases = LeaseTable(self.pool)
+        self.leases = LeaseTable(self.pool, config.max_lease_s)
         self._stopped = threading.Event()
         self._closed = False
         host = config.advertised_host()
@@ -137,7 +137,8 @@ class WorkerAgent:
             "ping": lambda m: protocol.ok(m["id"]),
         }
         try:
-            self.local_server = LocalServer(self.endpoint, handlers, config.client_threads)
+            self.local_server = LocalServer(self.endpoint, handlers, config.client_threads,
+                                            may_wait=self._may_wait_on_peers)
         except ConfigError:
             self.peer_server.stop(0)
             self.pool.close()
@@ -270,6 +271,14 @@ class WorkerAgent:
             remote.append((index, others))
             length += 1
         return length, remote, infos
+
+    def _may_wait_on_peers(self, m: dict[str, Any]) -> bool:
+        """Whether a local request may wait on the controller or a peer (then it runs on the
+        lane of such requests; local lookups and acquires of local chunks never queue behind
+        them)."""
+        if m["type"] not in ("acquire", "local_lookup") or not m["peers"]:
+            return False
+        return self.pool.prefix_length(m["keys"]) < len(m["keys"])
 
     # ------------------------------------------------------------------ handlers
     def _check_incarnation(self, m: dict[str, Any]) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lmshare.errors import PoolFullError
 from lmshare.pool import Entry, KVPool, Reservation
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,11 @@ class Lease:
 
 
 class LeaseTable:
-    def __init__(self, pool: KVPool) -> None:
+    def __init__(self, pool: KVPool, max_lease_s: float = 300.0,
+                 max_leases: int = 1_000_000) -> None:
         self._pool = pool
+        self.max_lease_s = max_lease_s
+        self.max_leases = max_leases
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._leases: dict[int, Lease] = {}
@@ -40,10 +45,22 @@ class LeaseTable:
     def add(self, lease_s: float, entries: list[Entry] | None = None,
             reservation: Reservation | None = None,
             on_end: list[Callable[[], None]] | None = None) -> int:
+        """A new lease of ``lease_s`` seconds (at most ``max_lease_s``; a NaN or infinite
+        lease is a bug in the caller and refused). Raises PoolFullError when ``max_leases``
+        are open, after ending what the lease would have held (pins, reservation, on_end)."""
+        if not math.isfinite(lease_s) or lease_s < 0:
+            raise ValueError(f"a lease must last a finite, non-negative time, not {lease_s!r}")
+        lease_s = min(lease_s, self.max_lease_s)
         handle = next(self._ids)
+        lease = Lease(time.monotonic() + lease_s, entries or [], reservation, list(on_end or []))
         with self._lock:
-            self._leases[handle] = Lease(time.monotonic() + lease_s, entries or [], reservation,
-                                         list(on_end or []))
+            full = len(self._leases) >= self.max_leases
+            if not full:
+                self._leases[handle] = lease
+        if full:
+            self._end(lease)
+            raise PoolFullError(f"{self.max_leases} leases are open on this worker; release "
+                                "hits and reservations when done")
         return handle
 
     def take(self, handle: int) -> Lease | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,13 +28,27 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class LocalServer:
+    """Requests are decoded on the socket's thread and run on one of two lanes: requests that
+    may wait on peers or the controller (``may_wait`` says which) on ``threads`` threads,
+    everything else (local lookups and acquires of local chunks, releases, puts) on their own
+    threads, so they never queue behind a peer fetch. Each lane holds at most ``max_queue``
+    requests (more are answered ``busy`` at once) and a request that waited longer than
+    ``queue_deadline_s`` is answered ``busy`` instead of being run for a client that gave up."""
+
     def __init__(self, endpoint: str, handlers: dict[str, Handler], threads: int,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 may_wait: Callable[[dict[str, Any]], bool] | None = None,
+                 max_queue: int = 1024, queue_deadline_s: float = 5.0,
+                 fast_threads: int = 2) -> None:
         self.endpoint = endpoint
         self._handlers = handlers
+        self._may_wait = may_wait or (lambda m: False)
+        self.max_queue = max_queue
+        self.queue_deadline_s = queue_deadline_s
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -44,7 +59,12 @@ class LocalServer:
         self._replies = self._context.socket(zmq.PULL)
         self._replies.bind(self._inbox_name)
         self._local = threading.local()
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="lmshare-local")
+        self._lanes = {"slow": ThreadPoolExecutor(threads, thread_name_prefix="lmshare-local"),
+                       "fast": ThreadPoolExecutor(fast_threads,
+                                                  thread_name_prefix="lmshare-local-fast")}
+        self._queued = {"slow": 0, "fast": 0}
+        self._queued_lock = threading.Lock()
+        self.busy_replies = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lmshare-local", daemon=True)
 
@@ -54,7 +74,8 @@ class LocalServer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for lane in self._lanes.values():
+            lane.shutdown(wait=True, cancel_futures=True)
 
     def _reply_socket(self) -> zmq.Socket:
         sock = getattr(self._local, "socket", None)
@@ -73,29 +94,69 @@ class LocalServer:
             while not self._stop.is_set():
                 ready = dict(poller.poll(100))
                 if self._socket in ready:
-                    while True:
+                    for _ in range(1000):  # then forward replies, so neither side starves
                         try:
                             frames = self._socket.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._executor.submit(self._handle, frames)
+                        self._dispatch(frames)
                 if self._replies in ready:
                     while True:
                         try:
                             frames = self._replies.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._socket.send_multipart(frames, zmq.NOBLOCK)
+                        self._send(frames)
         finally:
             self._socket.close(linger=0)
             self._replies.close(linger=0)
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a client that went away or stopped reading
+            log.debug("local reply dropped: %s", exc)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        """Decode on the socket's thread; answer refusals at once, queue the rest."""
+        if len(frames) < 2:
+            return
         envelope, payload = frames[:-1], frames[-1]
-        request_id = 0
         try:
             message = protocol.decode_request(payload, LOCAL_TYPES)
-            request_id = message["id"]
+            lane = "slow" if self._may_wait(message) else "fast"
+        except ProtocolError as exc:
+            self._send([*envelope, protocol.encode_reply(protocol.error(
+                exc.request_id, protocol.error_code_of(exc), str(exc)))])
+            return
+        except Exception as exc:  # noqa: BLE001 - a classifier bug must not stop the loop
+            log.exception("cannot route a local request")
+            self._send([*envelope, protocol.encode_reply(protocol.error(
+                0, ErrorCode.INTERNAL, f"internal error: {exc}"))])
+            return
+        with self._queued_lock:
+            full = self._queued[lane] >= self.max_queue
+            if not full:
+                self._queued[lane] += 1
+        if full:
+            self.busy_replies += 1
+            self._send([*envelope, protocol.encode_reply(protocol.error(
+                message["id"], ErrorCode.BUSY, f"the worker has {self.max_queue} requests "
+                "queued; retry shortly"))])
+            return
+        self._lanes[lane].submit(self._handle, lane, envelope, message, time.monotonic())
+
+    def _handle(self, lane: str, envelope: list[bytes], message: dict[str, Any],
+                queued_at: float) -> None:
+        with self._queued_lock:
+            self._queued[lane] -= 1
+        request_id = message["id"]
+        try:
+            waited = time.monotonic() - queued_at
+            if waited > self.queue_deadline_s:
+                self.busy_replies += 1
+                raise _Busy(f"the request waited {waited:.1f}s in the worker's queue (more "
+                            f"than {self.queue_deadline_s:.1f}s); retry")
             reply = self._handlers[message["type"]](message)
             reply.setdefault("v", protocol.PROTOCOL_VERSION)
             reply.setdefault("type", "ok")
@@ -110,3 +171,7 @@ class LocalServer:
             log.exception("local request failed")
             reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
         self._reply_socket().send_multipart([*envelope, protocol.encode_reply(reply)])
+
+
+class _Busy(LMShareError):
+    code = ErrorCode.BUSY

@@ -41,6 +41,9 @@ STATUS_OK = 0
 STATUS_MISSING = 1
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 PEER_TYPES = {"fetch", "locate", "release"}
+BODY_PIECE_BYTES = 64 * 1024
+MAX_CONNECTIONS = 512  # peer connections served at once; more are closed at accept
+ACCEPT_BACKOFF_S = (0.05, 1.0)  # pause after accept fails (EMFILE, ENOBUFS), doubling
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
@@ -120,15 +123,26 @@ def _send_message(sock: socket.socket, message: dict, deadline: float) -> None:
     _send_all(sock, [memoryview(REQUEST_LENGTH.pack(len(body))), memoryview(body)], deadline)
 
 
+def _recv_body(sock: socket.socket, length: int, deadline: float) -> bytes:
+    """``length`` bytes, read in pieces: memory follows the bytes that arrived, not what the
+    other side announced."""
+    body = bytearray()
+    piece = bytearray(min(length, BODY_PIECE_BYTES))
+    while len(body) < length:
+        view = memoryview(piece)[:min(len(piece), length - len(body))]
+        _recv_exact_into(sock, view, deadline)
+        body += view
+    return bytes(body)
+
+
 def _recv_message(sock: socket.socket, deadline: float) -> dict:
     head = bytearray(REQUEST_LENGTH.size)
     _recv_exact_into(sock, memoryview(head), deadline)
     (length,) = REQUEST_LENGTH.unpack(head)
     if length > MAX_REQUEST_BYTES:
         raise ConnectionError(f"message of {length} bytes is too large")
-    body = bytearray(length)
-    _recv_exact_into(sock, memoryview(body), deadline)
-    message = msgpack.unpackb(bytes(body), raw=False)
+    body = _recv_body(sock, length, deadline)
+    message = msgpack.unpackb(body, raw=False)
     if not isinstance(message, dict):
         raise ConnectionError("malformed message")
     return message
@@ -304,6 +318,8 @@ class TcpPeerServer:
         self._state = threading.Condition()
         self.bytes_served = 0
         self.chunks_served = 0
+        self.accept_failures = 0
+        self.max_connections = MAX_CONNECTIONS
         self._thread = threading.Thread(target=self._accept_loop, name="lmshare-peer-accept",
                                         daemon=True)
 
@@ -316,17 +332,35 @@ class TcpPeerServer:
             return self._in_flight
 
     def _accept_loop(self) -> None:
+        """Accept until stopped. Running out of descriptors or memory (EMFILE, ENFILE,
+        ENOBUFS) pauses accepting, with a warning, and never ends the loop."""
         self._listener.settimeout(0.2)
+        backoff = ACCEPT_BACKOFF_S[0]
         while not self._stopping.is_set():
             try:
                 conn, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                break
-            _tune(conn)
+            except OSError as exc:
+                if self._stopping.is_set():
+                    break
+                self.accept_failures += 1
+                log.warning("cannot accept peer connections (%s); %d connections open; "
+                            "retrying in %.2fs (raise the open-files limit, ulimit -n)",
+                            exc.strerror or exc, len(self._connections), backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_S[1])
+                continue
+            backoff = ACCEPT_BACKOFF_S[0]
             with self._state:
-                self._connections.add(conn)
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    self._connections.add(conn)
+            if full:
+                self.refused["too_many_connections"] += 1
+                conn.close()
+                continue
+            _tune(conn)
             threading.Thread(target=self._serve, args=(conn,), name="lmshare-peer-conn",
                              daemon=True).start()
 
@@ -344,10 +378,9 @@ class TcpPeerServer:
         (length,) = REQUEST_LENGTH.unpack(head)
         if length > MAX_REQUEST_BYTES:
             raise ConnectionError(f"request of {length} bytes is too large")
-        body = bytearray(length)
-        _recv_exact_into(conn, memoryview(body), time.monotonic() + self.send_timeout_s)
+        body = _recv_body(conn, length, time.monotonic() + self.send_timeout_s)
         try:
-            return protocol.decode_request(bytes(body), PEER_TYPES, MAX_REQUEST_BYTES)
+            return protocol.decode_request(body, PEER_TYPES, MAX_REQUEST_BYTES)
         except ProtocolError as exc:
             raise ConnectionError(f"malformed request: {exc}") from None
 
