@@ -103,10 +103,13 @@ class Hit:
     """
 
     def __init__(self, client: Client, handle: int, chunks: list[tuple], local: int,
-                 peer: int, regions: list[PeerRegion] | None = None) -> None:
+                 peer: int, regions: list[PeerRegion] | None = None,
+                 local_generations: list | None = None) -> None:
         self._client = client
         self.handle = handle
         self._chunks = chunks  # (slabs, nbytes) or (slabs, nbytes, region, generations)
+        # slab generations of local chunks when they were pinned (None: a peer's chunk)
+        self._local_generations = local_generations or []
         self._regions = regions or []  # the peers' pools this hit's chunks lie in
         self.local_chunks = local
         self.peer_chunks = peer
@@ -139,11 +142,17 @@ class Hit:
         return peer.region.buffer if peer is not None else None
 
     def verify(self, index: int) -> bool:
-        """After reading chunk ``index``: True unless it lies in a peer's pool whose slabs
-        were reused meanwhile (then what was read must be discarded)."""
+        """After reading chunk ``index``: True unless its slabs (in a peer's pool or the local
+        one) were reused meanwhile, e.g. because the hit was held past its lease (then what was
+        read must be discarded)."""
         peer = self._peer(index)
         if peer is None:
-            return True
+            recorded = self._local_generations[index] \
+                if index < len(self._local_generations) else None
+            table = self._client._generations if self._client is not None else None
+            if recorded is None or table is None:
+                return True
+            return [table[s] for s in self._chunks[index][0]] == list(recorded)
         slabs, _, _, generations = self._chunks[index]
         return [peer.generations[s] for s in slabs] == list(generations)
 
@@ -187,6 +196,14 @@ class Client:
         self.worker_id: str = info["worker_id"]
         self.slab_bytes: int = info["slab_bytes"]
         self._region = SharedRegion.attach(info["region_path"], info["region_bytes"])
+        # the worker's slab generations, read-only: a local hit's verify() checks them
+        self._generation_region: SharedRegion | None = None
+        self._generations: memoryview | None = None
+        if info.get("generation_path"):
+            slabs = int(info["region_bytes"]) // int(info["slab_bytes"])
+            self._generation_region = SharedRegion.attach(info["generation_path"], slabs * 8,
+                                                          writable=False)
+            self._generations = self._generation_region.buffer.cast("Q")
         self._peer_regions: dict[str, PeerRegion] = {}  # same-host peers' pools, read-only
         self._peer_paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
         #: called with a peer pool's buffer before this client stops using it (the peer
@@ -312,7 +329,7 @@ class Client:
                   for c in reply["chunks"]]
         regions = [self._peer_region(info) for info in reply.get("regions", [])]
         return Hit(self, int(reply["handle"]), chunks, int(reply["local"]), int(reply["peer"]),
-                   regions)
+                   regions, reply.get("local_gens"))
 
     # ------------------------------------------------------------------ token-level API
     def put(self, signature: ModelSignature, token_ids: Sequence[int],
@@ -348,6 +365,11 @@ class Client:
     def close(self) -> None:
         self._rpc.close()
         self._region.close()
+        if self._generation_region is not None:
+            if self._generations is not None:
+                self._generations.release()
+                self._generations = None
+            self._generation_region.close()
         with self._lock:
             regions, self._peer_regions = list(self._peer_regions.values()), {}
         for region in regions:

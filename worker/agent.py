@@ -42,7 +42,7 @@ from lmshare.transports.tcp import TcpPeerServer, TcpTransport
 from lmshare.worker.config import WorkerConfig, host_identity
 from lmshare.worker.control_link import ControlLink
 from lmshare.worker.leases import LeaseTable
-from lmshare.worker.local_server import LocalServer
+from lmshare.worker.local_server import CLIENT_FIELD, LocalServer
 from lmshare.worker.namespaces import NamespaceLog
 from lmshare.worker.peer_fetch import PeerFetcher
 
@@ -291,6 +291,7 @@ class WorkerAgent:
     def _on_hello(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], worker_id=self.worker_id, incarnation=self.incarnation,
                            region_path=str(self.pool.region.path),
+                           generation_path=str(self.pool.generation_region.path),
                            region_bytes=self.pool.capacity_bytes, slab_bytes=self.pool.slab_bytes,
                            registered=self.link.registered.is_set(),
                            register_ms=round(self.link.last_register_s * 1000, 3))
@@ -308,8 +309,9 @@ class WorkerAgent:
         namespace, keys = _keys(m)
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
         length, remote, infos = self.plan(namespace, keys, m["peers"])
+        owner = m.get(CLIENT_FIELD, b"")
         if remote and m.get("direct"):
-            granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s)
+            granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s, owner)
             if granted is not None:
                 return granted
         if remote:
@@ -325,13 +327,14 @@ class WorkerAgent:
         fetched_keys = {keys[i] for i, _ in remote}
         peer_hits = sum(1 for e in entries if e.key in fetched_keys)
         self._count(local_hit_chunks=len(entries) - peer_hits, peer_hit_chunks=peer_hits)
-        handle = self.leases.add(lease_s, entries=entries) if entries else 0
+        handle = self.leases.add(lease_s, entries=entries, owner=owner) if entries else 0
         return protocol.ok(m["id"], handle=handle, local=len(entries) - peer_hits,
-                           peer=peer_hits, chunks=[[e.slabs, e.nbytes] for e in entries])
+                           peer=peer_hits, chunks=[[e.slabs, e.nbytes] for e in entries],
+                           local_gens=[self.pool.generations(e.slabs) for e in entries])
 
     def _grant_direct(self, request_id: Any, keys: list[bytes], length: int,
                       remote: list[tuple[int, list[str]]], infos: dict[str, PeerInfo],
-                      lease_s: float) -> dict[str, Any] | None:
+                      lease_s: float, owner: bytes = b"") -> dict[str, Any] | None:
         """Acquire for a client that reads same-host peers' regions itself: the chunks other
         workers hold stay where they are, pinned by their holders under a lease that ends with
         the client's. None (fetch instead) unless every such chunk has a same-host holder."""
@@ -369,29 +372,32 @@ class WorkerAgent:
                 located[index] = (region, list(slabs), int(nbytes), list(gens))
         entries: list[Entry] = []
         chunks: list[list[Any]] = []
+        local_gens: list[list[int] | None] = []
         for index in range(length):
             if index in holder_of:
                 if index not in located:
                     break
                 region, slabs, nbytes, gens = located[index]
                 chunks.append([slabs, nbytes, region, gens])
+                local_gens.append(None)
                 continue
             entry = self.pool.pin(keys[index])
             if entry is None:
                 break
             entries.append(entry)
             chunks.append([entry.slabs, entry.nbytes])
+            local_gens.append(self.pool.generations(entry.slabs))
         direct = len(chunks) - len(entries)
         self._count(local_hit_chunks=len(entries), peer_hit_chunks=direct,
                     direct_peer_chunks=direct)
         if chunks:
-            handle = self.leases.add(lease_s, entries=entries, on_end=releases)
+            handle = self.leases.add(lease_s, entries=entries, on_end=releases, owner=owner)
         else:  # nothing to read: end the holders' leases now
             handle = 0
             for release in releases:
                 release()
         return protocol.ok(request_id, handle=handle, local=len(entries), peer=direct,
-                           chunks=chunks, regions=regions)
+                           chunks=chunks, regions=regions, local_gens=local_gens)
 
     def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
         """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself:
@@ -400,9 +406,10 @@ class WorkerAgent:
                   "gen_path": str(self.pool.generation_region.path),
                   "slab_bytes": self.pool.slab_bytes}
         return protocol.ok(m["id"], region=region,
-                           **self._locate(m["keys"], float(m["lease_s"])))
+                           **self._locate(m["keys"], float(m["lease_s"]),
+                                          owner=m.get(CLIENT_FIELD, b"")))
 
-    def _locate(self, keys: list, lease_s: float) -> dict[str, Any]:
+    def _locate(self, keys: list, lease_s: float, owner: bytes = b"") -> dict[str, Any]:
         """Pin the local prefix of ``keys`` under a lease for a one-sided reader (same-host
         shared memory or UCX): its slabs and their generations."""
         lease_s = min(lease_s, self.config.max_lease_s)
@@ -412,7 +419,7 @@ class WorkerAgent:
             if entry is None:
                 break
             entries.append(entry)
-        handle = self.leases.add(lease_s, entries=entries) if entries else 0
+        handle = self.leases.add(lease_s, entries=entries, owner=owner) if entries else 0
         with self._counter_lock:
             self._one_sided_bytes_served += sum(e.nbytes for e in entries)
         return {"handle": handle, "chunks": [[e.slabs, e.nbytes] for e in entries],
@@ -420,7 +427,8 @@ class WorkerAgent:
 
     def _on_release(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
-        return protocol.ok(m["id"], released=self.leases.release(m["handle"]))
+        return protocol.ok(m["id"], released=self.leases.release(
+            m["handle"], owner=m.get(CLIENT_FIELD, b"")))
 
     def _on_reserve(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
@@ -437,7 +445,8 @@ class WorkerAgent:
                     reservations.append(None)
                     continue
                 reservation = self.pool.reserve(namespace, key, size)
-                handle = self.leases.add(self.config.max_lease_s, reservation=reservation)
+                handle = self.leases.add(self.config.max_lease_s, reservation=reservation,
+                                         owner=m.get(CLIENT_FIELD, b""))
                 reservations.append([handle, reservation.slabs])
         except PoolFullError as exc:
             for slot in reservations:
@@ -449,7 +458,8 @@ class WorkerAgent:
     def _finish(self, m: dict[str, Any], commit: bool) -> int:
         done = 0
         for handle in m["handles"]:
-            lease = self.leases.take(handle) if isinstance(handle, int) else None
+            lease = self.leases.take(handle, owner=m.get(CLIENT_FIELD, b"")) \
+                if isinstance(handle, int) else None
             if lease is None or lease.reservation is None:
                 continue
             if commit:

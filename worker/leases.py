@@ -1,13 +1,15 @@
 """Handles a worker gives its local clients: pins and reservations, each with a deadline.
 
 A client that dies cannot pin memory forever: an expired lease is released by the sweeper.
+Handles are random 62-bit numbers (not a sequence another process could guess) and bound to
+the client that took them: a release, commit or abort from another connection finds nothing.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ class Lease:
     entries: list[Entry]
     reservation: Reservation | None = None
     on_end: list[Callable[[], None]] = field(default_factory=list)  # e.g. a holder's lease
+    owner: bytes = b""  # the client connection that took it (b"": only the worker itself)
 
 
 class LeaseTable:
@@ -34,7 +37,6 @@ class LeaseTable:
         self.max_lease_s = max_lease_s
         self.max_leases = max_leases
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self._leases: dict[int, Lease] = {}
         self.expired = 0
 
@@ -44,18 +46,21 @@ class LeaseTable:
 
     def add(self, lease_s: float, entries: list[Entry] | None = None,
             reservation: Reservation | None = None,
-            on_end: list[Callable[[], None]] | None = None) -> int:
+            on_end: list[Callable[[], None]] | None = None, owner: bytes = b"") -> int:
         """A new lease of ``lease_s`` seconds (at most ``max_lease_s``; a NaN or infinite
         lease is a bug in the caller and refused). Raises PoolFullError when ``max_leases``
         are open, after ending what the lease would have held (pins, reservation, on_end)."""
         if not math.isfinite(lease_s) or lease_s < 0:
             raise ValueError(f"a lease must last a finite, non-negative time, not {lease_s!r}")
         lease_s = min(lease_s, self.max_lease_s)
-        handle = next(self._ids)
-        lease = Lease(time.monotonic() + lease_s, entries or [], reservation, list(on_end or []))
+        lease = Lease(time.monotonic() + lease_s, entries or [], reservation, list(on_end or []),
+                      owner)
         with self._lock:
             full = len(self._leases) >= self.max_leases
             if not full:
+                handle = secrets.randbits(62) or 1
+                while handle in self._leases:
+                    handle = secrets.randbits(62) or 1
                 self._leases[handle] = lease
         if full:
             self._end(lease)
@@ -63,12 +68,17 @@ class LeaseTable:
                                 "hits and reservations when done")
         return handle
 
-    def take(self, handle: int) -> Lease | None:
+    def take(self, handle: int, owner: bytes | None = None) -> Lease | None:
+        """Remove and return the lease ``handle`` if ``owner`` took it (None: any owner, for
+        the worker's own callers)."""
         with self._lock:
-            return self._leases.pop(handle, None)
+            lease = self._leases.get(handle)
+            if lease is None or (owner is not None and lease.owner != owner):
+                return None
+            return self._leases.pop(handle)
 
-    def release(self, handle: int) -> bool:
-        lease = self.take(handle)
+    def release(self, handle: int, owner: bytes | None = None) -> bool:
+        lease = self.take(handle, owner)
         if lease is None:
             return False
         self._end(lease)

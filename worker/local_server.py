@@ -25,6 +25,7 @@ LOCAL_TYPES = {"hello", "local_lookup", "reserve", "commit", "abort", "acquire",
                "locate", "worker_stats", "ping"}
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+CLIENT_FIELD = "_client"
 
 
 class LocalServer:
@@ -124,6 +125,9 @@ class LocalServer:
         envelope, payload = frames[:-1], frames[-1]
         try:
             message = protocol.decode_request(payload, LOCAL_TYPES)
+            # who sent it (the connection's routing id), for leases bound to their client;
+            # set here, after decoding, so no client can name another
+            message[CLIENT_FIELD] = bytes(envelope[0]) if envelope else b"?"
             lane = "slow" if self._may_wait(message) else "fast"
         except ProtocolError as exc:
             self._send([*envelope, protocol.encode_reply(protocol.error(

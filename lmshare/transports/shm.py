@@ -94,7 +94,9 @@ class ShmTransport(Transport):
         self._regions: dict[str, PeerRegion] = {}
         self._paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
         self._lock = threading.Lock()
-        self._local = threading.local()
+        # one connection per holder, shared by all threads (the holder binds the leases it
+        # grants to the connection that asked, so the release must come on the same one)
+        self._clients: dict[str, tuple[RpcClient, threading.Lock]] = {}
 
     def _region(self, peer: PeerInfo, where: dict) -> PeerRegion:
         """The peer's pool (as the peer itself named it in its locate answer), mapped once. A
@@ -111,12 +113,11 @@ class ShmTransport(Transport):
                 region = self._regions[path] = PeerRegion.of(where)
             return region
 
-    def _endpoint(self, peer: PeerInfo) -> RpcClient:
-        clients = getattr(self._local, "clients", None)
-        if clients is None:
-            clients = self._local.clients = {}
+    def _endpoint(self, peer: PeerInfo) -> tuple[RpcClient, threading.Lock]:
         endpoint = str(peer.extra["endpoint"])
-        if endpoint not in clients:
+        with self._lock:
+            found = self._clients.get(endpoint)
+        if found is None:
             from lmshare.client import runtime_dir  # (client imports this module)
 
             runtime = Path(os.path.abspath(self._runtime or runtime_dir()))
@@ -126,8 +127,10 @@ class ShmTransport(Transport):
                 raise LMShareError(f"same-host peer {peer.worker_id!r} names the endpoint "
                                    f"{endpoint!r}, which is not in this host's runtime "
                                    f"directory {runtime}; not reading from it")
-            clients[endpoint] = _PeerEndpoint(endpoint)
-        return clients[endpoint]
+            with self._lock:
+                found = self._clients.setdefault(endpoint,
+                                                 (_PeerEndpoint(endpoint), threading.Lock()))
+        return found
 
     def fetch(self, peer: PeerInfo, keys: list[bytes], sink: ChunkSink, deadline: float,
               checksum: bool = False) -> int:
@@ -178,16 +181,23 @@ class ShmTransport(Transport):
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("deadline passed before locating chunks")
-        endpoint = self._endpoint(peer)
-        reply = endpoint.call("locate", timeout_s=left, keys=list(keys), lease_s=lease_s)
+        endpoint, lock = self._endpoint(peer)
+        if not lock.acquire(timeout=left):
+            raise TimeoutError("deadline passed waiting for the connection to the holder")
+        try:
+            reply = endpoint.call("locate", timeout_s=max(0.001, deadline - time.monotonic()),
+                                  keys=list(keys), lease_s=lease_s)
+        finally:
+            lock.release()
         handle = reply.get("handle")
 
         def release() -> None:
-            # a short call, not a send without answer: the releasing thread's socket may be
-            # new, and a message queued before it connects would be dropped
+            # on the connection that located (the holder checks), and answered: a message
+            # sent without waiting could be dropped
             if handle:
                 try:
-                    self._endpoint(peer).call("release", timeout_s=1.0, handle=handle)
+                    with lock:
+                        endpoint.call("release", timeout_s=1.0, handle=handle)
                 except LMShareError as exc:
                     log.debug("lease %d on %s ends on its own: %s", handle, peer.worker_id, exc)
 
@@ -201,3 +211,7 @@ class ShmTransport(Transport):
                 except BufferError:
                     pass
             self._regions.clear()
+            clients, self._clients = list(self._clients.values()), {}
+        for client, lock in clients:
+            with lock:
+                client.close()
