@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -278,7 +279,9 @@ class ControllerService:
     def _on_register(self, m: dict[str, Any]) -> dict[str, Any]:
         worker_id = m["worker_id"]
         self._next_epoch += 1
-        record = WorkerRecord(worker_id, self._next_epoch, m["host"], m["data_port"],
+        # a worker's epoch is its proof of registration in deregister, heartbeat, batch and
+        # sync: random, so that nobody can guess it (sequential epochs were two guesses away)
+        record = WorkerRecord(worker_id, secrets.randbits(62) or 1, m["host"], m["data_port"],
                               m["host_id"], [str(t) for t in m["transports"]],
                               m["capacity_bytes"], dict(m.get("extra") or {}))
         previous = self.registry.add(record)

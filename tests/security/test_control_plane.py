@@ -5,11 +5,12 @@ import os
 import stat
 
 import msgpack
+import pytest
 import zmq
 
 from lmshare import protocol
 from lmshare.credentials import load_key_file
-from lmshare.errors import ConfigError
+from lmshare.errors import ConfigError, RemoteError
 from lmshare.local_cluster import free_port
 from lmshare.testing.waiting import wait_until
 
@@ -111,3 +112,23 @@ def test_unauthenticated_peers_get_nothing_and_are_logged_once_and_counted(clust
     refusals = [line for line in log.splitlines() if "refused a connection from 127.0.0.1" in line]
     assert len(refusals) == 1, log  # once per address, however often it retries
     context.term()
+
+
+def test_worker_epochs_cannot_be_guessed(cluster):
+    """Even a member cannot deregister (or feed) another worker by guessing its epoch."""
+    cluster.start_controller()
+    cluster.start_worker("real", "16MiB")
+    controller = cluster.controller_client()
+    try:
+        mine = [controller.call("register", worker_id=f"probe-{i}", host="127.0.0.1",
+                                data_port=9, transports=["tcp"], capacity_bytes=1,
+                                host_id="h")["epoch"] for i in range(3)]
+        assert max(mine) > 2**32 and sorted(b - a for a, b in zip(mine, mine[1:])) != [1, 1]
+        for guess in [*range(min(mine) - 50, min(mine) + 50), *(e + 1 for e in mine)]:
+            with pytest.raises(RemoteError) as refused:
+                controller.call("deregister", worker_id="real", epoch=guess)
+            assert refused.value.code == "unknown_worker"
+    finally:
+        controller.close()
+    assert "real" in [w.worker_id for w in cluster.stats().workers
+                      if w.state == "alive"]
