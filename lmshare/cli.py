@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,28 @@ from lmshare.units import parse_address, parse_size
 log = logging.getLogger("lmshare")
 
 EXIT_USAGE = 2
+
+
+def _positive(text: str) -> float:
+    """An option's number of seconds (or rate): finite and above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    """A size option (``64MiB``) above zero bytes."""
+    try:
+        value = parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 bytes")
+    return value
 
 
 def _setup_logging(level: str) -> None:
@@ -60,7 +83,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     service = ControllerService(ControllerConfig(
         host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
-        max_message_bytes=parse_size(args.max_message_bytes), key=key))
+        max_message_bytes=args.max_message_bytes, key=key))
     if args.metrics_port is not None:
         from lmshare.controller.metrics import start_controller_metrics
 
@@ -99,8 +122,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     key = _key(args)
     config = WorkerConfig(key=key,
         controller_host=host, controller_port=port, standby_controllers=tuple(standbys),
-        cache_bytes=parse_size(args.cache_size),
-        slab_bytes=parse_size(args.slab_size), host=args.host, port=args.port,
+        cache_bytes=args.cache_size,
+        slab_bytes=args.slab_size, host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
         transports=resolve_transports(args.transports),
@@ -226,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("controller", help="run the controller")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7800, help="control port (default 7800)")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S",
+    p.add_argument("--heartbeat-interval", type=_positive, default=1.0, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=_positive, default=5.0, metavar="S",
                    help="declare a worker dead after this long without heartbeats (default 5)")
-    p.add_argument("--max-message-bytes", default="64MiB")
+    p.add_argument("--max-message-bytes", default="64MiB", type=_positive_size)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     p.add_argument("--etcd", default=None, metavar="HOST:PORT",
                    help="elect one leader among several controllers through this etcd "
@@ -237,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", default=None, metavar="HOST:PORT",
                    help="the address workers use for this controller (default --host:--port)")
     p.add_argument("--election-key", default="/lmshare/controller/leader")
-    p.add_argument("--election-ttl", type=float, default=2.0, metavar="S",
+    p.add_argument("--election-ttl", type=_positive, default=2.0, metavar="S",
                    help="leader lease in etcd; a dead leader is replaced after about this long")
     _add_key_options(p)
     p.set_defaults(func=_cmd_controller)
@@ -245,17 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("worker", help="run a worker beside a vLLM instance")
     p.add_argument("--controller", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                    help="the controller; several = etcd-elected leader and standbys")
-    p.add_argument("--cache-size", default="8GiB", help="shared-memory pool size (default 8GiB)")
+    p.add_argument("--cache-size", default="8GiB", type=_positive_size,
+                   help="shared-memory pool size (default 8GiB)")
     p.add_argument("--name", default=None, help="worker name, unique in the cluster "
                                                 "(default HOSTNAME-PID)")
-    p.add_argument("--slab-size", default="256KiB", help="pool allocation unit (default 256KiB)")
+    p.add_argument("--slab-size", default="256KiB", type=_positive_size,
+                   help="pool allocation unit (default 256KiB)")
     p.add_argument("--host", default="", help="data-plane address to listen on and advertise "
                                               "(default: the address that reaches the controller)")
     p.add_argument("--port", type=int, default=0, help="data-plane port (default: any free port)")
     p.add_argument("--endpoint", default="", help="local client endpoint (default: an IPC "
                                                   "socket named after the worker)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
-    p.add_argument("--fetch-timeout", type=float, default=5.0, metavar="S",
+    p.add_argument("--connect-timeout", type=_positive, default=5.0, metavar="S")
+    p.add_argument("--fetch-timeout", type=_positive, default=5.0, metavar="S",
                    help="deadline of one peer fetch (default 5)")
     p.add_argument("--checksum", action="store_true", help="verify a CRC32 of every peer chunk")
     p.add_argument("--transports", default="auto",
@@ -278,15 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lmshare controller (needed by the prefix policies)")
     p.add_argument("--tokenizer", default="", metavar="DIR_OR_ID",
                    help="the served model's tokenizer (default: what the backends report)")
-    p.add_argument("--lookup-timeout", type=float, default=0.05, metavar="S",
+    p.add_argument("--lookup-timeout", type=_positive, default=0.05, metavar="S",
                    help="deadline of the controller lookup; later = route by load (default 0.05)")
     p.add_argument("--load-margin", type=int, default=2, metavar="N",
                    help="prefix+load: requests in flight a holder may have beyond the "
                         "least-loaded backend before a request goes elsewhere (default 2)")
-    p.add_argument("--connect-timeout", type=float, default=3.0, metavar="S")
-    p.add_argument("--read-timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--connect-timeout", type=_positive, default=3.0, metavar="S")
+    p.add_argument("--read-timeout", type=_positive, default=300.0, metavar="S",
                    help="longest silence of a backend during a response (default 300)")
-    p.add_argument("--health-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--health-interval", type=_positive, default=1.0, metavar="S")
     p.add_argument("--retries", type=int, default=-1, metavar="N",
                    help="other backends tried after one fails (default: all)")
     _add_key_options(p)
@@ -295,18 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="print the cluster's workers and numbers")
     p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float, default=3.0, metavar="S")
+    p.add_argument("--timeout", type=_positive, default=3.0, metavar="S")
     _add_key_options(p)
     p.set_defaults(func=_cmd_status)
 
     p = commands.add_parser("dashboard", help="live terminal dashboard of a cluster")
     p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
-    p.add_argument("--refresh", type=float, default=0.5, metavar="S",
+    p.add_argument("--refresh", type=_positive, default=0.5, metavar="S",
                    help="seconds between frames (at most 0.5; default 0.5)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--router", default="", metavar="URL",
                    help="also show an lmshare router's panel (e.g. http://127.0.0.1:8000)")
-    p.add_argument("--timeout", type=float, default=3.0, metavar="S",
+    p.add_argument("--timeout", type=_positive, default=3.0, metavar="S",
                    help="deadline of the controller's answer with --once (default 3)")
     _add_key_options(p)
     p.set_defaults(func=_cmd_dashboard)
@@ -314,11 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="embedded local cluster with synthetic shared-prefix "
                                          "traffic and the live dashboard")
     p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--duration", type=float, default=None, metavar="S",
+    p.add_argument("--duration", type=_positive, default=None, metavar="S",
                    help="stop after this many seconds (default: run until q or Ctrl-C)")
     p.add_argument("--port", type=int, default=0, help="controller port (default: a free port)")
     p.add_argument("--no-dashboard", action="store_true", help="print a summary instead")
-    p.add_argument("--rate", type=float, default=10.0, metavar="N",
+    p.add_argument("--rate", type=_positive, default=10.0, metavar="N",
                    help="requests per second of the synthetic workload (default 10)")
     p.add_argument("--cache-size", default="256MiB", help="each worker's pool (default 256MiB)")
     p.add_argument("--key-file", default=None, metavar="FILE",

@@ -1,12 +1,24 @@
-"""A named shared-memory region: a file in /dev/shm mapped into every process that uses it."""
+"""A named shared-memory region: a file in /dev/shm mapped into every process that uses it.
+
+The owner reserves the region's memory when it creates it (``posix_fallocate``: a /dev/shm too
+small for the pool is a clear error at start, never a SIGBUS later) and holds an exclusive
+``flock`` on it while it lives. A region nobody holds a lock on is stale (its owner died) and is
+removed; a lock works across PID namespaces (containers sharing /dev/shm), where a pid check
+would call a live owner dead. A worker also holds a lock on its name (:class:`NameLock`), so a
+second worker with the same name on the host is refused.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import mmap
 import os
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from lmshare.errors import ConfigError
@@ -15,6 +27,8 @@ from lmshare.local_files import check_shared_file
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^lmshare-(?P<pid>\d+)-[\w.-]+$")
+_LOCK_RE = re.compile(r"^lmshare-worker-[\w.-]+\.lock$")
+STALE_AGE_S = 30.0  # a file younger than this may still be being created: never stale
 
 
 def shm_dir() -> Path:
@@ -32,6 +46,7 @@ class SharedRegion:
         self.path = path
         self.size = size
         self.owner = owner
+        self._lock_fd: int | None = None
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW
         try:
             fd = os.open(path, flags)
@@ -57,20 +72,28 @@ class SharedRegion:
         directory = shm_dir()
         safe = re.sub(r"[^\w.-]", "_", name)
         path = directory / f"lmshare-{os.getpid()}-{safe}"
+        for attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+                break
+            except FileExistsError:
+                # the same pid and name: a dead owner's file (e.g. pid 1 of a restarted
+                # container) is removed; a live one's is not
+                if attempt or not _remove_if_unlocked(path, min_age_s=0.0):
+                    raise ConfigError(f"shared region {path} belongs to a live process (maybe "
+                                      "in another container sharing this /dev/shm); give this "
+                                      "worker another --name") from None
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            raise ConfigError(f"shared region {path} already exists; is another worker named "
-                              f"{name!r} running in this process?") from None
-        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while the region lives
             os.ftruncate(fd, size)
-        except OSError as exc:
+            reserve_shared_memory(fd, directory, size)
+            region = cls(path, size, owner=True, writable=True)
+        except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise ConfigError(f"cannot size shared region {path} to {size} bytes ({exc}); "
-                              "choose a smaller --cache-size or enlarge /dev/shm") from None
-        os.close(fd)
-        return cls(path, size, owner=True, writable=True)
+            raise
+        region._lock_fd = fd
+        return region
 
     @classmethod
     def attach(cls, path: str | Path, size: int, writable: bool = True) -> SharedRegion:
@@ -92,26 +115,117 @@ class SharedRegion:
             log.warning("shared region %s still has exported views; leaving it mapped", self.path)
         if self.owner:
             self.path.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def reserve_shared_memory(fd: int, directory: Path, size: int) -> None:
+    """Allocate ``size`` bytes of the file behind ``fd`` now, or raise ConfigError saying how
+    to make room (a tmpfs that fills up later kills the process touching the page with SIGBUS).
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EOPNOTSUPP,
+                             errno.EINVAL, errno.ENOSYS):
+            raise ConfigError(f"cannot reserve {size} bytes of shared memory in {directory} "
+                              f"({exc.strerror})") from None
+        unsupported = exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+    free = 0
+    try:
+        info = os.statvfs(directory)
+        free = info.f_bavail * info.f_frsize
+    except OSError:
+        pass
+    if unsupported and free >= size:
+        return  # no fallocate here (not tmpfs): the free space was checked instead
+    from lmshare.units import format_size
+
+    raise ConfigError(f"{directory} has {format_size(free)} free but the pool needs "
+                      f"{format_size(size)}: give it more shared memory (docker run "
+                      f"--shm-size={-(-size * 5 // 4 // (1 << 20))}m, or a larger tmpfs) or "
+                      "choose a smaller --cache-size")
+
+
+def _remove_if_unlocked(path: Path, min_age_s: float = STALE_AGE_S) -> bool:
+    """Remove ``path`` if no process holds a lock on it (and it is older than ``min_age_s``);
+    True if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        if time.time() - os.fstat(fd).st_mtime < min_age_s:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live owner, in this PID namespace or another
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                return False  # replaced meanwhile: not the file that was checked
+        except FileNotFoundError:
+            return True
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def remove_stale_regions() -> list[Path]:
-    """Remove regions left by lmshare processes that no longer exist (e.g. after kill -9)."""
+    """Remove regions and name locks of lmshare processes that are gone (e.g. after kill -9):
+    files nobody holds a lock on, older than :data:`STALE_AGE_S`."""
     removed = []
     directory = shm_dir()
     if not directory.is_dir():
         return removed
     for path in directory.glob("lmshare-*"):
-        match = _NAME_RE.match(path.name)
-        if not match:
+        if not (_NAME_RE.match(path.name) or _LOCK_RE.match(path.name)):
             continue
-        pid = int(match.group("pid"))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
+        if _remove_if_unlocked(path):
             removed.append(path)
-        except PermissionError:
-            pass
     if removed:
         log.info("removed %d stale shared regions of dead workers", len(removed))
     return removed
+
+
+class NameLock:
+    """An exclusive lock on a worker name for as long as the worker runs, on this host (every
+    process that shares this /dev/shm, whatever its PID namespace)."""
+
+    def __init__(self, name: str) -> None:
+        safe = re.sub(r"[^\w.-]", "_", name)
+        self.path = shm_dir() / f"lmshare-worker-{safe}.lock"
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConfigError(f"a worker named {name!r} is already running on this host "
+                                  f"({holder}); stop it or choose another --name") from None
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # removed by a cleanup between open and lock: take the new file
+        else:
+            raise ConfigError(f"cannot lock the worker name {name!r} in {self.path.parent}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Give the name up (removes the lock file while still holding it). Safe twice."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None

@@ -33,7 +33,7 @@ from lmshare.keys import KEY_BYTES
 from lmshare.local_files import ensure_private_dir
 from lmshare.pool import Entry, KVPool
 from lmshare.protocol import ErrorCode
-from lmshare.shm import remove_stale_regions
+from lmshare.shm import NameLock, remove_stale_regions
 from lmshare.stats import WorkerCounters
 from lmshare.transports.base import PeerInfo, Transport
 from lmshare.transports.choice import choose_transport
@@ -71,8 +71,13 @@ class WorkerAgent:
         self.config = config
         self.worker_id = config.name
         self.incarnation = uuid.uuid4().hex  # new pool, new incarnation
-        remove_stale_regions()
-        self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)
+        self._name_lock = NameLock(config.name)  # one worker of this name on this host
+        try:
+            remove_stale_regions()
+            self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)
+        except BaseException:
+            self._name_lock.release()
+            raise
         self.counters = WorkerCounters(capacity_bytes=self.pool.capacity_bytes)
         self._counter_lock = threading.Lock()
         self._one_sided_bytes_served = 0
@@ -86,6 +91,7 @@ class WorkerAgent:
                                              key=config.key)
         except OSError as exc:
             self.pool.close()
+            self._name_lock.release()
             raise ConfigError(f"cannot listen for peers on {host}:{config.port} ({exc.strerror}); "
                               "choose another --port or stop the process using it") from None
         self.host_id = host_identity()
@@ -128,6 +134,7 @@ class WorkerAgent:
             except ConfigError:
                 self.peer_server.stop(0)
                 self.pool.close()
+                self._name_lock.release()
                 raise
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
@@ -142,6 +149,7 @@ class WorkerAgent:
         except ConfigError:
             self.peer_server.stop(0)
             self.pool.close()
+            self._name_lock.release()
             raise
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,6 +200,7 @@ class WorkerAgent:
         if self.ucx_export is not None:
             self.ucx_export.close()
         self.pool.close()
+        self._name_lock.release()
         if self.endpoint.startswith("ipc://"):
             try:
                 os.unlink(self.endpoint[len("ipc://"):])

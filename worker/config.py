@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -77,8 +78,14 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or len(self.name) > 100:
             raise ConfigError(f"worker name {self.name!r} must be 1-100 characters without '/'")
-        if self.fetch_timeout_s <= 0 or self.connect_timeout_s <= 0:
-            raise ConfigError("timeouts must be positive")
+        for option in ("connect_timeout_s", "rpc_timeout_s", "fetch_timeout_s", "max_lease_s",
+                       "drain_timeout_s"):
+            value = getattr(self, option)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{option.removesuffix('_s').replace('_', ' ')} must be a "
+                                  f"finite number of seconds above 0, not {value!r}")
+        if self.cache_bytes <= 0 or self.slab_bytes <= 0 or self.client_threads <= 0:
+            raise ConfigError("cache size, slab size and client threads must be above 0")
         unknown = set(self.transports) - KNOWN_TRANSPORTS
         if unknown:
             raise ConfigError(f"unknown transport(s) {sorted(unknown)}; choose from "
