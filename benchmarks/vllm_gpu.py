@@ -197,8 +197,9 @@ def _run_engine(name: str, role: str, out: Path, make: Callable[[], Any],
         print(f"[vllm_gpu] {name} up in {result.start_s:.0f}s", flush=True)
         body(engine, result)
     except Exception as exc:  # noqa: BLE001 - the other engines still run; the log says why
-        print(f"[vllm_gpu] {name} failed: {exc}\n{engine.log_tail(4000)}", flush=True)
+        print(f"[vllm_gpu] {name} failed: {exc!r}", flush=True)
         result.log_facts = _log_facts(out / f"{name}.log")
+        result.longdoc = {**result.longdoc, "error": repr(exc)[:2000]}
         (out / f"{name}.failed.json").write_text(json.dumps(asdict(result)))
         return result
     finally:
@@ -243,16 +244,20 @@ def run_vllm_part(model: Path, scale: Scale, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- part: lmshare
-def _wait_stored(cluster: LocalCluster, worker: str, entries: int, timeout_s: float) -> None:
-    """Stores are asynchronous: wait until ``worker`` holds ``entries`` chunks."""
+def _wait_stored(cluster: LocalCluster, worker: str, entries: int, timeout_s: float) -> int:
+    """Stores are asynchronous: wait until ``worker`` holds ``entries`` chunks, or its count
+    stops growing for 5 s (some were evicted or not saved); returns the count."""
     deadline = time.monotonic() + timeout_s
+    last, since = -1, time.monotonic()
     while True:
         with cluster.client(worker) as client:
             held = client.stats()["counters"]["entries"]
-        if held >= entries:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker {worker} holds {held} chunks, expected {entries}")
+        if held >= entries or time.monotonic() > deadline:
+            return held
+        if held != last:
+            last, since = held, time.monotonic()
+        elif time.monotonic() - since > 5:
+            return held
         time.sleep(0.2)
 
 
@@ -288,13 +293,14 @@ def run_lmshare_part(model: Path, scale: Scale, out: Path, runtime: Path) -> Non
                 _record(result, "lmshare_miss", length, rep, engine.generate(
                     tokens, max_tokens=scale.output_tokens, timeout_s=scale.timeout_s))
             result.longdoc = _longdoc_round(engine, scale, vocab)
-            _wait_stored(cluster, "w1", expected, 300)
+            result.worker_counters = {"expected_chunks": expected,
+                                      "held_chunks": _wait_stored(cluster, "w1", expected, 120)}
 
         def hit(case: str, log: Path) -> Callable[[Any, EngineResult], None]:
             def body(engine: Any, result: EngineResult) -> None:
                 _warm_up(engine, scale, vocab, seed=11)  # peer hits of A's warm-up prompts
                 if case == "shm_peer_hit":  # the peer's pool is page-locked in the background
-                    _wait_log(log, r"registered a same-host peer's pool", 300)
+                    _wait_log(log, r"registered a same-host peer's pool", 120)
                 for length, rep, tokens in prompts:
                     _record(result, case, length, rep, engine.generate(
                         tokens, max_tokens=scale.output_tokens, timeout_s=scale.timeout_s))

@@ -382,7 +382,6 @@ class DevicePendingSave(PendingSave):
         self._copier = copier
         self._device: torch.Tensor | None = device
         self._gathered = gathered  # event: the gather has read the blocks
-        self._copied: Any = None
         self._host_copy: torch.Tensor | None = None
 
     def _source(self) -> torch.Tensor:
@@ -391,23 +390,27 @@ class DevicePendingSave(PendingSave):
         return self._device
 
     def write_into(self, views: Sequence[memoryview]) -> None:
-        source, ops, offset = self._source(), self._copier.ops, 0
-        with ops.use(self._copier.save_stream):
+        # One copy call per run of slabs and nothing else: on the store thread every CUDA call
+        # waits for the GIL, which vLLM's busy loop holds for up to a switch interval.
+        source, offset = self._source(), 0
+        with self._copier.ops.use(self._copier.save_stream):
             for view in views:
                 n = view.nbytes
                 _as_tensor(view).copy_(source[offset : offset + n], non_blocking=True)
                 offset += n
-            self._copied = ops.record(self._copier.save_stream)
+        self._ticket = self._copier.copies_issued()
 
     def written(self) -> None:
-        if self._copied is not None:
-            self._copied.synchronize()
+        ticket = getattr(self, "_ticket", None)
+        if ticket is not None:
+            self._copier.wait_copies(ticket)  # one wait covers every chunk written so far
 
     def wait(self) -> memoryview:
-        if self._host_copy is None:
+        if self._host_copy is None:  # (any thread: the save stream is made current only here)
             host = self._copier.ops.pinned(self._source().numel())
-            self.write_into([memoryview(host.numpy()).cast("B")])
-            self.written()
+            with self._copier.ops.use(self._copier.save_stream):
+                host.copy_(self._source(), non_blocking=True)
+                self._copier.ops.record(self._copier.save_stream).synchronize()
             self._host_copy = host
         return memoryview(self._host_copy.numpy()).cast("B")
 
@@ -759,6 +762,7 @@ class AsyncDeviceCopier(BlockCopier):
         self._save_lock = threading.Lock()
         self._save_bytes = 0
         self._save_keep: list[tuple[Any, list[torch.Tensor]]] = []  # index tensors in use
+        self._copies_issued = self._copies_done = 0
         self.saves_dropped = 0
         self._in_flight: list[tuple[Any, list[torch.Tensor]]] = []  # (event, keep alive)
         self._queued: list[_QueuedLoad] = []
@@ -906,6 +910,22 @@ class AsyncDeviceCopier(BlockCopier):
             self._save_keep.append((event, keep))
         self._save_keep = [(e, k) for e, k in self._save_keep if not e.query()]
         return results
+
+    def copies_issued(self) -> int:
+        """A ticket for the device -> host copies issued so far on the save stream."""
+        with self._save_lock:
+            self._copies_issued += 1
+            return self._copies_issued
+
+    def wait_copies(self, ticket: int) -> None:
+        """Wait until the copies up to ``ticket`` are done (one synchronization for many)."""
+        with self._save_lock:
+            if ticket <= self._copies_done:
+                return
+            issued = self._copies_issued
+        self.ops.record(self.save_stream).synchronize()
+        with self._save_lock:
+            self._copies_done = max(self._copies_done, issued)
 
     def _reserve_save_bytes(self, nbytes: int, count: int) -> int:
         """How many of ``count`` chunks of ``nbytes`` fit under ``max_save_bytes``; counts

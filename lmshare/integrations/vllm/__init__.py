@@ -75,8 +75,11 @@ How it works (scheduler side, then worker side):
   and stores it with ``put_keys``; each chunk is stored once per request, and chunks that the
   cluster already held at lookup are not stored again.
 
-Logging: the ``lmshare`` logger; unless the process configured logging, the connector prints
-lmshare's messages to stderr at ``$LMSHARE_LOG_LEVEL`` (default INFO).
+Logging: the ``lmshare`` logger; unless the process gave it handlers, the connector prints
+lmshare's messages to stderr (vLLM's log) at ``$LMSHARE_LOG_LEVEL`` (default INFO): one line when
+the engine is ready (worker, namespace, transports, pool registration time), a summary of loads
+and stores every ``$LMSHARE_SUMMARY_S`` seconds (default 60) while there is traffic, and one
+line per request at DEBUG.
 
 A worker restarted under the same name is noticed before every acquire and store (its pool is
 new), and the connector reconnects; a worker that is down means misses, never a stall.
@@ -149,11 +152,12 @@ log = logging.getLogger(__name__)
 
 
 def _setup_logging() -> None:
-    """Inside vLLM the connector is lmshare's entry point: unless the application configured
-    logging, show lmshare's messages (level from $LMSHARE_LOG_LEVEL, default INFO) the way
-    vLLM shows its own."""
-    root, ours = logging.getLogger(), logging.getLogger("lmshare")
-    if root.handlers or ours.handlers:
+    """Inside vLLM the connector is lmshare's entry point: unless the application gave the
+    ``lmshare`` logger handlers of its own, show lmshare's messages (level from
+    $LMSHARE_LOG_LEVEL, default INFO) in vLLM's log the way vLLM shows its own. (The root
+    logger is no guide: libraries vLLM loads configure it at WARNING.)"""
+    ours = logging.getLogger("lmshare")
+    if ours.handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(

@@ -7,10 +7,11 @@ link, a copier factory), so it runs and is tested without vLLM's engine."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
@@ -43,6 +44,18 @@ class WorkerSideStats:
     peer_chunks: int = 0  # of those, from other workers' memory
     failed_chunks: int = 0  # decided as hits but not loaded: recomputed
     stored_chunks: int = 0  # handed to the store thread
+    not_saved_chunks: int = 0  # no room to copy them out: future misses
+
+    def minus(self, other: WorkerSideStats) -> WorkerSideStats:
+        return WorkerSideStats(*(getattr(self, f.name) - getattr(other, f.name)
+                                 for f in fields(self)))
+
+
+def summary_interval_s() -> float:
+    try:
+        return max(1.0, float(os.environ.get("LMSHARE_SUMMARY_S", "60")))
+    except ValueError:
+        return 60.0
 
 
 class LMShareConnectorWorker:
@@ -74,6 +87,8 @@ class LMShareConnectorWorker:
         self._peer_reads: list[tuple[LoadSpec, Hit, int, int]] = []  # checked after the copies
         self._serving = False  # past register_kv_caches: setup from now on runs in background
         self.stats = WorkerSideStats()
+        self._summarized = WorkerSideStats()
+        self._summary_at = time.monotonic() + summary_interval_s()
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         try:
@@ -287,9 +302,23 @@ class LMShareConnectorWorker:
             if layer is not None:
                 self._copier.wait_layer(layer)
 
+    def _maybe_summarize(self) -> None:
+        now = time.monotonic()
+        if now < self._summary_at:
+            return
+        self._summary_at = now + summary_interval_s()
+        delta = self.stats.minus(self._summarized)
+        if delta == WorkerSideStats():
+            return
+        self._summarized = replace(self.stats)
+        log.info("lmshare: loaded %d chunks (%d from peers), %d recomputed after a failed load, "
+                 "%d stored, %d not saved (no room)", delta.loaded_chunks, delta.peer_chunks,
+                 delta.failed_chunks, delta.stored_chunks, delta.not_saved_chunks)
+
     def wait_for_save(self, metadata: KVConnectorMetadata | None) -> None:
         """The step's forward is queued: release its loads, store its new chunks."""
         self._finish_loads()  # the forward is queued: it waited for every layer it read
+        self._maybe_summarize()
         if not isinstance(metadata, LMShareMetadata) or not metadata.saves:
             return
         copier = self._copier
@@ -305,6 +334,7 @@ class LMShareConnectorWorker:
             chunks = pending[position : position + len(spec.block_ids)]
             position += len(spec.block_ids)
             saved = next((i for i, p in enumerate(chunks) if p is None), len(chunks))
+            self.stats.not_saved_chunks += len(chunks) - saved
             for p in chunks[saved:]:  # a prefix is stored up to the first chunk left out
                 if p is not None:
                     p.release()
