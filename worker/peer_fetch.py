@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from lmshare.errors import LMShareError
 from lmshare.pool import KVPool, Reservation
 from lmshare.transports.base import PeerInfo, Transport
+from lmshare.worker.fetch_policy import FetchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,12 @@ class PeerFetcher:
 
     def __init__(self, pool: KVPool, transports: list[Transport], fetch_timeout_s: float,
                  checksum: bool = False, max_parallel: int = 16,
-                 choose: Callable[[PeerInfo], str] | None = None) -> None:
+                 choose: Callable[[PeerInfo], str] | None = None,
+                 policy: FetchPolicy | None = None) -> None:
         self._pool = pool
         self._transports = {t.name: t for t in transports}
         self._choose = choose or (lambda peer: "tcp")
+        self.policy = policy  # learns each peer's throughput from these fetches
         self.chunks_by_transport: dict[str, int] = {name: 0 for name in self._transports}
         self.fetch_timeout_s = fetch_timeout_s
         self.checksum = checksum
@@ -157,14 +160,21 @@ class PeerFetcher:
                 peer = peers.get(peer_id)
                 if peer is None:
                     continue
-                futures.append(self._executor.submit(self._fetch_one, peer, namespace, peer_keys,
-                                                     deadline, chunk_bytes))
-            for future in futures:
+                futures.append((peer_id, self._executor.submit(
+                    self._fetch_one, peer, namespace, peer_keys, deadline, chunk_bytes)))
+            bytes_by_peer: dict[str, int] = {}
+            for peer_id, future in futures:
                 left = max(0.0, deadline - time.monotonic()) + 1.0
                 try:
-                    received += future.result(timeout=left)
+                    chunks, nbytes = future.result(timeout=left)
+                    received += chunks
+                    bytes_by_peer[peer_id] = bytes_by_peer.get(peer_id, 0) + nbytes
                 except Exception as exc:  # includes the futures timeout
                     log.warning("peer fetch failed: %s", exc)
+            if self.policy is not None:  # each peer's throughput, as this fetch saw it
+                elapsed = time.monotonic() - started
+                for peer_id, nbytes in bytes_by_peer.items():
+                    self.policy.observe(peer_id, nbytes, elapsed)
             return received
         finally:
             with self._lock:
@@ -173,7 +183,7 @@ class PeerFetcher:
                 self.on_fetch(time.monotonic() - started, len(keys), received)
 
     def _fetch_one(self, peer: PeerInfo, namespace: bytes, keys: list[bytes],
-                   deadline: float, chunk_bytes: int | None = None) -> int:
+                   deadline: float, chunk_bytes: int | None = None) -> tuple[int, int]:
         sink = PoolSink(self._pool, namespace, self.size_limit(namespace), chunk_bytes)
         transport = self.transport_for(peer)
         transport.fetch(peer, keys, sink, deadline, checksum=self.checksum)
@@ -184,7 +194,7 @@ class PeerFetcher:
             self.refused_chunks += sink.refused_chunks
             if sink.chunks_received < len(keys):
                 self.failures += 1
-        return sink.chunks_received
+        return sink.chunks_received, sink.bytes_received
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
