@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -610,6 +611,10 @@ class StreamOps:
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
+    def marker(self) -> Any:
+        """A point in the compute stream's work, for timing it (see RecomputeRate)."""
+        return _WallClockMarker()
+
     def host_register(self, address: int, nbytes: int, read_only: bool = False) -> bool:
         """Page-lock existing host memory for direct DMA (cudaHostRegister; a read-only
         mapping needs cudaHostRegisterReadOnly); False if not."""
@@ -617,6 +622,36 @@ class StreamOps:
 
     def host_unregister(self, address: int) -> None:
         pass
+
+
+class _WallClockMarker:
+    """Work on the host is done when it is issued: the wall clock times it."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def done(self) -> bool:
+        return True
+
+    def seconds_since(self, other: _WallClockMarker) -> float:
+        return self.at - other.at
+
+
+class _CudaMarker:
+    def __init__(self) -> None:
+        self.event = torch.cuda.Event(enable_timing=True)
+
+    def record(self) -> None:
+        self.event.record()  # on the current (compute) stream
+
+    def done(self) -> bool:
+        return bool(self.event.query())
+
+    def seconds_since(self, other: _CudaMarker) -> float:
+        return other.event.elapsed_time(self.event) / 1000.0
 
 
 class _DoneEvent:
@@ -664,6 +699,9 @@ class CudaStreamOps(StreamOps):  # pragma: no cover - needs a GPU
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def marker(self) -> Any:
+        return _CudaMarker()
 
     def host_register(self, address: int, nbytes: int, read_only: bool = False) -> bool:
         # flags 0: cudaHostRegisterDefault; 8: cudaHostRegisterReadOnly (a peer's pool,

@@ -41,6 +41,7 @@ class SaveSpec:
 class LMShareMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    step_tokens: int = 0  # tokens the step computes (for the recompute rate)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class LMShareWorkerMetadata(KVConnectorWorkerMetadata):
 
     failed_chunks: dict[str, int] = field(default_factory=dict)
     disabled: bool = False
+    recompute_tokens_per_s: float | None = None  # measured prefill rate (None: no news)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if not isinstance(other, LMShareWorkerMetadata):
@@ -57,4 +59,7 @@ class LMShareWorkerMetadata(KVConnectorWorkerMetadata):
         merged = dict(self.failed_chunks)
         for req_id, chunk in other.failed_chunks.items():
             merged[req_id] = min(chunk, merged.get(req_id, chunk))
-        return LMShareWorkerMetadata(merged, self.disabled or other.disabled)
+        rates = [r for r in (self.recompute_tokens_per_s, other.recompute_tokens_per_s)
+                 if r is not None]  # ranks compute together: the slowest sets the pace
+        return LMShareWorkerMetadata(merged, self.disabled or other.disabled,
+                                     min(rates) if rates else None)

@@ -73,6 +73,8 @@ class LMShareConnectorScheduler:
         self._namespace_cache: dict[tuple[str, str], list[bytes]] = {}
         self._states: dict[str, _RequestState] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
+        #: this engine's prefill rate as its model workers measured it (None: not yet)
+        self.recompute_tokens_per_s: float | None = None
 
     # ------------------------------------------------------------------ keys
     def _namespaces(self, lora: str, salt: str) -> list[bytes]:
@@ -188,7 +190,9 @@ class LMShareConnectorScheduler:
             block_ids=block_ids[first_block:end_block], local_chunks=state.local_chunks)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMShareMetadata:
-        meta = LMShareMetadata(loads=list(self._pending_loads.values()))
+        meta = LMShareMetadata(loads=list(self._pending_loads.values()),
+                               step_tokens=int(getattr(scheduler_output,
+                                                       "total_num_scheduled_tokens", 0) or 0))
         self._pending_loads.clear()
         if not (self.save_enabled and self.enabled):
             return meta
@@ -246,6 +250,8 @@ class LMShareConnectorScheduler:
         worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(worker_meta, LMShareWorkerMetadata):
             return
+        if worker_meta.recompute_tokens_per_s is not None:
+            self.recompute_tokens_per_s = worker_meta.recompute_tokens_per_s
         if worker_meta.disabled and self.enabled:
             log.error("lmshare switched off for this engine: a model worker cannot copy its KV "
                       "(see its log)")

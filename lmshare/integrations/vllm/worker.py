@@ -25,11 +25,13 @@ from lmshare.integrations.kv_copy import (
     KVGeometry,
     LayoutError,
     PagedBlocks,
+    StreamOps,
     buffer_address,
     make_copier,
 )
 from lmshare.integrations.vllm.link import WorkerLink
 from lmshare.integrations.vllm.metadata import LMShareMetadata, LMShareWorkerMetadata, LoadSpec
+from lmshare.integrations.vllm.recompute import RecomputeRate
 from lmshare.integrations.vllm.saver import Releaser, SaveJob, Saver, store
 from lmshare.integrations.vllm.settings import ConnectorSettings
 
@@ -87,6 +89,8 @@ class LMShareConnectorWorker:
         self._peer_reads: list[tuple[LoadSpec, Hit, int, int]] = []  # checked after the copies
         self._serving = False  # past register_kv_caches: setup from now on runs in background
         self.stats = WorkerSideStats()
+        self._recompute: RecomputeRate | None = None  # once the KV memory is known
+        self._rate_reported: float | None = None
         self._summarized = WorkerSideStats()
         self._summary_at = time.monotonic() + summary_interval_s()
 
@@ -94,6 +98,9 @@ class LMShareConnectorWorker:
         try:
             blocks = PagedBlocks.from_kv_caches(self.geometry, kv_caches)
             self._copier = self._copier_factory(blocks)
+            ops = getattr(self._copier, "ops", None)
+            self._recompute = RecomputeRate(ops.marker if ops is not None else
+                                            StreamOps().marker)
         except (LayoutError, ConfigError) as exc:
             log.error("lmshare switched off: %s", exc)
             self.enabled = False
@@ -181,7 +188,11 @@ class LMShareConnectorWorker:
     def start_load_kv(self, metadata: KVConnectorMetadata | None) -> None:
         """Start loading this step's hits (``metadata``: the scheduler's plan for the step)."""
         self._finish_loads()  # normally done by the previous step's wait_for_save
-        if not isinstance(metadata, LMShareMetadata) or not metadata.loads:
+        if not isinstance(metadata, LMShareMetadata):
+            return
+        if self._recompute is not None:
+            self._recompute.step_started(metadata.step_tokens, bool(metadata.loads))
+        if not metadata.loads:
             return
         for spec in metadata.loads:
             try:
@@ -318,6 +329,8 @@ class LMShareConnectorWorker:
     def wait_for_save(self, metadata: KVConnectorMetadata | None) -> None:
         """The step's forward is queued: release its loads, store its new chunks."""
         self._finish_loads()  # the forward is queued: it waited for every layer it read
+        if self._recompute is not None:
+            self._recompute.step_ended()
         self._maybe_summarize()
         if not isinstance(metadata, LMShareMetadata) or not metadata.saves:
             return
@@ -364,10 +377,13 @@ class LMShareConnectorWorker:
 
     def build_connector_worker_meta(self) -> LMShareWorkerMetadata | None:
         disabled = not self.enabled and not self._disabled_reported
-        if not self._failed_chunks and not disabled:
+        rate = self._recompute.poll() if self._recompute is not None else None
+        news = rate is not None and rate != self._rate_reported
+        if not self._failed_chunks and not disabled and not news:
             return None
         self._disabled_reported = self._disabled_reported or disabled
-        meta = LMShareWorkerMetadata(self._failed_chunks, disabled)
+        self._rate_reported = rate
+        meta = LMShareWorkerMetadata(self._failed_chunks, disabled, rate if news else None)
         self._failed_chunks = {}
         return meta
 
