@@ -212,6 +212,15 @@ class ControllerService:
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
             return
+        envelope, reply = self.answer(frames)
+        try:
+            self._socket.send_multipart([*envelope, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("reply dropped: %s", exc)
+
+    def answer(self, frames: list[bytes]) -> tuple[list[bytes], bytes]:
+        """The reply to one received message (routing frames, then the message): the frames
+        to send it back on and its encoded bytes. Never raises."""
         envelope, payload = frames[:-1], frames[-1]
         request_id = 0
         try:
@@ -244,10 +253,7 @@ class ControllerService:
         except Exception as exc:  # a bug in a handler must not take the controller down
             log.exception("handler failed")
             reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
-        try:
-            self._socket.send_multipart([*envelope, protocol.encode_reply(reply)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.debug("reply dropped: %s", exc)
+        return envelope, protocol.encode_reply(reply)
 
     # ------------------------------------------------------------------ helpers
     def _worker(self, message: dict[str, Any]) -> WorkerRecord:

@@ -262,6 +262,15 @@ class WorkerAgent:
         except ControllerUnavailable as exc:
             log.warning("controller lookup failed (%s); using local hits only", exc)
             return local_prefix, [], {}
+        try:
+            return self._plan_remote(keys, local_prefix, reply)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            log.warning("malformed lookup reply from the controller (%s); using local hits "
+                        "only", exc)
+            return local_prefix, [], {}
+
+    def _plan_remote(self, keys: list[bytes], local_prefix: int, reply: dict[str, Any]
+                     ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo]]:
         infos = {w: PeerInfo(info["worker_id"], info["host"], info["data_port"],
                              info.get("host_id", ""), tuple(info.get("transports", ("tcp",))),
                              info.get("extra", {}))

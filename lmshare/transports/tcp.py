@@ -142,7 +142,10 @@ def _recv_message(sock: socket.socket, deadline: float) -> dict:
     if length > MAX_REQUEST_BYTES:
         raise ConnectionError(f"message of {length} bytes is too large")
     body = _recv_body(sock, length, deadline)
-    message = msgpack.unpackb(body, raw=False)
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ConnectionError(f"undecodable message ({exc})") from None
     if not isinstance(message, dict):
         raise ConnectionError("malformed message")
     return message

@@ -1,0 +1,127 @@
+"""Fuzzing the TCP data plane's decoders on both sides: a server reading any request bytes,
+and a client reading any answer (chunk headers, lengths, bodies) into its pool. Neither
+raises anything but a connection error, and the client's pool keeps no half-written entry."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmshare.pool import KVPool
+from lmshare.testing.fuzz import FUZZ, payloads
+from lmshare.transports import tcp
+from lmshare.transports.base import PeerInfo
+from lmshare.transports.tcp import CHUNK_HEADER, REQUEST_LENGTH, TcpPeerServer, TcpTransport
+from lmshare.worker.peer_fetch import PoolSink
+
+NS = b"n" * 16
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("LMSHARE_SHM_DIR", str(tmp_path_factory.mktemp("fuzz-shm")))
+    pool = KVPool(4 << 20, 64 << 10, name="fuzz-data")
+    for i in range(4):
+        pool.put(NS, i.to_bytes(16, "big"), bytes(5000 * i + 1))
+    yield pool
+    pool.close()
+    monkey.undo()
+
+
+@pytest.fixture(scope="module")
+def server(pool):
+    def source(key):
+        entry = pool.pin(key)
+        return None if entry is None else (pool.views(entry), lambda: pool.unpin(entry))
+
+    def locator(keys, lease_s):
+        return {"handle": 0, "chunks": [], "gens": []}
+    server = TcpPeerServer(source, locator=locator, send_timeout_s=0.5, idle_timeout_s=0.5)
+    yield server
+    server.stop(0)
+
+
+@st.composite
+def framed_requests(draw) -> bytes:
+    body = draw(payloads(tcp.PEER_TYPES))
+    length = draw(st.sampled_from([len(body)]) | st.integers(0, 2**32 - 1))
+    return REQUEST_LENGTH.pack(length) + body
+
+
+@FUZZ
+@given(framed_requests() | st.binary(max_size=64))
+def test_the_peer_server_reads_any_request_cleanly(server, data):
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(data)
+        theirs.shutdown(socket.SHUT_WR)
+        try:
+            request = server._read_request(ours)
+            if request is not None:
+                assert request["type"] in tcp.PEER_TYPES
+                if request["type"] == "fetch":
+                    server._answer(ours, request)
+                elif request["type"] == "locate":
+                    server._answer_locate(ours, request)
+        except (ConnectionError, OSError):
+            pass
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@st.composite
+def answers(draw, keys: int) -> bytes:
+    """What a hostile or broken holder may send back for ``keys`` chunks."""
+    out = b""
+    for _ in range(draw(st.integers(0, keys + 1))):
+        status = draw(st.sampled_from([tcp.STATUS_OK, tcp.STATUS_MISSING]) | st.integers(0, 255))
+        nbytes = draw(st.integers(0, 70_000) | st.sampled_from([2**63, 2**64 - 1, 1 << 30]))
+        out += CHUNK_HEADER.pack(status, draw(st.integers(0, 2**32 - 1)), nbytes)
+        out += draw(st.binary(max_size=min(nbytes, 2000)))
+    return out + draw(st.binary(max_size=32))
+
+
+@FUZZ
+@given(st.integers(1, 3).flatmap(lambda n: st.tuples(st.just(n), answers(n))), st.booleans())
+def test_the_client_reads_any_answer_cleanly(pool, answer, checksum):
+    count, data = answer
+    keys = [(10**6 + i).to_bytes(16, "big") for i in range(count)]
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    transport = TcpTransport()
+    try:
+        theirs.sendall(data)
+        theirs.shutdown(socket.SHUT_WR)
+        delivered, _ = transport._fetch_on(ours, PeerInfo("p", "127.0.0.1", 1), keys,
+                                           PoolSink(pool, NS), time.monotonic() + 0.5,
+                                           checksum)
+        assert 0 <= delivered <= count
+        assert pool.stats().reserved_bytes == 0  # nothing left half-written
+    finally:
+        transport.close()
+        ours.close()
+        theirs.close()
+        for key in keys:
+            pool.remove(key)
+
+
+@FUZZ
+@given(st.binary(max_size=200) | framed_requests())
+def test_the_client_reads_any_locate_reply_cleanly(data):
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(data)
+        theirs.shutdown(socket.SHUT_WR)
+        try:
+            assert isinstance(tcp._recv_message(ours, time.monotonic() + 0.5), dict)
+        except (ConnectionError, OSError):
+            pass
+    finally:
+        ours.close()
+        theirs.close()
