@@ -2,8 +2,8 @@
 value, and messages of each protocol type whose fields are near-valid or hostile (drawn from
 the field specs in :data:`lmshare.protocol.SCHEMAS`).
 
-``LMSHARE_FUZZ_EXAMPLES`` sets the examples per test (default 1000, two or three tests per decoder; the reliability notes
-use 100000)."""
+``LMSHARE_FUZZ_EXAMPLES`` sets the examples per test (default 1000; two or three tests cover
+each decoder; docs/reliability.md has a run of 100000)."""
 
 from __future__ import annotations
 
