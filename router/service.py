@@ -217,6 +217,7 @@ class Router:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["Accept-Encoding"] = "identity"
         failures: list[str] = []
+        tried: set[str] = set()
         backend, reason = decision.backend, decision.reason
         limit = len(self.backends) if self.config.retries < 0 else self.config.retries + 1
         while True:
@@ -225,8 +226,8 @@ class Router:
                                            received)
             except _BackendFailed as exc:
                 failures.append(f"{backend.name}: {exc}")
+                tried.add(backend.name)
                 backend.mark_down(str(exc))
-            tried = {f.split(":", 1)[0] for f in failures}
             rest = [b for b in self.backends
                     if b.up and b.serves(model) and b.name not in tried]
             if not rest or len(failures) >= limit:
@@ -281,10 +282,14 @@ class Router:
         streamed = "text/event-stream" in upstream.headers.get("Content-Type", "")
         try:
             if not streamed:
-                body = await upstream.content.read(MAX_BUFFERED_REPLY)
-                if not upstream.content.at_eof():
-                    raise _BackendFailed(f"answered more than {MAX_BUFFERED_REPLY} bytes")
-                first = body
+                parts: list[bytes] = []
+                size = 0
+                while chunk := await upstream.content.readany():
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_BUFFERED_REPLY:
+                        raise _BackendFailed(f"answered more than {MAX_BUFFERED_REPLY} bytes")
+                first = b"".join(parts)
             else:
                 first = await upstream.content.readany()
         except asyncio.TimeoutError:

@@ -70,6 +70,10 @@ def test_round_robin_passes_requests_and_streams_through_unchanged(cluster):
         seen.append(reply["backend"])
     assert sorted(seen) == ["a", "a", "b", "b"] and seen[0] != seen[1]
 
+    # a large answer arrives whole
+    status, _, body = post(port, "/v1/completions", {"prompt": "p", "max_tokens": 30000})
+    assert status == 200 and len(json.loads(body)["choices"][0]["text"].split()) == 30000
+
     # a stream arrives as the backend sent it, event by event, ending with [DONE]
     chat = {"messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 5}
 
@@ -91,8 +95,8 @@ def test_round_robin_passes_requests_and_streams_through_unchanged(cluster):
     status, health = _get(f"http://127.0.0.1:{port}/health")
     assert status == 200 and sorted(health["up"]) == ["a", "b"]
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'lmshare_router_requests_total{code="200",endpoint="completions"} 4.0' in metrics
-    assert 'lmshare_router_decisions_total{policy="round-robin",reason="rotation"} 6.0' in metrics
+    assert 'lmshare_router_requests_total{code="200",endpoint="completions"} 5.0' in metrics
+    assert 'lmshare_router_decisions_total{policy="round-robin",reason="rotation"} 7.0' in metrics
     assert "lmshare_router_backend_in_flight{" in metrics
 
 
@@ -180,3 +184,14 @@ def test_router_starts_without_torch_and_says_what_the_prefix_policies_need():
     usage = subprocess.run([sys.executable, "-m", "lmshare", "router", "--backend", "ftp://x"],
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "URL[=WORKER]" in usage.stderr
+
+
+def test_a_backend_that_stalls_past_the_read_timeout_is_retried_elsewhere(cluster):
+    a, b = cluster.fake("a", "--token-delay", "20"), cluster.fake("b")
+    port = router(cluster, [a, b], "round-robin", "--read-timeout", "1")
+    for _ in range(3):
+        started = time.monotonic()
+        status, headers, body = post(port, "/v1/completions", {"prompt": "p", "max_tokens": 1})
+        assert status == 200 and headers["X-LMShare-Backend"] == "b", body
+        assert time.monotonic() - started < 10
+    assert a.served() >= 1  # a got requests, and they went on to b

@@ -43,7 +43,7 @@ def tok(tokenizer_dir):
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
+def setup(tmp_path, monkeypatch, shm_dir):
     c = LocalCluster(heartbeat_timeout_s=2.0, runtime_dir=tmp_path / "cluster")
     monkeypatch.setenv("LMSHARE_KEY_FILE", c.key_file)
     c.start_controller("--heartbeat-interval", "0.2")
