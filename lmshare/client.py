@@ -293,14 +293,20 @@ class Client:
         return int(self._call("commit", handles=handles)["committed"])
 
     def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
-                    count: bool = True, chunk_tokens: int = 0) -> tuple[int, int]:
+                    count: bool = True, chunk_tokens: int = 0,
+                    recompute_tokens_per_s: float | None = None, chunk_bytes: int = 0,
+                    direct: bool = False) -> tuple[int, int]:
         """(local, peer) chunk counts of the longest available prefix of ``keys``.
         ``count=False``: a repeated lookup (e.g. a request vLLM could not schedule yet) that the
         worker's hit/miss statistics should not count again. ``chunk_tokens``: the namespace's
         chunk size, which the worker reports so that a router can compute the same keys."""
         if not keys:
             return (0, 0)
-        extra = {"chunk_tokens": int(chunk_tokens)} if chunk_tokens else {}
+        extra: dict[str, object] = {"chunk_tokens": int(chunk_tokens)} if chunk_tokens else {}
+        if recompute_tokens_per_s and chunk_bytes and chunk_tokens:
+            # peer chunks that would be fetched are offered only if that beats recomputing
+            extra.update(recompute_tokens_per_s=float(recompute_tokens_per_s),
+                         chunk_bytes=int(chunk_bytes), direct=bool(direct))
         reply = self._call("local_lookup", namespace=namespace, keys=list(keys), peers=peers,
                            count=bool(count), **extra)
         return int(reply["local"]), int(reply["peer"])

@@ -89,7 +89,10 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     # client -> worker
     "hello": {},
     "local_lookup": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(),
-                     "count": Optional(Bool()), "chunk_tokens": Optional(Int(1, 1 << 20))},
+                     "count": Optional(Bool()), "chunk_tokens": Optional(Int(1, 1 << 20)),
+                     # offer a peer chunk to fetch only if fetching beats recomputing it
+                     "recompute_tokens_per_s": Optional(Float(1e-3, 1e12)),
+                     "chunk_bytes": Optional(Int(1, 1 << 40)), "direct": Optional(Bool())},
     "reserve": {"namespace": _KEY, "keys": _KEYS, "sizes": List(Int(0, 1 << 40), MAX_KEYS),
                 "incarnation": Optional(Str(64))},
     "commit": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},

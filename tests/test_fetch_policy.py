@@ -32,6 +32,19 @@ def test_unknown_peers_and_unknown_recompute_rates_are_tried():
     assert policy.rate("slow") is None
 
 
+def test_one_slow_fetch_weighs_what_it_cost_and_old_estimates_expire():
+    now = [0.0]
+    policy = FetchPolicy(clock=lambda: now[0], expire_s=30)
+    for _ in range(5):
+        policy.observe("p", 10 << 30, 1.0)  # 10 GiB/s
+    policy.observe("p", 1 << 30, 10.0)  # then the link slows to 0.1 GiB/s
+    assert policy.rate("p") < 1 << 30  # already judged slow: below 1 GiB/s
+    assert not policy.worth_fetching({"p": 64}, CHUNK_BYTES, CHUNK_TOKENS, 34_000)
+    now[0] += 31  # no fetch since: measured again before being skipped for good
+    assert policy.rate("p") is None and "p" not in policy.rates()
+    assert policy.worth_fetching({"p": 64}, CHUNK_BYTES, CHUNK_TOKENS, 34_000)
+
+
 def test_tiny_or_broken_samples_do_not_move_the_estimate():
     policy = FetchPolicy()
     policy.observe("p", 100, 1.0)  # too small to say anything about throughput

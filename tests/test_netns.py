@@ -93,3 +93,55 @@ def test_slow_or_dead_link_costs_the_deadline_never_wrong_bytes(namespaces, tmp_
             wait_until(lambda: reader.get(SIG, tokens) == data, 20, "link healed")
     finally:
         cluster.stop()
+
+
+def test_a_peer_behind_a_slow_link_is_not_fetched_when_recomputing_wins(namespaces, tmp_path):
+    """Fetch only when it wins: the reader measures the holder's throughput from its own
+    fetches; a lookup that says how fast the engine recomputes is offered the holder's chunks
+    over a fast link, and not over a rate-limited one (the engine recomputes instead), and is
+    offered them again once the link is fast and measured again."""
+    from lmshare.keys import signature_keys
+
+    holder_ns, reader_ns, holder_dev, _ = namespaces
+    in_holder = ("ip", "netns", "exec", holder_ns)
+    in_reader = ("ip", "netns", "exec", reader_ns)
+    sig = ModelSignature(model="netns-rate", chunk_tokens=256)
+    chunk = 512 * 1024
+    recompute = 2_000.0  # tokens/s: 8 chunks of 256 tokens (4 MiB) in ~1 s, i.e. ~4 MB/s of KV
+    cluster = LocalCluster(controller_host=HOLDER_IP, heartbeat_timeout_s=30, runtime_dir=tmp_path)
+    try:
+        cluster.start_controller(prefix=in_holder, wait=False)
+        cluster.start_worker("holder", "64MiB", "--transports", "tcp", prefix=in_holder,
+                             timeout_s=30)
+        cluster.start_worker("reader", "64MiB", "--transports", "tcp", prefix=in_reader,
+                             timeout_s=30)
+        tokens = list(range(256 * 24))
+        data = [os.urandom(chunk) for _ in range(24)]
+        namespace, keys = sig.namespace(), signature_keys(sig, tokens)
+
+        def offered(first: int, count: int) -> int:
+            return reader.lookup_keys(namespace, keys[first : first + count], count=False,
+                                      chunk_tokens=256, recompute_tokens_per_s=recompute,
+                                      chunk_bytes=chunk)[1]
+
+        with cluster.client("holder") as holder, cluster.client("reader") as reader:
+            holder.put(sig, tokens, data)
+            wait_until(lambda: reader.lookup(sig, tokens).peer_tokens == len(tokens), 10, "index")
+            assert reader.get(sig, tokens[: 256 * 4]) == data[:4]  # measures the fast link
+            assert offered(4, 8) == 8
+
+            tc(holder_ns, "add", holder_dev, "tbf", "rate", "8mbit", "burst", "64kbit",
+               "latency", "3s")  # ~1 MB/s holder -> reader, where chunks flow
+            with cluster.client("reader", timeout_s=30) as slow:
+                with slow.acquire_keys(namespace, keys[4:6]) as got:  # 1 MiB: measures the link
+                    assert len(got) == 2
+            # (lookups go through the controller, whose replies queue behind chunk bytes)
+            wait_until(lambda: reader.lookup_keys(namespace, keys[8:16], count=False) == (0, 8),
+                       30, "the shaped link to drain")
+            assert offered(8, 8) == 0  # recomputing 2048 tokens (~1 s) beats fetching 4 MiB
+            with cluster.client("reader") as reader2:
+                skipped = reader2.stats()["counters"]["skipped_peer_chunks"]
+            assert skipped >= 8
+        tc(holder_ns, "del", holder_dev)
+    finally:
+        cluster.stop()

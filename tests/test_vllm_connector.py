@@ -86,6 +86,7 @@ class FakeCluster:
         self.direct_acquires = 0
         self.peer_memory: bytearray | None = None  # the peer's pool direct reads are in
         self.calls: list[str] = []
+        self.lookup_rates: list[float | None] = []  # recompute rate each lookup carried
         self.hits: list[FakeHit] = []
 
     def client(self, **kwargs):
@@ -108,8 +109,10 @@ class FakeClient:
                 break
         return local, peer
 
-    def lookup_keys(self, namespace, keys, peers=True, count=True, chunk_tokens=0):
+    def lookup_keys(self, namespace, keys, peers=True, count=True, chunk_tokens=0,
+                    recompute_tokens_per_s=None, chunk_bytes=0, direct=False):
         self.cluster.calls.append("lookup" if count else "lookup again")
+        self.cluster.lookup_rates.append(recompute_tokens_per_s)
         return self._prefix(keys, peers)
 
     def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0, direct=False):
@@ -293,6 +296,19 @@ def test_connector_imports_without_cache_hit_sources():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_lookups_carry_the_recompute_rate_the_model_workers_measured():
+    """The worker offers peer chunks only where fetching beats recomputing: each lookup tells
+    it this engine's prefill rate once a model worker has measured one."""
+    cluster = FakeCluster()
+    engine = Engine(cluster)
+    engine.schedule(request("r1", PROMPT), range(10))
+    assert cluster.lookup_rates == [None]
+    engine.sched.update_connector_output(SimpleNamespace(
+        kv_connector_worker_meta=LMShareWorkerMetadata({}, False, 25_000.0)))
+    engine.schedule(request("r2", PROMPT[::-1]), range(10, 20))
+    assert cluster.lookup_rates[-1] == 25_000.0
 
 
 def test_hit_leaves_the_last_token_to_vllm():

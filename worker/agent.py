@@ -41,6 +41,7 @@ from lmshare.transports.shm import ShmTransport
 from lmshare.transports.tcp import TcpPeerServer, TcpTransport
 from lmshare.worker.config import WorkerConfig, host_identity
 from lmshare.worker.control_link import ControlLink
+from lmshare.worker.fetch_policy import FetchPolicy
 from lmshare.worker.leases import LeaseTable
 from lmshare.worker.local_server import CLIENT_FIELD, LocalServer
 from lmshare.worker.namespaces import NamespaceLog
@@ -108,9 +109,11 @@ class WorkerAgent:
 
             self.ucx_export = UcxExport(self.pool.region.buffer, self.pool.generation_region.buffer)
             transports.append(UcxTransport(tcp, self.host_id))
+        self.fetch_policy = FetchPolicy()  # peers' measured throughput: fetch or recompute
         self.fetcher = PeerFetcher(
             self.pool, transports, config.fetch_timeout_s, config.checksum,
-            choose=lambda peer: choose_transport(self.host_id, self.transports, peer))
+            choose=lambda peer: choose_transport(self.host_id, self.transports, peer),
+            policy=self.fetch_policy)
         self.endpoint = config.endpoint or worker_endpoint(config.name)
         registration = {
             "worker_id": self.worker_id, "host": host, "data_port": self.peer_server.port,
@@ -316,11 +319,38 @@ class WorkerAgent:
 
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
         namespace, keys = _keys(m)
-        length, remote, _ = self.plan(namespace, keys, m["peers"])
+        length, remote, infos = self.plan(namespace, keys, m["peers"])
+        length, remote = self._fetches_that_win(m, length, remote, infos)
         if m.get("count", True):  # repeated lookups of one request count once
             self._count(lookups=1, miss_chunks=len(keys) - length)
             self.namespaces.record(namespace, m.get("chunk_tokens"))
         return protocol.ok(m["id"], local=length - len(remote), peer=len(remote))
+
+    def _fetches_that_win(self, m: dict[str, Any], length: int, remote: list, infos: dict
+                          ) -> tuple[int, list]:
+        """Cut the prefix before the peer chunks that would have to be fetched when fetching
+        them is expected to take longer than the asker recomputing them (its
+        ``recompute_tokens_per_s``; chunks a direct reader takes from a same-host pool in place
+        are not fetched). Unchanged when the asker gives no rate or size."""
+        rate, chunk_bytes, chunk_tokens = (m.get("recompute_tokens_per_s"), m.get("chunk_bytes"),
+                                           m.get("chunk_tokens"))
+        if not remote or rate is None or chunk_bytes is None or chunk_tokens is None:
+            return length, remote
+        fetched = [(index, holders) for index, holders in remote
+                   if not (m.get("direct") and self.shm is not None and any(
+                       choose_transport(self.host_id, self.transports, infos[h]) == "shm"
+                       for h in holders if h in infos))]
+        if not fetched:
+            return length, remote
+        by_peer: dict[str, int] = {}
+        for position, (_, holders) in enumerate(fetched):  # as FetchPlan.stripe spreads them
+            peer = holders[position % len(holders)]
+            by_peer[peer] = by_peer.get(peer, 0) + 1
+        if self.fetch_policy.worth_fetching(by_peer, chunk_bytes, chunk_tokens, rate):
+            return length, remote
+        cut = fetched[0][0]
+        self._count(skipped_peer_chunks=length - cut)
+        return cut, [r for r in remote if r[0] < cut]
 
     def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)

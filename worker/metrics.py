@@ -74,6 +74,9 @@ class WorkerCollector(Collector):
                  "Per-holder fetches that returned fewer chunks than asked (hit truncated)"),
                 ("admits", "admits", "Chunks committed to the pool"),
                 ("evictions", "evictions", "Chunks evicted (LRU) to make room"),
+                ("skipped_peer_chunks", "skipped_peer_chunks",
+                 "Peer chunks not offered to a lookup: fetching them was expected to take "
+                 "longer than the asker recomputing them (measured peer throughput)"),
                 ("refused_chunks", "refused_chunks",
                  "Fetched chunks refused before any reservation: their holder announced a size "
                  "other than asked (or more than the namespace's chunks)")):
@@ -96,6 +99,12 @@ class WorkerCollector(Collector):
         else:
             fetched.add_metric(["all"], agent.fetcher.chunks_fetched)
         yield fetched
+        rates = GaugeMetricFamily("lmshare_worker_peer_fetch_bytes_per_second",
+                                  "Measured fetch throughput from each peer (what decides "
+                                  "whether a peer chunk is worth fetching)", labels=["peer"])
+        for peer, rate in sorted(agent.fetch_policy.rates().items()):
+            rates.add_metric([peer], rate)
+        yield rates
 
 
 def start_worker_metrics(agent: WorkerAgent, port: int, host: str | None = None

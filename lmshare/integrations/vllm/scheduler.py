@@ -140,7 +140,11 @@ class LMShareConnectorScheduler:
             rank_local, rank_peer = self._link.call(
                 lambda c, ns=namespace, k=keys: c.lookup_keys(
                     ns, k[first_chunk:wanted], peers=self.settings.peers, count=first_lookup,
-                    chunk_tokens=self.chunk_tokens))
+                    chunk_tokens=self.chunk_tokens,
+                    # peer chunks are offered only where fetching beats recomputing them
+                    recompute_tokens_per_s=self.recompute_tokens_per_s,
+                    chunk_bytes=self.geometry.chunk_nbytes(self.blocks_per_chunk),
+                    direct=self.settings.same_host_direct))
             if local is None or rank_local + rank_peer < local + peer:
                 local, peer = rank_local, rank_peer
         assert local is not None and peer is not None
