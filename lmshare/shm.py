@@ -194,11 +194,12 @@ def remove_stale_regions() -> list[Path]:
 
 
 class NameLock:
-    """An exclusive lock on a worker name for as long as the worker runs, on this host (every
-    process that shares this /dev/shm, whatever its PID namespace)."""
+    """An exclusive lock on a worker name in one cluster (``cluster``: e.g. its controller's
+    address) for as long as the worker runs, on this host: every process that shares this
+    /dev/shm, whatever its PID namespace. Other clusters on the host may use the same name."""
 
-    def __init__(self, name: str) -> None:
-        safe = re.sub(r"[^\w.-]", "_", name)
+    def __init__(self, name: str, cluster: str = "") -> None:
+        safe = re.sub(r"[^\w.-]", "_", f"{cluster}-{name}" if cluster else name)
         self.path = shm_dir() / f"lmshare-worker-{safe}.lock"
         for _ in range(10):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
@@ -208,7 +209,8 @@ class NameLock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise ConfigError(f"a worker named {name!r} is already running on this host "
-                                  f"({holder}); stop it or choose another --name") from None
+                                  f"for this cluster ({holder}); stop it or choose another "
+                                  "--name") from None
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

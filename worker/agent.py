@@ -72,7 +72,9 @@ class WorkerAgent:
         self.config = config
         self.worker_id = config.name
         self.incarnation = uuid.uuid4().hex  # new pool, new incarnation
-        self._name_lock = NameLock(config.name)  # one worker of this name on this host
+        # one worker of this name in this cluster on this host
+        self._name_lock = NameLock(config.name,
+                                   f"{config.controller_host}_{config.controller_port}")
         try:
             remove_stale_regions()
             self.pool = KVPool(config.cache_bytes, config.slab_bytes, name=config.name)

@@ -58,6 +58,7 @@ class LocalServer:
                               "is another worker with this name running?") from None
         self._inbox_name = f"inproc://lmshare-replies-{id(self)}"
         self._replies = self._context.socket(zmq.PULL)
+        self._replies.setsockopt(zmq.RCVHWM, 0)
         self._replies.bind(self._inbox_name)
         self._local = threading.local()
         self._lanes = {"slow": ThreadPoolExecutor(threads, thread_name_prefix="lmshare-local"),
@@ -83,6 +84,7 @@ class LocalServer:
         if sock is None:
             sock = self._context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # replies are bounded by the lanes' queues
             sock.connect(self._inbox_name)
             self._local.socket = sock
         return sock
@@ -174,7 +176,13 @@ class LocalServer:
         except Exception as exc:
             log.exception("local request failed")
             reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
-        self._reply_socket().send_multipart([*envelope, protocol.encode_reply(reply)])
+        try:
+            # never blocks: once the socket's thread has stopped (shutdown), nobody reads the
+            # inbox, and a blocking send would keep this thread, and the shutdown, forever
+            self._reply_socket().send_multipart([*envelope, protocol.encode_reply(reply)],
+                                                zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("local reply dropped: %s", exc)
 
 
 class _Busy(LMShareError):

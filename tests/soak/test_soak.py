@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 
@@ -109,6 +110,7 @@ def test_soak(tmp_path, shm_dir, capsys):
     traffic = Traffic(cluster, sorted(live))
     rnd = random.Random(1)
     faults: list[tuple[str, float]] = []
+    stops: list[tuple[str, float]] = []  # how long SIGTERM / SIGKILL took to end a worker
     fresh = [10_000]
 
     def recovered() -> float:
@@ -163,8 +165,15 @@ def test_soak(tmp_path, shm_dir, capsys):
                 else:
                     live.discard(name)
                     traffic.names = sorted(live)
+                    stopping = time.monotonic()
                     process.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
-                    process.wait(20)
+                    try:
+                        process.wait(60)
+                    except subprocess.TimeoutExpired:
+                        raise AssertionError(f"{name} did not stop within 60 s of {kind}: "
+                                             f"{cluster.workers[name].log_text()[-3000:]}"
+                                             ) from None
+                    stops.append((kind, time.monotonic() - stopping))
             faults.append((kind, recovered()))
             assert traffic.wrong == 0
             time.sleep(rnd.uniform(0.5, 2.0))
@@ -177,10 +186,10 @@ def test_soak(tmp_path, shm_dir, capsys):
         for path in shm_dir.glob("lmshare-*"):
             os.utime(path, (0, 0))
         remove_stale_regions()
-        expected = {f"lmshare-worker-{n}.lock" for n in live}
         files = {p.name for p in shm_dir.glob("lmshare-*")}
         regions = {name for name in files if not name.startswith("lmshare-worker-")}
-        assert {n for n in files if n.startswith("lmshare-worker-")} == expected
+        locks = {name for name in files if name.startswith("lmshare-worker-")}
+        assert {name.rsplit("-", 1)[1].removesuffix(".lock") for name in locks} == live
         assert len(regions) == 2 * len(live)  # a pool and its generations per live worker
     finally:
         traffic.stop.set()
@@ -200,6 +209,11 @@ def test_soak(tmp_path, shm_dir, capsys):
         for kind, times in sorted(by_kind.items()):
             print(f"  {kind:10s} x{len(times):3d}: peer hits back in "
                   f"max {max(times):.2f}s, mean {sum(times) / len(times):.2f}s")
+        for kind in ("sigterm", "sigkill"):
+            times = [t for k, t in stops if k == kind]
+            if times:
+                print(f"  {kind} to exit: max {max(times):.2f}s, mean "
+                      f"{sum(times) / len(times):.2f}s")
         for name in stable:
             (rss0, fds0), (rss1, fds1) = base[name], end[name]
             print(f"  {name}: private RSS {rss0 >> 20} -> {rss1 >> 20} MiB, "
