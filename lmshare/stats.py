@@ -41,6 +41,7 @@ class WorkerCounters:
     evictions: int = 0
     refused_connections: int = 0  # data-plane connections that failed the key handshake
     refused_chunks: int = 0  # fetched chunks refused for the size their holder announced
+    digest_mismatches: int = 0  # fetched chunks whose bytes differed from the writer's digest
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerCounters:

@@ -41,6 +41,7 @@ from lmshare.transports.shm import ShmTransport
 from lmshare.transports.tcp import TcpPeerServer, TcpTransport
 from lmshare.worker.config import WorkerConfig, host_identity
 from lmshare.worker.control_link import ControlLink
+from lmshare.worker.digests import DIGEST_BYTES, DigestStore, chunk_digest
 from lmshare.worker.fetch_policy import FetchPolicy
 from lmshare.worker.leases import LeaseTable
 from lmshare.worker.local_server import CLIENT_FIELD, LocalServer
@@ -112,10 +113,12 @@ class WorkerAgent:
             self.ucx_export = UcxExport(self.pool.region.buffer, self.pool.generation_region.buffer)
             transports.append(UcxTransport(tcp, self.host_id))
         self.fetch_policy = FetchPolicy()  # peers' measured throughput: fetch or recompute
+        self.digests = DigestStore()  # the writers' digests of the pool's chunks
+        self.pool.add_listener(self.digests.on_pool_event)
         self.fetcher = PeerFetcher(
             self.pool, transports, config.fetch_timeout_s, config.checksum,
             choose=lambda peer: choose_transport(self.host_id, self.transports, peer),
-            policy=self.fetch_policy)
+            policy=self.fetch_policy, store=self.digests)
         self.endpoint = config.endpoint or worker_endpoint(config.name)
         registration = {
             "worker_id": self.worker_id, "host": host, "data_port": self.peer_server.port,
@@ -131,7 +134,8 @@ class WorkerAgent:
             FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s,
                                      key=config.key),
             self.pool, registration, self.counter_snapshot,
-            lambda: {"namespaces": self.namespaces.snapshot()})
+            lambda: {"namespaces": self.namespaces.snapshot()},
+            digest_of=self.digests.get if config.digests else None)
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
             try:
@@ -234,6 +238,7 @@ class WorkerAgent:
             c.in_flight_fetches = self.fetcher.in_flight + self.peer_server.in_flight()
             c.refused_connections = self.peer_server.refused_total()
             c.refused_chunks = self.fetcher.refused_chunks
+            c.digest_mismatches = self.fetcher.digest_mismatches
             return c.to_dict()
 
     # ------------------------------------------------------------------ data plane
@@ -252,30 +257,35 @@ class WorkerAgent:
         return client
 
     def plan(self, namespace: bytes, keys: list[bytes], peers: bool
-             ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo]]:
+             ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo], dict[bytes, bytes]]:
         """The available prefix: (its length, [(index, other holders) of chunks not held here],
-        peer infos). Local chunks come first; the controller is asked only when needed."""
+        peer infos, the digests their writers recorded). Local chunks come first; the controller
+        is asked only when needed. With digests on, a peer chunk without a recorded digest ends
+        the prefix (its bytes could not be checked)."""
         local_prefix = self.pool.prefix_length(keys)
         if not peers or local_prefix == len(keys) or not self.link.registered.is_set():
-            return local_prefix, [], {}
+            return local_prefix, [], {}, {}
         try:
             reply = self._controller().call("lookup", namespace=namespace, keys=keys)
         except RemoteError as exc:
             if exc.code != ErrorCode.UNKNOWN_NAMESPACE:
                 log.warning("controller lookup refused: %s", exc)
-            return local_prefix, [], {}
+            return local_prefix, [], {}, {}
         except ControllerUnavailable as exc:
             log.warning("controller lookup failed (%s); using local hits only", exc)
-            return local_prefix, [], {}
+            return local_prefix, [], {}, {}
         try:
             return self._plan_remote(keys, local_prefix, reply)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             log.warning("malformed lookup reply from the controller (%s); using local hits "
                         "only", exc)
-            return local_prefix, [], {}
+            return local_prefix, [], {}, {}
 
     def _plan_remote(self, keys: list[bytes], local_prefix: int, reply: dict[str, Any]
-                     ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo]]:
+                     ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo],
+                                dict[bytes, bytes]]:
+        recorded = reply.get("digests") or []
+        digests: dict[bytes, bytes] = {}
         infos = {w: PeerInfo(info["worker_id"], info["host"], info["data_port"],
                              info.get("host_id", ""), tuple(info.get("transports", ("tcp",))),
                              info.get("extra", {}))
@@ -291,9 +301,14 @@ class WorkerAgent:
                 if index < len(holders) else []
             if not others:
                 break
+            digest = recorded[index] if index < len(recorded) else None
+            if self.config.digests:
+                if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+                    break
+                digests[keys[index]] = digest
             remote.append((index, others))
             length += 1
-        return length, remote, infos
+        return length, remote, infos, digests
 
     def _may_wait_on_peers(self, m: dict[str, Any]) -> bool:
         """Whether a local request may wait on the controller or a peer (then it runs on the
@@ -321,7 +336,7 @@ class WorkerAgent:
 
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
         namespace, keys = _keys(m)
-        length, remote, infos = self.plan(namespace, keys, m["peers"])
+        length, remote, infos, _ = self.plan(namespace, keys, m["peers"])
         length, remote = self._fetches_that_win(m, length, remote, infos)
         if m.get("count", True):  # repeated lookups of one request count once
             self._count(lookups=1, miss_chunks=len(keys) - length)
@@ -358,7 +373,7 @@ class WorkerAgent:
         self._check_incarnation(m)
         namespace, keys = _keys(m)
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
-        length, remote, infos = self.plan(namespace, keys, m["peers"])
+        length, remote, infos, digests = self.plan(namespace, keys, m["peers"])
         owner = m.get(CLIENT_FIELD, b"")
         if remote and m.get("direct"):
             granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s, owner)
@@ -367,7 +382,8 @@ class WorkerAgent:
         if remote:
             self.fetcher.fetch(namespace, [keys[i] for i, _ in remote],
                                [holders for _, holders in remote], infos,
-                               chunk_bytes=m.get("chunk_bytes"))
+                               chunk_bytes=m.get("chunk_bytes"),
+                               digests=digests if self.config.digests else None)
         entries: list[Entry] = []
         for key in keys[:length]:
             entry = self.pool.pin(key)
@@ -513,6 +529,9 @@ class WorkerAgent:
             if lease is None or lease.reservation is None:
                 continue
             if commit:
+                if self.config.digests:  # recorded as the writer stored it
+                    self.digests.record(lease.reservation.key,
+                                        chunk_digest(lease.reservation.buffers()))
                 done += lease.reservation.commit()
             else:
                 lease.reservation.abort()

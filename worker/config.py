@@ -70,6 +70,8 @@ class WorkerConfig:
     # more controllers (etcd-elected leader and standbys), tried in order after the first
     standby_controllers: tuple[tuple[str, int], ...] = ()
     key: ClusterKey | None = None  # the cluster key (control and data plane); None = insecure
+    # record each chunk's digest as it is stored and check fetched chunks against the record
+    digests: bool = True
 
     @property
     def controller_addresses(self) -> list[tuple[str, int]]:

@@ -27,8 +27,10 @@ BATCH_INTERVAL_S = 0.02
 class ControlLink:
     def __init__(self, client: FailoverControllerClient, pool: KVPool, registration: dict[str, Any],
                  counters: Callable[[], dict[str, int]],
-                 heartbeat_fields: Callable[[], dict[str, Any]] | None = None) -> None:
+                 heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
+                 digest_of: Callable[[bytes], bytes | None] | None = None) -> None:
         self._client = client
+        self._digest_of = digest_of  # the writer's digest of a chunk, sent with its admit
         self._heartbeat_fields = heartbeat_fields  # more fields of each heartbeat
         self._pool = pool
         self._registration = registration
@@ -137,12 +139,25 @@ class ControlLink:
                 evict.append(key)
         self._seq += 1
         try:
-            reply = self._call("batch", seq=self._seq, admit=admit, evict=evict)
+            reply = self._call("batch", seq=self._seq, admit=admit, evict=evict,
+                               **self._digests(admit))
         except LMShareError:
             self._need_sync = True  # the batch may be lost: the next sync covers it
             raise
         if reply.get("resync"):
             self._need_sync = True
+
+    def _digests(self, entries: dict[bytes, list[bytes]]) -> dict[str, Any]:
+        """The ``digests`` field for admitted ``entries`` (none when digests are off)."""
+        if self._digest_of is None:
+            return {}
+        digests = {}
+        for keys in entries.values():
+            for key in keys:
+                digest = self._digest_of(key)
+                if digest is not None:
+                    digests[key] = digest
+        return {"digests": digests} if digests else {}
 
     def _full_sync(self) -> None:
         # Clear queued events and snapshot under the same lock: events after the snapshot are
@@ -162,6 +177,6 @@ class ControlLink:
                 count += 1
         for index, entries in enumerate(parts):
             self._call("sync", seq=seq, part=index, final=index == len(parts) - 1,
-                       entries=entries, timeout_s=5.0)
+                       entries=entries, timeout_s=5.0, **self._digests(entries))
         self._need_sync = False
         log.info("full sync of %d chunks sent (seq %d)", count, seq)

@@ -77,6 +77,9 @@ class WorkerCollector(Collector):
                 ("skipped_peer_chunks", "skipped_peer_chunks",
                  "Peer chunks not offered to a lookup: fetching them was expected to take "
                  "longer than the asker recomputing them (measured peer throughput)"),
+                ("digest_mismatches", "digest_mismatches",
+                 "Fetched chunks dropped because their bytes did not match the digest their "
+                 "writer recorded (a corrupt or lying holder)"),
                 ("refused_chunks", "refused_chunks",
                  "Fetched chunks refused before any reservation: their holder announced a size "
                  "other than asked (or more than the namespace's chunks)")):

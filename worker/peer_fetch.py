@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from lmshare.errors import LMShareError
 from lmshare.pool import KVPool, Reservation
 from lmshare.transports.base import PeerInfo, Transport
+from lmshare.worker.digests import DigestStore, chunk_digest
 from lmshare.worker.fetch_policy import FetchPolicy
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,16 @@ class PoolSink:
     most ``max_bytes`` in any case; a chunk that is not is refused (the hit stops there)."""
 
     def __init__(self, pool: KVPool, namespace: bytes, max_bytes: int | None = None,
-                 exact: int | None = None) -> None:
+                 exact: int | None = None, digests: dict[bytes, bytes] | None = None,
+                 store: DigestStore | None = None) -> None:
         self._pool = pool
         self._namespace = namespace
         self.max_bytes = max_bytes
         self.exact = exact
+        # key → the digest its writer recorded: a fetched chunk must match it to be committed
+        self.digests = digests
+        self._store = store
+        self.digest_mismatches = 0
         self._open: dict[bytes, Reservation] = {}
         self.bytes_received = 0
         self.chunks_received = 0
@@ -61,6 +67,15 @@ class PoolSink:
 
     def end(self, key: bytes, ok: bool) -> None:
         reservation = self._open.pop(key)
+        if ok and self.digests is not None:
+            expected = self.digests.get(key)
+            if expected is None or chunk_digest(reservation.buffers()) != expected:
+                ok = False
+                self.digest_mismatches += 1
+                log.warning("a fetched chunk's bytes do not match the digest its writer "
+                            "recorded; dropped (the hit stops before it)")
+            elif self._store is not None:
+                self._store.record(key, expected)
         if ok:
             reservation.commit()
             self.bytes_received += reservation.nbytes
@@ -106,8 +121,9 @@ class PeerFetcher:
     def __init__(self, pool: KVPool, transports: list[Transport], fetch_timeout_s: float,
                  checksum: bool = False, max_parallel: int = 16,
                  choose: Callable[[PeerInfo], str] | None = None,
-                 policy: FetchPolicy | None = None) -> None:
+                 policy: FetchPolicy | None = None, store: DigestStore | None = None) -> None:
         self._pool = pool
+        self._store = store  # where checked digests of fetched chunks are recorded
         self._transports = {t.name: t for t in transports}
         self._choose = choose or (lambda peer: "tcp")
         self.policy = policy  # learns each peer's throughput from these fetches
@@ -121,6 +137,7 @@ class PeerFetcher:
         self.chunks_fetched = 0
         self.failures = 0
         self.refused_chunks = 0  # chunks refused because of the size their holder announced
+        self.digest_mismatches = 0  # chunks whose bytes did not match their writer's digest
         # the largest chunk local writers stored per namespace: what a peer's chunk of the
         # namespace may announce at most (without it, a quarter of the pool)
         self._known_sizes: dict[bytes, int] = {}
@@ -145,9 +162,11 @@ class PeerFetcher:
         return known if known is not None else max(1, self._pool.capacity_bytes // 4)
 
     def fetch(self, namespace: bytes, keys: list[bytes], holders: list[list[str]],
-              peers: dict[str, PeerInfo], chunk_bytes: int | None = None) -> int:
+              peers: dict[str, PeerInfo], chunk_bytes: int | None = None,
+              digests: dict[bytes, bytes] | None = None) -> int:
         """Fetch ``keys`` (chunk i held by ``holders[i]``); returns how many arrived.
-        ``chunk_bytes``: the size every chunk must have (when the asker knows it)."""
+        ``chunk_bytes``: the size every chunk must have (when the asker knows it);
+        ``digests``: key → the digest its writer recorded, checked before a chunk is kept."""
         started = time.monotonic()
         deadline = started + self.fetch_timeout_s
         plan = FetchPlan.stripe(keys, holders)
@@ -161,7 +180,8 @@ class PeerFetcher:
                 if peer is None:
                     continue
                 futures.append((peer_id, self._executor.submit(
-                    self._fetch_one, peer, namespace, peer_keys, deadline, chunk_bytes)))
+                    self._fetch_one, peer, namespace, peer_keys, deadline, chunk_bytes,
+                    digests)))
             bytes_by_peer: dict[str, int] = {}
             for peer_id, future in futures:
                 left = max(0.0, deadline - time.monotonic()) + 1.0
@@ -183,8 +203,10 @@ class PeerFetcher:
                 self.on_fetch(time.monotonic() - started, len(keys), received)
 
     def _fetch_one(self, peer: PeerInfo, namespace: bytes, keys: list[bytes],
-                   deadline: float, chunk_bytes: int | None = None) -> tuple[int, int]:
-        sink = PoolSink(self._pool, namespace, self.size_limit(namespace), chunk_bytes)
+                   deadline: float, chunk_bytes: int | None = None,
+                   digests: dict[bytes, bytes] | None = None) -> tuple[int, int]:
+        sink = PoolSink(self._pool, namespace, self.size_limit(namespace), chunk_bytes,
+                        digests, self._store)
         transport = self.transport_for(peer)
         transport.fetch(peer, keys, sink, deadline, checksum=self.checksum)
         with self._lock:
@@ -192,6 +214,7 @@ class PeerFetcher:
             self.chunks_fetched += sink.chunks_received
             self.chunks_by_transport[transport.name] += sink.chunks_received
             self.refused_chunks += sink.refused_chunks
+            self.digest_mismatches += sink.digest_mismatches
             if sink.chunks_received < len(keys):
                 self.failures += 1
         return sink.chunks_received, sink.bytes_received

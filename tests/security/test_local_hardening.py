@@ -94,8 +94,10 @@ def test_a_registration_cannot_make_a_worker_map_a_path(cluster, tmp_path):
                 transports=["shm", "tcp"], capacity_bytes=1 << 30, host_id=host_identity(),
                 extra={"region_path": str(secret), "generation_path": str(secret),
                        "region_bytes": 65536, "slab_bytes": 4096, "endpoint": endpoint})["epoch"]
+            # (a member can record digests for keys nobody stored yet)
             controller.call("batch", worker_id=name, epoch=epoch, seq=1,
-                            admit={SIG.namespace(): keys}, evict=[])
+                            admit={SIG.namespace(): keys}, evict=[],
+                            digests={k: bytes(16) for k in keys})
         with cluster.client("victim") as victim:
             wait_until(lambda: victim.lookup(SIG, tokens).peer_tokens == 32, 5, "the forgery")
             for direct in (False, True):

@@ -22,8 +22,9 @@ class FakeHolder:
     """A data port that passes the handshake (it holds the key) and announces every chunk as
     ``announced`` bytes long, then sends garbage."""
 
-    def __init__(self, key, announced: int) -> None:
+    def __init__(self, key, announced: int, whole: bool = False) -> None:
         self.announced = announced
+        self.whole = whole  # send all the announced (random) bytes
         self.requests = 0
         self._key = data_key(key)
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -47,7 +48,8 @@ class FakeHolder:
                     self.requests += 1
                     for _ in request["keys"]:
                         conn.sendall(CHUNK_HEADER.pack(STATUS_OK, 0, self.announced))
-                        conn.sendall(os.urandom(min(self.announced, 1 << 16)))
+                        conn.sendall(os.urandom(self.announced if self.whole
+                                                else min(self.announced, 1 << 16)))
                 except OSError:
                     pass
 
@@ -57,14 +59,28 @@ class FakeHolder:
         self._listener.close()
 
 
-def announce(cluster, name: str, port: int, keys: list[bytes]) -> None:
+def announce(cluster, name: str, port: int, keys: list[bytes],
+             digests: dict | None = None) -> None:
+    """Register ``name`` (a member: it holds the key) and announce ``keys`` with ``digests``
+    (default: made up, for keys nobody stored yet)."""
     controller = cluster.controller_client()
     try:
         epoch = controller.call("register", worker_id=name, host="127.0.0.1", data_port=port,
                                 transports=["tcp"], capacity_bytes=1 << 30,
                                 host_id="another-host")["epoch"]
         controller.call("batch", worker_id=name, epoch=epoch, seq=1,
-                        admit={SIG.namespace(): keys}, evict=[])
+                        admit={SIG.namespace(): keys}, evict=[],
+                        digests=digests if digests is not None else
+                        {k: bytes(16) for k in keys})
+    finally:
+        controller.close()
+
+
+def holders_of(cluster, keys: list[bytes]) -> tuple[list, list]:
+    controller = cluster.controller_client()
+    try:
+        reply = controller.call("lookup", namespace=SIG.namespace(), keys=keys)
+        return reply["holders"], reply["digests"]
     finally:
         controller.close()
 
@@ -98,5 +114,47 @@ def test_oversized_announcements_reserve_and_evict_nothing(cluster):
             assert victim.get(SIG, own_tokens) == own  # nothing of its own was lost
         log = cluster.workers["victim"].log_text()
         assert "announced a chunk of 6291456 bytes where at most 200000" in log
+    finally:
+        fake.close()
+
+
+def test_poison_for_recorded_chunks_is_refused_and_detected(cluster):
+    """A member that serves its own bytes for chunks an honest writer stored: announced with
+    another digest it is not indexed; announced with the writer's digest, its bytes fail the
+    reader's check. Nothing poisoned is kept."""
+    cluster.start_controller()
+    cluster.start_worker("writer", "16MiB")
+    cluster.start_worker("reader", "16MiB")
+    tokens = list(range(16 * 3))
+    keys = signature_keys(SIG, tokens)
+    honest = [os.urandom(CHUNK) for _ in range(3)]
+    with cluster.client("writer") as writer:
+        writer.put(SIG, tokens, honest)
+    wait_until(lambda: len(holders_of(cluster, keys)[0]) == 3, 5, "the writer's chunks indexed")
+    _, recorded = holders_of(cluster, keys)
+    assert all(isinstance(d, bytes) and len(d) == 16 for d in recorded)
+
+    fake = FakeHolder(cluster.key, announced=CHUNK, whole=True)
+    try:
+        refused_before = cluster.stats().refused_messages
+        announce(cluster, "liar", fake.port, keys)  # made-up digests: not indexed
+        wait_until(lambda: cluster.stats().refused_messages > refused_before, 5,
+                   "the conflicting announce refused")
+        assert all("liar" not in chunk for chunk in holders_of(cluster, keys)[0])
+        assert any("differs from their writer's record" in e.detail
+                   for e in cluster.stats().events)
+
+        announce(cluster, "liar2", fake.port, keys, dict(zip(keys, recorded)))
+        cluster.workers["writer"].terminate()  # only the liar is left to fetch from
+        wait_until(lambda: holders_of(cluster, keys)[0] == [["liar2"]] * 3, 10,
+                   "only the liar holding them")
+        with cluster.client("reader") as reader:
+            with reader.acquire(SIG, tokens) as hit:
+                assert len(hit) == 0  # the poison was fetched, checked and dropped
+            counters = reader.stats()["counters"]
+            assert counters["digest_mismatches"] >= 1 and counters["entries"] == 0
+            assert fake.requests >= 1
+        log = cluster.workers["reader"].log_text()
+        assert "do not match the digest its writer recorded" in log
     finally:
         fake.close()
