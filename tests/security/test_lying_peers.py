@@ -9,6 +9,7 @@ import time
 import msgpack
 
 from lmshare import ModelSignature
+from lmshare.errors import RemoteError
 from lmshare.handshake import data_key, server_handshake
 from lmshare.keys import signature_keys
 from lmshare.testing.waiting import wait_until
@@ -60,20 +61,30 @@ class FakeHolder:
 
 
 def announce(cluster, name: str, port: int, keys: list[bytes],
-             digests: dict | None = None) -> None:
-    """Register ``name`` (a member: it holds the key) and announce ``keys`` with ``digests``
-    (default: made up, for keys nobody stored yet)."""
+             digests: dict | None = None) -> threading.Event:
+    """Register ``name`` (a member: it holds the key), announce ``keys`` with ``digests``
+    (default: made up, for keys nobody stored yet) and keep it alive with heartbeats until the
+    returned event is set."""
     controller = cluster.controller_client()
-    try:
-        epoch = controller.call("register", worker_id=name, host="127.0.0.1", data_port=port,
-                                transports=["tcp"], capacity_bytes=1 << 30,
-                                host_id="another-host")["epoch"]
-        controller.call("batch", worker_id=name, epoch=epoch, seq=1,
-                        admit={SIG.namespace(): keys}, evict=[],
-                        digests=digests if digests is not None else
-                        {k: bytes(16) for k in keys})
-    finally:
-        controller.close()
+    epoch = controller.call("register", worker_id=name, host="127.0.0.1", data_port=port,
+                            transports=["tcp"], capacity_bytes=1 << 30,
+                            host_id="another-host")["epoch"]
+    controller.call("batch", worker_id=name, epoch=epoch, seq=1,
+                    admit={SIG.namespace(): keys}, evict=[],
+                    digests=digests if digests is not None else {k: bytes(16) for k in keys})
+    stop = threading.Event()
+
+    def beat() -> None:
+        try:
+            while not stop.wait(0.3):
+                controller.call("heartbeat", worker_id=name, epoch=epoch, seq=1, stats={})
+        except RemoteError:
+            pass  # e.g. the controller refused its chunks and forgot it
+        finally:
+            controller.close()
+
+    threading.Thread(target=beat, daemon=True).start()
+    return stop
 
 
 def holders_of(cluster, keys: list[bytes]) -> tuple[list, list]:
@@ -81,6 +92,9 @@ def holders_of(cluster, keys: list[bytes]) -> tuple[list, list]:
     try:
         reply = controller.call("lookup", namespace=SIG.namespace(), keys=keys)
         return reply["holders"], reply["digests"]
+    except RemoteError as exc:  # no holder at all (yet, or any more)
+        assert exc.code == "unknown_namespace", exc
+        return [], []
     finally:
         controller.close()
 
@@ -89,6 +103,7 @@ def test_oversized_announcements_reserve_and_evict_nothing(cluster):
     cluster.start_controller()
     cluster.start_worker("victim", "8MiB")
     fake = FakeHolder(cluster.key, announced=6 << 20)  # most of the pool
+    alive: list[threading.Event] = []
     try:
         with cluster.client("victim") as victim:
             # the victim's pool is nearly full of its own chunks of the namespace
@@ -98,7 +113,7 @@ def test_oversized_announcements_reserve_and_evict_nothing(cluster):
             before = victim.stats()["counters"]
             tokens = list(range(16 * 3))
             keys = signature_keys(SIG, tokens)
-            announce(cluster, "liar", fake.port, keys)
+            alive.append(announce(cluster, "liar", fake.port, keys))
             wait_until(lambda: victim.lookup(SIG, tokens).peer_tokens == 48, 5, "the announce")
             # asked without a size: bounded by the namespace's own chunks (200 kB)
             with victim.acquire(SIG, tokens) as hit:
@@ -115,6 +130,8 @@ def test_oversized_announcements_reserve_and_evict_nothing(cluster):
         log = cluster.workers["victim"].log_text()
         assert "announced a chunk of 6291456 bytes where at most 200000" in log
     finally:
+        for event in alive:
+            event.set()
         fake.close()
 
 
@@ -135,16 +152,17 @@ def test_poison_for_recorded_chunks_is_refused_and_detected(cluster):
     assert all(isinstance(d, bytes) and len(d) == 16 for d in recorded)
 
     fake = FakeHolder(cluster.key, announced=CHUNK, whole=True)
+    alive: list[threading.Event] = []
     try:
         refused_before = cluster.stats().refused_messages
-        announce(cluster, "liar", fake.port, keys)  # made-up digests: not indexed
+        alive.append(announce(cluster, "liar", fake.port, keys))  # made-up digests: refused
         wait_until(lambda: cluster.stats().refused_messages > refused_before, 5,
                    "the conflicting announce refused")
         assert all("liar" not in chunk for chunk in holders_of(cluster, keys)[0])
         assert any("differs from their writer's record" in e.detail
                    for e in cluster.stats().events)
 
-        announce(cluster, "liar2", fake.port, keys, dict(zip(keys, recorded)))
+        alive.append(announce(cluster, "liar2", fake.port, keys, dict(zip(keys, recorded))))
         cluster.workers["writer"].terminate()  # only the liar is left to fetch from
         wait_until(lambda: holders_of(cluster, keys)[0] == [["liar2"]] * 3, 10,
                    "only the liar holding them")
@@ -157,4 +175,6 @@ def test_poison_for_recorded_chunks_is_refused_and_detected(cluster):
         log = cluster.workers["reader"].log_text()
         assert "do not match the digest its writer recorded" in log
     finally:
+        for event in alive:
+            event.set()
         fake.close()
