@@ -23,6 +23,7 @@ class WorkerRecord:
     transports: list[str]
     capacity_bytes: int
     extra: dict = field(default_factory=dict)
+    tenant: str = ""  # whose credential registered it ("" = the cluster key)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_seq: int = 0
     syncing: bool = False

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DEPARTED_SHOWN_S = 120.0  # how long stats keep showing a worker that left or died
 # what only the leader answers when controllers elect one (a standby refuses with not_leader)
 LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup"}
+TENANT_FIELD = "_tenant"
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
                     "ping"}
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
@@ -51,6 +52,7 @@ class ControllerConfig:
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
     max_lookup_keys: int = 65536
     key: ClusterKey | None = None  # the cluster key: CURVE on the socket; None = insecure
+    tenants: tuple[str, ...] = ()  # tenants whose credentials (lmshare keygen --tenant) pass
     max_keys_per_worker: int = DEFAULT_MAX_KEYS_PER_WORKER
 
     def __post_init__(self) -> None:
@@ -99,6 +101,8 @@ class ControllerService:
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
         self.index = ChunkIndex(config.max_keys_per_worker)
         self.digests = DigestRecords()  # chunk digests as their writers recorded them
+        self.tenant_digests: dict[str, DigestRecords] = {}  # the same, per tenant
+        self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
         self.index.on_capped = self._on_capped
         self.events: deque[ClusterEvent] = deque(maxlen=200)
         self.lookup_us: deque[float] = deque(maxlen=20000)
@@ -126,7 +130,7 @@ class ControllerService:
         if config.key is not None:
             from lmshare.curve import CurveGuard
 
-            self.guard = CurveGuard(self._context, config.key, "controller")
+            self.guard = CurveGuard(self._context, config.key, "controller", config.tenants)
             self.guard.secure_server(self._socket, config.key)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -161,10 +165,12 @@ class ControllerService:
                 if poller.poll(0 if self.index.pending else 50):
                     for _ in range(1000):  # drain what is queued, then check timers
                         try:
-                            frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                            parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._timed(self._handle, frames)
+                        # the tenant the ZAP check found for the sender's key ("" = cluster)
+                        tenant = parts[-1].get("User-Id") if self.guard is not None else ""
+                        self._timed(self._handle, [p.bytes for p in parts], tenant)
                         if self.index.pending:
                             self._timed(self.index.absorb)
                 elif self.index.pending:
@@ -211,18 +217,19 @@ class ControllerService:
         self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         log.info("%s: %s", kind, detail)
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], tenant: str = "") -> None:
         if len(frames) < 2:
             return
-        envelope, reply = self.answer(frames)
+        envelope, reply = self.answer(frames, tenant)
         try:
             self._socket.send_multipart([*envelope, reply], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
 
-    def answer(self, frames: list[bytes]) -> tuple[list[bytes], bytes]:
-        """The reply to one received message (routing frames, then the message): the frames
-        to send it back on and its encoded bytes. Never raises."""
+    def answer(self, frames: list[bytes], tenant: str = "") -> tuple[list[bytes], bytes]:
+        """The reply to one received message (routing frames, then the message) from a sender
+        of ``tenant`` ("" = the cluster key): the frames to send it back on and its encoded
+        bytes. Never raises."""
         envelope, payload = frames[:-1], frames[-1]
         request_id = 0
         try:
@@ -240,6 +247,7 @@ class ControllerService:
                 request_id = exc.request_id
                 raise _Refused(protocol.error_code_of(exc), str(exc)) from None
             request_id = message["id"]
+            message[TENANT_FIELD] = tenant  # after decoding: nobody names their own tenant
             if message["type"] in LEADER_ONLY and self.role == "standby":
                 leader = self.election.leader or "being elected"
                 raise _Refused(ErrorCode.NOT_LEADER, f"this controller is a standby; the leader "
@@ -260,6 +268,8 @@ class ControllerService:
     # ------------------------------------------------------------------ helpers
     def _worker(self, message: dict[str, Any]) -> WorkerRecord:
         record = self.registry.get(message["worker_id"], message["epoch"])
+        if record is not None and record.tenant != message.get(TENANT_FIELD, ""):
+            record = None  # another tenant's worker: as good as unknown
         if record is None:
             raise _Refused(ErrorCode.UNKNOWN_WORKER,
                            f"worker {message['worker_id']!r} (epoch {message['epoch']}) is not "
@@ -271,14 +281,23 @@ class ControllerService:
                        digests: dict[bytes, bytes] | None = None) -> None:
         """Index a worker's keys (checked by the protocol); past its cap they are dropped, and
         keys whose digest differs from the one their writer recorded are refused."""
-        conflicts = self.digests.conflicts
+        records = self._digests_of(record.tenant)  # each tenant's writers record their own
+        conflicts = records.conflicts
         for namespace, keys in entries.items():
-            self.index.add(record.worker_id, namespace, self.digests.admit(keys, digests or {}))
-        if self.digests.conflicts > conflicts:
-            self.refused += self.digests.conflicts - conflicts
+            self.index.add(record.worker_id, namespace, records.admit(keys, digests or {}))
+        if records.conflicts > conflicts:
+            self.refused += records.conflicts - conflicts
             self.event("refused", f"{record.worker_id} announced "
-                                  f"{self.digests.conflicts - conflicts} chunks whose digest "
+                                  f"{records.conflicts - conflicts} chunks whose digest "
                                   "differs from their writer's record; not indexed")
+
+    def _digests_of(self, tenant: str) -> DigestRecords:
+        if not tenant:
+            return self.digests
+        records = self.tenant_digests.get(tenant)
+        if records is None:
+            records = self.tenant_digests[tenant] = DigestRecords()
+        return records
 
     def _on_capped(self, worker_id: str) -> None:
         self.event("refused", f"{worker_id} holds more than {self.config.max_keys_per_worker} "
@@ -294,12 +313,18 @@ class ControllerService:
     # ------------------------------------------------------------------ handlers
     def _on_register(self, m: dict[str, Any]) -> dict[str, Any]:
         worker_id = m["worker_id"]
+        tenant = m.get(TENANT_FIELD, "")
+        self._any_tenant = self._any_tenant or bool(tenant)
+        existing = self.registry.workers.get(worker_id)
+        if existing is not None and existing.tenant != tenant:
+            raise _Refused(ErrorCode.BAD_MESSAGE, f"worker name {worker_id!r} is taken by "
+                                                  "another tenant's worker; choose another")
         self._next_epoch += 1
         # a worker's epoch is its proof of registration in deregister, heartbeat, batch and
         # sync: random, so that nobody can guess it (sequential epochs were two guesses away)
         record = WorkerRecord(worker_id, secrets.randbits(62) or 1, m["host"], m["data_port"],
                               m["host_id"], [str(t) for t in m["transports"]],
-                              m["capacity_bytes"], dict(m.get("extra") or {}))
+                              m["capacity_bytes"], dict(m.get("extra") or {}), tenant=tenant)
         previous = self.registry.add(record)
         if previous is not None:
             self.index.drop_worker(worker_id)
@@ -361,7 +386,12 @@ class ControllerService:
             raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
                            "no worker holds chunks of this namespace (model signature); nothing "
                            "was stored under it yet, or the signature differs from the writer's")
-        holders = self.index.longest_prefix(keys)
+        tenant = m.get(TENANT_FIELD, "")
+        holders = self._same_tenant(self.index.longest_prefix(keys), tenant)
+        if tenant and not holders:  # what other tenants hold is not even hinted at
+            raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
+                           "no worker holds chunks of this namespace (model signature); nothing "
+                           "was stored under it yet, or the signature differs from the writer's")
         involved = {w for chunk in holders for w in chunk}
         workers = {w: self.registry.workers[w].peer_info() for w in involved
                    if w in self.registry.workers}
@@ -370,17 +400,50 @@ class ControllerService:
         self.lookup_us.append(elapsed * 1e6)
         for observe in self.lookup_observers:
             observe(elapsed)
-        digests = [self.digests.get(key) for key in keys[:len(holders)]]
+        records = self._digests_of(m.get(TENANT_FIELD, ""))
+        digests = [records.get(key) for key in keys[:len(holders)]]
         return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers,
                            digests=digests)
+
+    def _same_tenant(self, holders: list[list[str]], tenant: str) -> list[list[str]]:
+        """The holders of ``tenant``'s own workers, up to the first chunk none of them holds:
+        a tenant's workers only ever learn of, and fetch from, each other."""
+        if not self._any_tenant and not tenant:
+            return holders  # no tenant ever registered: nothing to filter
+        out = []
+        for chunk in holders:
+            own = [w for w in chunk if (r := self.registry.workers.get(w)) is not None
+                   and r.tenant == tenant]
+            if not own:
+                break
+            out.append(own)
+        return out
 
     def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], controller_id=self.controller_id, role=self.role,
                            leader=self.election.leader if self.election is not None else "")
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
+        tenant = m.get(TENANT_FIELD, "")
+        if tenant:  # a tenant sees its own workers, and nothing of the others'
+            return protocol.ok(m["id"], stats=self.tenant_stats(tenant).to_dict())
         stats = self.cluster_stats(m.get("offset", 0), m.get("limit", STATS_PAGE))
         return protocol.ok(m["id"], stats=stats.to_dict())
+
+    def tenant_stats(self, tenant: str) -> ClusterStats:
+        """What ``tenant`` may see: its live workers and its lookups' figures, no events."""
+        now = time.monotonic()
+        workers = [WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
+                              self.registry.state(w, now), round(w.heartbeat_age(now), 3),
+                              self.index.worker_chunks(w.worker_id), w.counters,
+                              w.rate("bytes_served"), w.rate("bytes_fetched"), tenant=tenant)
+                   for w in self.registry.workers.values() if w.tenant == tenant]
+        return ClusterStats(controller_id=self.controller_id, controller_epoch=self.epoch,
+                            uptime_s=round(now - self._started_mono, 3), workers=workers,
+                            chunks_indexed=sum(w.chunks_indexed for w in workers),
+                            multi_holder_chunks=0, namespaces=0, lookups=0, lookup_p50_us=0.0,
+                            lookup_p99_us=0.0, role=self.role, secure=True,
+                            workers_total=len(workers))
 
     # ------------------------------------------------------------------ timers
     def _check_liveness(self) -> None:
@@ -452,7 +515,7 @@ class ControllerService:
                        self.registry.state(w, now), round(w.heartbeat_age(now), 3),
                        self.index.worker_chunks(w.worker_id), w.counters,
                        w.rate("bytes_served"), w.rate("bytes_fetched"),
-                       namespaces=list(w.namespaces))
+                       namespaces=list(w.namespaces), tenant=w.tenant)
             for w in live[offset:end]
         ]
         self._fill_peer_transports(workers)

@@ -67,6 +67,17 @@ def _add_key_options(p: argparse.ArgumentParser) -> None:
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from lmshare.credentials import generate_key_file
 
+    if args.tenant:
+        from lmshare.credentials import generate_tenant_file, load_key_file
+
+        if not args.key_file:
+            raise ConfigError("keygen --tenant NAME derives the tenant's credential from the "
+                              "cluster key: pass --key-file CLUSTER_KEY")
+        key = generate_tenant_file(load_key_file(args.key_file), args.tenant, args.out)
+        print(f"credential of tenant {args.tenant} ({key.fingerprint}) written to {args.out} "
+              "(mode 600); give it to that tenant's workers (--key-file), and name the tenant "
+              "in the controller's --tenants", flush=True)
+        return 0
     key = generate_key_file(args.out)
     print(f"cluster key {key.fingerprint} written to {args.out} (mode 600); give it to every "
           "controller, worker and client of the cluster with --key-file or LMSHARE_KEY_FILE",
@@ -83,7 +94,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     service = ControllerService(ControllerConfig(
         host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
-        max_message_bytes=args.max_message_bytes, key=key))
+        max_message_bytes=args.max_message_bytes, key=key,
+        tenants=tuple(t.strip() for t in (args.tenants or "").split(",") if t.strip())))
     if args.metrics_port is not None:
         from lmshare.controller.metrics import start_controller_metrics
 
@@ -262,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election-key", default="/lmshare/controller/leader")
     p.add_argument("--election-ttl", type=_positive, default=2.0, metavar="S",
                    help="leader lease in etcd; a dead leader is replaced after about this long")
+    p.add_argument("--tenants", default="", metavar="NAME[,NAME...]",
+                   help="tenants whose credentials (lmshare keygen --tenant) are admitted; each "
+                        "tenant's workers see and fetch only each other's chunks")
     _add_key_options(p)
     p.set_defaults(func=_cmd_controller)
 
@@ -356,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("keygen", help="make a cluster key (give it to every process)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="where to write it (created with mode 600; never overwritten)")
+    p.add_argument("--tenant", default=None, metavar="NAME",
+                   help="make tenant NAME's credential instead, from the cluster key given "
+                        "with --key-file: its workers reach only each other")
+    p.add_argument("--key-file", default=None, metavar="FILE", help="the cluster key (--tenant)")
     p.set_defaults(func=_cmd_keygen)
 
     p = commands.add_parser("bench", help="run the benchmarks of a source checkout "

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 KEY_ENV = "LMSHARE_KEY_FILE"
 KEY_KIND = "lmshare-cluster-key"
+TENANT_KIND = "lmshare-tenant-key"
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KEY_VERSION = 1
 SECRET_BYTES = 32
 
@@ -47,10 +50,15 @@ class CurveKeys:
 
 @dataclass(frozen=True)
 class ClusterKey:
-    """The cluster secret and the keys derived from it."""
+    """The cluster secret and the keys derived from it; or, with ``tenant``, one tenant's
+    credential: its own secret (derived from the cluster's) and the controller's public key.
+    A tenant's processes reach the controller as that tenant and only the data ports of the
+    same tenant's workers; the cluster key itself is every tenant's and the operator's."""
 
     secret: bytes = field(repr=False)
     path: str = ""
+    tenant: str = ""  # "" = the cluster key
+    server_public: bytes = b""  # the controller's CurveZMQ public key (tenant credentials)
 
     def __post_init__(self) -> None:
         if len(self.secret) != SECRET_BYTES:
@@ -69,13 +77,25 @@ class ClusterKey:
         return zmq.curve_public(secret), secret
 
     def curve_server(self) -> tuple[bytes, bytes]:
-        """The controller's CurveZMQ (public, secret) pair."""
+        """The controller's CurveZMQ (public, secret) pair (the cluster key only)."""
+        if self.tenant:
+            raise ConfigError("a controller needs the cluster key, not a tenant's credential")
         return self._curve_pair("curve-server")
 
     def curve_client(self) -> CurveKeys:
         """What every member uses to connect to the controller."""
         public, secret = self._curve_pair("curve-client")
-        return CurveKeys(self.curve_server()[0], public, secret)
+        return CurveKeys(self.server_public or self.curve_server()[0], public, secret)
+
+    def for_tenant(self, tenant: str) -> ClusterKey:
+        """The credential of ``tenant``, derived from the cluster key."""
+        if self.tenant:
+            raise ConfigError("tenant credentials are made from the cluster key")
+        if not TENANT_NAME.match(tenant):
+            raise ConfigError(f"tenant name {tenant!r}: use 1-64 letters, digits, '.', '_' or "
+                              "'-', starting with a letter or digit")
+        return ClusterKey(_derive(self.secret, f"tenant:{tenant}"), tenant=tenant,
+                          server_public=self.curve_server()[0])
 
     def curve_client_public(self) -> bytes:
         return self._curve_pair("curve-client")[0]
@@ -102,6 +122,26 @@ def generate_key_file(path: str | Path) -> ClusterKey:
     return ClusterKey(secret, str(path))
 
 
+def generate_tenant_file(cluster: ClusterKey, tenant: str, path: str | Path) -> ClusterKey:
+    """Write ``tenant``'s credential (derived from the cluster key) to ``path`` (0600, never
+    overwritten)."""
+    key = cluster.for_tenant(tenant)
+    path = Path(path)
+    body = json.dumps({"kind": TENANT_KIND, "version": KEY_VERSION, "tenant": tenant,
+                       "secret": key.secret.hex(),
+                       "server_public": key.server_public.decode()}) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; keygen never overwrites a key (remove it first, or "
+                          "choose another --out)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    return ClusterKey(key.secret, str(path), tenant, key.server_public)
+
+
 def load_key_file(path: str | Path) -> ClusterKey:
     """Read a key file; refuses one that others than its owner can read or write."""
     path = Path(path)
@@ -126,13 +166,18 @@ def load_key_file(path: str | Path) -> ClusterKey:
         text = f.read(4096)
     try:
         data = json.loads(text)
-        if data.get("kind") != KEY_KIND or data.get("version") != KEY_VERSION:
+        if data.get("kind") not in (KEY_KIND, TENANT_KIND) or data.get("version") != KEY_VERSION:
             raise ValueError("not an lmshare cluster key")
         secret = bytes.fromhex(data["secret"])
+        tenant = str(data.get("tenant", "")) if data["kind"] == TENANT_KIND else ""
+        server_public = str(data.get("server_public", "")).encode() if tenant else b""
+        if data["kind"] == TENANT_KIND and (not TENANT_NAME.match(tenant)
+                                             or len(server_public) != 40):
+            raise ValueError("a tenant credential needs a tenant name and the controller's key")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"key file {path} is not an lmshare cluster key ({exc}); make one "
                           "with `lmshare keygen --out FILE`") from None
-    return ClusterKey(secret, str(path))
+    return ClusterKey(secret, str(path), tenant, server_public)
 
 
 def resolve_key(key_file: str | None, insecure: bool) -> ClusterKey | None:

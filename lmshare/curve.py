@@ -39,10 +39,14 @@ def secure_client(sock: zmq.Socket, keys: CurveKeys) -> None:
 class CurveGuard:
     """ZAP handler and handshake watcher of one CURVE server socket (one per zmq context)."""
 
-    def __init__(self, context: zmq.Context, key: ClusterKey, what: str) -> None:
+    def __init__(self, context: zmq.Context, key: ClusterKey, what: str,
+                 tenants: tuple[str, ...] | list[str] = ()) -> None:
         self.what = what
         self.refused: Counter[str] = Counter()
-        self._allowed = {key.curve_client_public()}
+        # client public key → the tenant it authenticates ("" = the cluster key itself)
+        self._allowed = {key.curve_client_public(): ""}
+        for tenant in tenants:
+            self._allowed[key.for_tenant(tenant).curve_client_public()] = tenant
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -115,12 +119,15 @@ class CurveGuard:
         if len(frames) < 6:
             return
         version, request_id, _domain, address, _identity, mechanism = frames[:6]
-        ok = mechanism == b"CURVE" and len(frames) >= 7 and \
-            _z85(frames[6]) in self._allowed
-        if not ok:
+        tenant = self._allowed.get(_z85(frames[6])) \
+            if mechanism == b"CURVE" and len(frames) >= 7 else None
+        if tenant is None:
             self._refuse(REASON_WRONG_KEY, address.decode(errors="replace"))
-        status, text = (b"200", b"OK") if ok else (b"400", b"not a member of this cluster")
-        self._zap.send_multipart([version, request_id, status, text, b"", b""])
+        status, text = (b"200", b"OK") if tenant is not None else \
+            (b"400", b"not a member of this cluster")
+        # the user id travels with each message: the tenant the controller serves it as
+        self._zap.send_multipart([version, request_id, status, text,
+                                  (tenant or "").encode(), b""])
 
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]

@@ -71,6 +71,7 @@ class WorkerView:
     peer_transports: dict[str, int] = field(default_factory=dict)
     # KV namespaces its clients look up: {"namespace": hex, "chunk_tokens": n, "lookups": n}
     namespaces: list[dict] = field(default_factory=list)
+    tenant: str = ""  # the tenant whose credential the worker runs with ("" = cluster key)
 
 
 @dataclass
@@ -138,7 +139,7 @@ class ClusterStats:
             w = dict(w)
             w["counters"] = WorkerCounters.from_dict(w.get("counters", {}))
             w["transports"] = [printable(t, 20) for t in w.get("transports", [])]
-            for name in ("worker_id", "address", "host_id", "state"):
+            for name in ("worker_id", "address", "host_id", "state", "tenant"):
                 w[name] = printable(w.get(name, ""))
             w["peer_transports"] = {printable(t, 20): n
                                     for t, n in dict(w.get("peer_transports", {})).items()}

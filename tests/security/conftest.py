@@ -1,7 +1,10 @@
 """Helpers of the attack tests: the CLI as a subprocess, raw sockets, scrapes."""
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import pytest
@@ -22,6 +25,17 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
         text = response.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture(autouse=True)
+def _private_shm_dir(monkeypatch):
+    """Pools (and the host-wide lock on worker names) in a directory of this test's own, so
+    tests running at the same time on one host never collide over a worker name."""
+    path = tempfile.mkdtemp(prefix="lmshare-security-",
+                            dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    monkeypatch.setenv("LMSHARE_SHM_DIR", path)
+    yield
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
