@@ -144,12 +144,15 @@ def _engine(model: Path, scale: Scale, name: str, out: Path, env: dict[str, str]
     return EngineProcess(model, log_path=out / f"{name}.log", env=env, extra_args=args)
 
 
-def _warm_up(engine: Any, scale: Scale, vocab: int, seed: int) -> None:
+def _warm_up(engine: Any, scale: Scale, vocab: int, seed: int, own_seed: int) -> None:
     """The first requests of an engine pay one-off costs; these share nothing with the
-    measured prompts (except where ``seed`` is another engine's: see engine B)."""
+    measured prompts (except where ``seed`` is another engine's: see engine B). The last one,
+    this engine's own, is a plain prefill the connector times (its recompute rate)."""
     for length in (64, min(2048, scale.max_model_len // 2)):
         engine.generate(prompt(length, seed + length, vocab), max_tokens=scale.output_tokens,
                         timeout_s=scale.timeout_s)
+    engine.generate(prompt(min(4096, scale.max_model_len // 2), own_seed, vocab),
+                    max_tokens=scale.output_tokens, timeout_s=scale.timeout_s)
 
 
 def _record(result: EngineResult, case: str, length: int, rep: int, reply: dict) -> None:
@@ -215,7 +218,7 @@ def run_vllm_part(model: Path, scale: Scale, out: Path) -> None:
     env = dict(os.environ)
 
     def plain(engine: Any, result: EngineResult) -> None:
-        _warm_up(engine, scale, vocab, seed=11)
+        _warm_up(engine, scale, vocab, seed=31, own_seed=32)
         for length, rep, tokens in ttft_prompts(scale, vocab):
             _record(result, "plain", length, rep, engine.generate(
                 tokens, max_tokens=scale.output_tokens, timeout_s=scale.timeout_s))
@@ -225,7 +228,7 @@ def run_vllm_part(model: Path, scale: Scale, out: Path) -> None:
         result.longdoc = _longdoc_round(engine, scale, vocab)
 
     def offload(engine: Any, result: EngineResult) -> None:
-        _warm_up(engine, scale, vocab, seed=12)
+        _warm_up(engine, scale, vocab, seed=33, own_seed=34)
         result.longdoc = _longdoc_round(engine, scale, vocab)  # a cold round: nothing offloaded
         for length, rep, tokens in ttft_prompts(scale, vocab):
             _record(result, "offload_miss", length, rep, engine.generate(
@@ -285,10 +288,11 @@ def run_lmshare_part(model: Path, scale: Scale, out: Path, runtime: Path) -> Non
         cluster.start_worker("w3", scale.pool[2], "--transports", "tcp", timeout_s=120)
         env = cluster.env()
         expected = sum(len(t) // chunk for _, _, t in prompts) + \
-            sum(len(d) // chunk for d in docs) + len(warm_a) // chunk + 64 // chunk
+            sum(len(d) // chunk for d in docs) + len(warm_a) // chunk + \
+            min(4096, scale.max_model_len // 2) // chunk
 
         def miss(engine: Any, result: EngineResult) -> None:
-            _warm_up(engine, scale, vocab, seed=11)  # its 2k prompt is engine B's warm-up
+            _warm_up(engine, scale, vocab, seed=11, own_seed=21)  # its 2k prompt: B's warm-up
             for length, rep, tokens in prompts:
                 _record(result, "lmshare_miss", length, rep, engine.generate(
                     tokens, max_tokens=scale.output_tokens, timeout_s=scale.timeout_s))
@@ -298,7 +302,8 @@ def run_lmshare_part(model: Path, scale: Scale, out: Path, runtime: Path) -> Non
 
         def hit(case: str, log: Path) -> Callable[[Any, EngineResult], None]:
             def body(engine: Any, result: EngineResult) -> None:
-                _warm_up(engine, scale, vocab, seed=11)  # peer hits of A's warm-up prompts
+                _warm_up(engine, scale, vocab, seed=11,  # peer hits of A's warm-up prompts
+                         own_seed=22 if case == "shm_peer_hit" else 23)
                 if case == "shm_peer_hit":  # the peer's pool is page-locked in the background
                     _wait_log(log, r"registered a same-host peer's pool", 120)
                 for length, rep, tokens in prompts:

@@ -591,7 +591,7 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next():
             cluster.calls.append("copied")
             return SimpleNamespace(synchronize=lambda: None, query=lambda: True)
 
-    b = Engine(cluster, seed=2, extra={"fetch_batch_chunks": 2},
+    b = Engine(cluster, seed=2, extra={"fetch_batch_chunks": 2, "same_host_direct": False},
                copier_factory=lambda blocks: AsyncDeviceCopier(blocks, Ops()))
     external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
     assert external == 4 * CHUNK and meta.loads[0].local_chunks == 1
@@ -604,6 +604,26 @@ def test_gpu_style_peer_loads_copy_one_batch_while_fetching_the_next():
     assert [len(h) for h in cluster.hits[-3:]] == [1, 2, 1]  # local prefix, then 2 + 1 peers
     wait_until(lambda: all(h.released for h in cluster.hits), 10, "hits released off the step")
     assert_copied(a, range(8), b, range(20, 28))
+
+
+def test_gpu_style_loads_read_in_place_take_the_rest_in_one_acquire():
+    """Peer chunks read in a same-host peer's pool need no fetch to overlap: after the first
+    batch comes back read in place, the rest is one acquire, copied with the forward."""
+    cluster = FakeCluster()
+    a = Engine(cluster, seed=1)
+    a.run(a.schedule(request("a1", PROMPT * 3), range(30))[1])
+    cluster.peer, cluster.local = cluster.local, {}  # every chunk on a same-host peer
+    b = Engine(cluster, seed=2, extra={"fetch_batch_chunks": 2},
+               copier_factory=lambda blocks: AsyncDeviceCopier(blocks, InlineStreamOps()))
+    external, meta = b.schedule(request("b1", PROMPT * 3), range(32, 62))
+    chunks = external // CHUNK
+    assert chunks >= 6
+    cluster.calls.clear()
+    failed, _ = b.run(meta)
+    assert failed == set()
+    assert cluster.calls.count("acquire") == 2  # the first batch, then everything else
+    assert [len(h) for h in cluster.hits[-2:]] == [2, chunks - 2]
+    assert_copied(a, range(chunks * CHUNK // BLOCK), b, range(32, 32 + chunks * CHUNK // BLOCK))
 
 
 def test_a_request_vllm_asks_about_again_is_counted_once():

@@ -256,12 +256,15 @@ class LMShareConnectorWorker:
         bpc = self.blocks_per_chunk
         end_block = spec.first_block + len(spec.block_ids)
         loaded = local = peer = 0
-        for first, end in self._load_batches(spec, len(keys)):
+        batches = self._load_batches(spec, len(keys))
+        while batches:
+            first, end = batches.pop(0)
             hit = self._link.call(lambda c, k=keys[first:end]: c.acquire_keys(
                 namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s,
                 direct=self.settings.same_host_direct))
             hits.append(hit)  # released once the copies are done (_finish_loads)
             local, peer = local + hit.local_chunks, peer + hit.peer_chunks
+            in_place = 0  # peer chunks read where a same-host peer holds them
             for index in range(len(hit)):
                 chunk = spec.first_chunk + first + index
                 lo = max(chunk * bpc, spec.first_block)
@@ -272,6 +275,7 @@ class LMShareConnectorWorker:
                 if peer_buffer is not None:
                     self._register_peer_pool(peer_buffer)
                     self._peer_reads.append((spec, hit, index, first + index))
+                    in_place += 1
                 try:
                     copier.load(hit.views(index), lo - chunk * bpc,
                                 spec.block_ids[lo - spec.first_block : hi - spec.first_block])
@@ -283,7 +287,12 @@ class LMShareConnectorWorker:
             if loaded < end:
                 break  # a missing chunk ends the prefix
             if end < len(keys):
-                copier.loads_done()  # this batch copies while the next one is fetched
+                if hit.peer_chunks and in_place == hit.peer_chunks:
+                    # nothing was fetched: take the rest in one acquire, and let its copies
+                    # overlap the forward layer by layer with the others
+                    batches = [(end, len(keys))]
+                else:
+                    copier.loads_done()  # this batch copies while the next one is fetched
         self.stats.loaded_chunks += loaded
         self.stats.peer_chunks += min(peer, loaded)
         if loaded < len(keys):
