@@ -170,7 +170,7 @@ class Engine:
 
     def __init__(self, cluster, seed=0, extra=None, signature=SIGNATURE,
                  copier_factory=make_copier, scheduler_client=None, worker_client=None,
-                 vllm_026=False):
+                 vllm_026=False, summary_s=None):
         self.kv_config = fake_config(vllm_026=vllm_026)
         self.settings = make_settings(extra)
         geometry = KVGeometry.from_kv_cache_config(self.kv_config)
@@ -187,7 +187,7 @@ class Engine:
         self.worker = LMShareConnectorWorker(
             self.settings, geometry, tp_rank=0,
             link=WorkerLink(self.settings, 1.0, client_factory=worker_factory),
-            copier_factory=copier_factory)
+            copier_factory=copier_factory, summary_s=summary_s)
         self.caches = fake_kv_caches(self.kv_config, seed=seed)
         self.worker.register_kv_caches(self.caches)
 
@@ -690,3 +690,23 @@ def test_a_restarted_peers_old_pool_is_unregistered():
     external, meta = b.schedule(request("b3", PROMPT), range(20, 30))
     assert external == 4 * CHUNK and b.run(meta)[0] == set()
     assert registrations == [buffer_address(new_pool)]
+
+
+def test_the_connector_speaks_in_vllms_log(caplog):
+    """One line when the engine is ready (worker, transports, pool registration time), a
+    periodic summary of loads and stores, and a line per request at DEBUG."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="lmshare")
+    cluster = FakeCluster()
+    a = Engine(cluster, seed=1)
+    ready = [r.getMessage() for r in caplog.records if "connector ready" in r.getMessage()]
+    assert ready and "worker node-a" in ready[0] and "transports tcp" in ready[0] \
+        and "pool registered in" in ready[0]
+    a.run(a.schedule(request("a1", PROMPT), range(10))[1])
+    cluster.peer, cluster.local = cluster.local, {}
+    b = Engine(cluster, seed=2, summary_s=0.0)  # a summary after every step
+    b.run(b.schedule(request("b1", PROMPT), range(20, 30))[1])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("lmshare hit for b1" in m for m in messages)  # DEBUG, per request
+    assert any(m.startswith("lmshare: loaded 4 chunks (4 from peers)") for m in messages)

@@ -65,11 +65,13 @@ class LMShareConnectorWorker:
 
     ``link`` defaults to a link to the worker named in ``settings`` with the model worker's
     deadline; ``copier_factory`` makes the block copier for the registered KV memory (by default
-    the one that fits its device)."""
+    the one that fits its device); ``summary_s``: seconds between the log's load/store summaries
+    (default $LMSHARE_SUMMARY_S or 60)."""
 
     def __init__(self, settings: ConnectorSettings, geometry: KVGeometry, tp_rank: int = 0,
                  link: WorkerLink | None = None,
-                 copier_factory: Callable[[PagedBlocks], BlockCopier] = make_copier) -> None:
+                 copier_factory: Callable[[PagedBlocks], BlockCopier] = make_copier,
+                 summary_s: float | None = None) -> None:
         self.settings = settings
         self.geometry = geometry
         self.tp_rank = tp_rank
@@ -92,7 +94,8 @@ class LMShareConnectorWorker:
         self._recompute: RecomputeRate | None = None  # once the KV memory is known
         self._rate_reported: float | None = None
         self._summarized = WorkerSideStats()
-        self._summary_at = time.monotonic() + summary_interval_s()
+        self._summary_s = summary_interval_s() if summary_s is None else summary_s
+        self._summary_at = time.monotonic() + self._summary_s
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         try:
@@ -326,7 +329,7 @@ class LMShareConnectorWorker:
         now = time.monotonic()
         if now < self._summary_at:
             return
-        self._summary_at = now + summary_interval_s()
+        self._summary_at = now + self._summary_s
         delta = self.stats.minus(self._summarized)
         if delta == WorkerSideStats():
             return
