@@ -7,8 +7,11 @@ the worker's shared-memory pool, so chunk bytes never pass through a socket on t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from lmshare.control import RpcClient
+from lmshare.credentials import KEY_ENV, ClusterKey, load_key_file
 from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_files import check_private_dir
@@ -73,6 +77,24 @@ class _BytesWriter:
 
     def written(self) -> None:
         pass
+
+
+def _check_worker_proof(key: ClusterKey, info: dict, challenge: bytes, endpoint: str) -> None:
+    """Raise unless the worker proved it holds ``key`` (or, for a cluster key, the credential
+    of the tenant it names)."""
+    tenant = info.get("tenant")
+    if not isinstance(info.get("proof"), bytes) or not isinstance(tenant, str):
+        raise ConfigError(f"the worker at {endpoint} runs without a cluster key (--insecure), "
+                          "but this client was given one; give the worker the key, or the "
+                          "client none")
+    try:
+        expected = key if tenant == key.tenant else key.for_tenant(tenant)
+    except ConfigError:
+        expected = None  # a tenant's client and a worker of another tenant (or the cluster)
+    if expected is None or not hmac.compare_digest(info["proof"], hmac.new(
+            expected.local_key(), b"worker" + challenge, hashlib.sha256).digest()):
+        raise ConfigError(f"the worker at {endpoint} does not hold this client's key "
+                          f"({key.path or 'given'}): another cluster's or tenant's worker")
 
 
 class _WorkerRpc(RpcClient):
@@ -176,11 +198,13 @@ class Client:
     """Connects to the local worker by name (``worker="node-a"``) or endpoint.
 
     Thread-safe. Every call has a deadline (``timeout_s``); a worker that does not answer raises
-    :class:`~lmshare.errors.WorkerUnavailable`.
+    :class:`~lmshare.errors.WorkerUnavailable`. With a cluster key (``key_file``, default
+    ``$LMSHARE_KEY_FILE``) the worker must prove it holds that key (or, for a cluster key, its
+    tenant's credential) before the client maps its pool; otherwise ConfigError.
     """
 
     def __init__(self, worker: str | None = None, endpoint: str | None = None,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, key_file: str | None = None) -> None:
         if endpoint is None:
             if not worker:
                 raise ConfigError("Client needs the local worker's name (worker=...) or endpoint")
@@ -191,7 +215,12 @@ class Client:
         self.endpoint = endpoint
         self._rpc = _WorkerRpc(endpoint, timeout_s)
         self._lock = threading.Lock()
-        info = self._call("hello")
+        key_file = key_file or os.environ.get(KEY_ENV) or None
+        key = load_key_file(key_file) if key_file else None
+        challenge = secrets.token_bytes(32)
+        info = self._call("hello", **({"challenge": challenge} if key is not None else {}))
+        if key is not None:
+            _check_worker_proof(key, info, challenge, endpoint)
         self.incarnation: str = info.get("incarnation", "")
         self.worker_id: str = info["worker_id"]
         self.slab_bytes: int = info["slab_bytes"]

@@ -100,6 +100,10 @@ class ClusterKey:
     def curve_client_public(self) -> bytes:
         return self._curve_pair("curve-client")[0]
 
+    def local_key(self) -> bytes:
+        """The key a worker proves itself with to its local clients (lmshare.Client)."""
+        return _derive(self.secret, "local-endpoint")
+
     def data_key(self) -> bytes:
         """The key of the data-plane handshake (lmshare/handshake.py)."""
         return _derive(self.secret, "data-plane")

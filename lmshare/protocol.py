@@ -90,7 +90,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "stats": {"offset": Optional(Int(0, I64_MAX)), "limit": Optional(Int(1, 100_000))},
     "ping": {},
     # client -> worker
-    "hello": {},
+    "hello": {"challenge": Optional(Bytes(exact=32))},
     "local_lookup": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(),
                      "count": Optional(Bool()), "chunk_tokens": Optional(Int(1, 1 << 20)),
                      # offer a peer chunk to fetch only if fetching beats recomputing it

@@ -10,6 +10,8 @@ shared-memory pool it has mapped.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -327,7 +329,14 @@ class WorkerAgent:
                                 "connect a new client")
 
     def _on_hello(self, m: dict[str, Any]) -> dict[str, Any]:
-        return protocol.ok(m["id"], worker_id=self.worker_id, incarnation=self.incarnation,
+        proof: dict[str, Any] = {}
+        key = self.config.key
+        if key is not None and isinstance(m.get("challenge"), bytes):
+            # the worker proves to a client holding the key that it holds it too
+            proof = {"proof": hmac.new(key.local_key(), b"worker" + m["challenge"],
+                                       hashlib.sha256).digest(), "tenant": key.tenant}
+        return protocol.ok(m["id"], **proof, worker_id=self.worker_id,
+                           incarnation=self.incarnation,
                            region_path=str(self.pool.region.path),
                            generation_path=str(self.pool.generation_region.path),
                            region_bytes=self.pool.capacity_bytes, slab_bytes=self.pool.slab_bytes,

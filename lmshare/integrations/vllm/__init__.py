@@ -53,6 +53,9 @@ or ``--kv-transfer-config '{"kv_connector":"LMShareConnector","kv_connector_modu
 ``tenant`` [""]
     Extra namespace: engines with different tenants never share KV. A request's ``cache_salt``
     is added to it, so salted requests only share with the same salt.
+``key_file`` [""]
+    The cluster key, or the tenant credential the worker runs with (default
+    ``$LMSHARE_KEY_FILE``): the worker must prove it holds it before its pool is used.
 
 How it works (scheduler side, then worker side):
 

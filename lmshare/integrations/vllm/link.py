@@ -50,9 +50,10 @@ class WorkerLink:
             if time.monotonic() < self._down_until:
                 raise WorkerUnavailable("lmshare worker is marked down; retrying later")
             try:
+                key = {"key_file": self.settings.key_file} if self.settings.key_file else {}
                 self._client = self._factory(worker=self.settings.worker or None,
                                              endpoint=self.settings.endpoint or None,
-                                             timeout_s=self.timeout_s)
+                                             timeout_s=self.timeout_s, **key)
             except LMShareError as exc:
                 self._mark_down_locked(exc)
                 raise

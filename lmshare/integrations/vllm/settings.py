@@ -32,6 +32,7 @@ class ConnectorSettings:
     fetch_batch_chunks: int = 8
     same_host_direct: bool = True
     tenant: str = ""
+    key_file: str = ""  # the cluster key (or tenant credential); "" = $LMSHARE_KEY_FILE
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, block_size: int
