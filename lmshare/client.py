@@ -116,6 +116,31 @@ class LookupResult:
         return self.tokens // self.chunk_tokens if self.chunk_tokens else 0
 
 
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Where each chunk of the longest available prefix of some keys is: ``holders[i]`` is
+    ``()`` for a chunk the local worker holds, else the other workers holding it. Pass
+    ``holders`` to :meth:`Client.acquire_keys` to fetch them without asking the controller
+    again."""
+
+    local: int  # chunks held by the local worker
+    peer: int  # chunks only other workers hold
+    holders: tuple[tuple[str, ...], ...] = ()
+
+    def __len__(self) -> int:
+        return self.local + self.peer
+
+
+def _plan_from_reply(reply: dict) -> PrefixPlan:
+    local, peer = int(reply["local"]), int(reply["peer"])
+    holders = reply.get("holders")
+    if not isinstance(holders, (list, tuple)) or len(holders) != local + peer or not all(
+            isinstance(h, (list, tuple)) and all(isinstance(w, str) for w in h)
+            for h in holders):
+        return PrefixPlan(local, peer)  # no usable plan: acquire asks the controller
+    return PrefixPlan(local, peer, tuple(tuple(h) for h in holders))
+
+
 class Hit:
     """A pinned prefix of chunks. Read its views, then :meth:`release`.
 
@@ -321,28 +346,42 @@ class Client:
             return 0
         return int(self._call("commit", handles=handles)["committed"])
 
-    def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
+    def lookup_plan(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
                     count: bool = True, chunk_tokens: int = 0,
                     recompute_tokens_per_s: float | None = None, chunk_bytes: int = 0,
-                    direct: bool = False) -> tuple[int, int]:
-        """(local, peer) chunk counts of the longest available prefix of ``keys``.
-        ``count=False``: a repeated lookup (e.g. a request vLLM could not schedule yet) that the
-        worker's hit/miss statistics should not count again. ``chunk_tokens``: the namespace's
-        chunk size, which the worker reports so that a router can compute the same keys."""
+                    direct: bool = False) -> PrefixPlan:
+        """Where each chunk of the longest available prefix of ``keys`` is (one controller
+        round trip at most, made by the worker). ``count=False``: a repeated lookup (e.g. a
+        request vLLM could not schedule yet) that the worker's hit/miss statistics should not
+        count again. ``chunk_tokens``: the namespace's chunk size, which the worker reports so
+        that a router can compute the same keys. With ``recompute_tokens_per_s`` and
+        ``chunk_bytes`` too, peer chunks are offered only where fetching them beats
+        recomputing them (``direct``: the asker reads same-host peers in place)."""
         if not keys:
-            return (0, 0)
+            return PrefixPlan(0, 0)
         extra: dict[str, object] = {"chunk_tokens": int(chunk_tokens)} if chunk_tokens else {}
         if recompute_tokens_per_s and chunk_bytes and chunk_tokens:
             # peer chunks that would be fetched are offered only if that beats recomputing
             extra.update(recompute_tokens_per_s=float(recompute_tokens_per_s),
                          chunk_bytes=int(chunk_bytes), direct=bool(direct))
-        reply = self._call("local_lookup", namespace=namespace, keys=list(keys), peers=peers,
-                           count=bool(count), **extra)
-        return int(reply["local"]), int(reply["peer"])
+        return _plan_from_reply(self._call("local_lookup", namespace=namespace,
+                                           keys=list(keys), peers=peers, count=bool(count),
+                                           **extra))
+
+    def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
+                    count: bool = True, chunk_tokens: int = 0,
+                    recompute_tokens_per_s: float | None = None, chunk_bytes: int = 0,
+                    direct: bool = False) -> tuple[int, int]:
+        """(local, peer) chunk counts of the longest available prefix of ``keys`` (see
+        :meth:`lookup_plan`)."""
+        plan = self.lookup_plan(namespace, keys, peers, count, chunk_tokens,
+                                recompute_tokens_per_s, chunk_bytes, direct)
+        return plan.local, plan.peer
 
     def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
                      lease_s: float = DEFAULT_LEASE_S, direct: bool = False,
-                     chunk_bytes: int | None = None) -> Hit:
+                     chunk_bytes: int | None = None,
+                     holders: Sequence[Sequence[str]] | None = None) -> Hit:
         """Pin the longest available prefix of ``keys`` in the local pool, fetching chunks held
         only by peers first. A failed or late peer chunk truncates the prefix before it.
 
@@ -352,12 +391,18 @@ class Client:
 
         ``chunk_bytes``: the size of every chunk (when the caller knows it, e.g. from the
         model's KV layout); a peer announcing another size is refused before the worker
-        reserves or evicts anything for it."""
+        reserves or evicts anything for it.
+
+        ``holders``: a :class:`PrefixPlan`'s holders of (the first of) these keys: the worker
+        fetches from them without asking the controller, unless a chunk is no longer where
+        the plan says. The prefix then ends at the first key past them not held locally."""
         if not keys:
             return Hit(self, 0, [], 0, 0)
         fields: dict[str, object] = {"direct": True} if direct else {}
         if chunk_bytes is not None:
             fields["chunk_bytes"] = int(chunk_bytes)
+        if holders is not None:
+            fields["holders"] = [list(h) for h in holders]
         reply = self._call("acquire", namespace=namespace, keys=list(keys), peers=peers,
                            lease_s=float(lease_s), **fields)
         chunks = [(list(c[0]), int(c[1]), *((int(c[2]), list(c[3])) if len(c) > 2 else ()))

@@ -37,6 +37,7 @@ class WorkerCounters:
     in_flight_fetches: int = 0
     lookups: int = 0
     skipped_peer_chunks: int = 0  # peer chunks not offered: recomputing was expected to win
+    controller_lookups: int = 0  # lookups this worker asked the controller (one round trip each)
     admits: int = 0
     evictions: int = 0
     refused_connections: int = 0  # data-plane connections that failed the key handshake

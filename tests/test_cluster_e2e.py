@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from lmshare import ModelSignature
-from lmshare.errors import WorkerRestarted
+from lmshare.errors import RemoteError, WorkerRestarted
 from lmshare.keys import signature_keys
 from lmshare.local_cluster import LocalCluster, free_port
+from lmshare.protocol import ErrorCode
 from lmshare.testing.waiting import wait_until
 
 SIG = ModelSignature(model="e2e-model", chunk_tokens=16)
@@ -257,3 +258,79 @@ def test_a_client_of_a_restarted_worker_is_refused_not_misled(cluster):
         data = payloads(7)
         assert new.put(SIG, doc(7), data) == 5
         assert new.get(SIG, doc(7)) == data
+
+
+def test_a_peer_hit_acquired_with_its_lookups_plan_asks_the_controller_once(cluster):
+    """A peer hit of 12 chunks looked up, then acquired in 3 batches (as the vLLM connector
+    loads): with the lookup's plan (which peers hold which chunk) the acquires fetch without
+    asking the controller, so the hit costs 1 controller round trip instead of 1 + 3. The plan
+    is a hint: a holder the worker does not know from the controller, a chunk no longer where
+    it says, or a holder whose fetch failed, sends the acquire back to the controller; a
+    malformed one is refused."""
+    cluster.start_worker("holder")
+    cluster.start_worker("reader")
+    chunks, batch = 12, 4
+    namespace = SIG.namespace()
+    with cluster.client("holder") as holder, cluster.client("reader") as reader:
+        def controller_lookups() -> tuple[int, int]:
+            """(round trips the reader counted, lookups the controller answered)"""
+            return reader.stats()["counters"]["controller_lookups"], cluster.stats().lookups
+
+        def stored(seed: int) -> tuple[list[bytes], list[bytes]]:
+            tokens, data = doc(seed, chunks), payloads(seed, chunks)
+            indexed = cluster.stats().chunks_indexed
+            assert holder.put(SIG, tokens, data) == chunks
+            wait_until(lambda: cluster.stats().chunks_indexed == indexed + chunks, 5, "indexed")
+            return signature_keys(SIG, tokens), data
+
+        def hit_costs(keys: list[bytes], data: list[bytes], with_plan: bool) -> tuple[int, int]:
+            before = controller_lookups()
+            plan = reader.lookup_plan(namespace, keys)
+            assert (plan.local, plan.peer) == (0, chunks)
+            assert plan.holders == (("holder",),) * chunks
+            got = []
+            for first in range(0, chunks, batch):
+                hint = plan.holders[first : first + batch] if with_plan else None
+                with reader.acquire_keys(namespace, keys[first : first + batch],
+                                         holders=hint) as hit:
+                    assert hit.peer_chunks == len(hit) == batch
+                    got += [hit.read(i) for i in range(len(hit))]
+            assert got == data
+            after = controller_lookups()
+            return after[0] - before[0], after[1] - before[1]
+
+        without = hit_costs(*stored(10), with_plan=False)
+        planned = hit_costs(*stored(11), with_plan=True)
+        print(f"controller round trips per {chunks}-chunk peer hit in {chunks // batch} "
+              f"batches (worker counted, controller answered): without the plan {without}, "
+              f"with it {planned}")
+        assert without == (1 + chunks // batch,) * 2
+        assert planned == (1, 1)
+        # lookup_keys keeps answering (local, peer): the hit is in the reader's pool now
+        assert reader.lookup_keys(namespace, signature_keys(SIG, doc(11, chunks))) == (chunks, 0)
+
+        # hints that do not hold are checked, never trusted: the worker asks the controller
+        keys, data = stored(12)
+        for hint in ([("nobody",)] * chunks,  # a worker the controller never named
+                     [()] * chunks):  # "held here", but it is not
+            before = controller_lookups()[0]
+            with reader.acquire_keys(namespace, keys[:batch], holders=hint[:batch]) as hit:
+                assert hit.peer_chunks == batch and hit.read(0) == data[0]
+            assert controller_lookups()[0] == before + 1
+            keys, data = keys[batch:], data[batch:]
+        for bad in ([[7]], [["holder"]] * (batch + 1), [["x" * 300]], [["holder"] * 65]):
+            with pytest.raises(RemoteError) as refused:
+                reader.acquire_keys(namespace, keys[:batch], holders=bad)
+            assert refused.value.code == ErrorCode.BAD_MESSAGE
+
+        # a holder whose fetch failed is forgotten: the next plan naming it asks the controller
+        keys, data = stored(13)
+        plan = reader.lookup_plan(namespace, keys)
+        cluster.workers["holder"].process.send_signal(signal.SIGKILL)
+        cluster.workers["holder"].process.wait(5)
+        before = controller_lookups()[0]
+        with reader.acquire_keys(namespace, keys[:batch], holders=plan.holders[:batch]) as hit:
+            assert len(hit) == 0  # the fetch failed: a clean miss
+        assert controller_lookups()[0] == before
+        reader.acquire_keys(namespace, keys[batch:], holders=plan.holders[batch:]).release()
+        assert controller_lookups()[0] == before + 1

@@ -1,7 +1,10 @@
 """The worker agent: pool + peer server + controller link + local endpoint, in one process.
 
 One fetch, end to end: a client's ``acquire`` arrives on the local endpoint →
-:meth:`WorkerAgent.plan` finds the local prefix and asks the controller who holds the rest →
+:meth:`WorkerAgent.plan` finds the local prefix and asks the controller who holds the rest (or,
+when the acquire carries the plan of an earlier ``local_lookup``, takes the holders from it,
+checked against the peers the controller told this worker about: see
+:class:`~lmshare.worker.peer_cache.PeerCache`) →
 :class:`~lmshare.worker.peer_fetch.PeerFetcher` pulls those chunks from the holders'
 :class:`~lmshare.transports.tcp.TcpPeerServer` straight into local pool slabs → the prefix is
 pinned under a lease and its slab numbers go back to the client, which reads them from the
@@ -48,9 +51,16 @@ from lmshare.worker.fetch_policy import FetchPolicy
 from lmshare.worker.leases import LeaseTable
 from lmshare.worker.local_server import CLIENT_FIELD, LocalServer
 from lmshare.worker.namespaces import NamespaceLog
+from lmshare.worker.peer_cache import PeerCache
 from lmshare.worker.peer_fetch import PeerFetcher
 
 log = logging.getLogger(__name__)
+
+MAX_HINT_HOLDERS = 64  # holders named for one chunk in an acquire's plan
+MAX_WORKER_ID = 256  # characters of a worker id in an acquire's plan
+
+Remote = list[tuple[int, list[str]]]  # (index of a chunk not held here, the workers holding it)
+EXPECTED_DIGESTS = 16384  # peer chunks' digests kept from lookups for acquires that carry a plan
 
 
 class _RequestError(LMShareError):
@@ -65,6 +75,21 @@ def _keys(message: dict[str, Any]) -> tuple[bytes, list[bytes]]:
             isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
         raise _RequestError(ErrorCode.BAD_MESSAGE, f"namespace and keys must be {KEY_BYTES} bytes")
     return namespace, keys
+
+
+def _hint(m: dict[str, Any], count: int) -> list[list[str]] | None:
+    """The ``holders`` an acquire of ``count`` keys carries (None: none), checked."""
+    holders = m.get("holders")
+    if holders is None:
+        return None
+    if not isinstance(holders, (list, tuple)) or len(holders) > count or not all(
+            isinstance(h, (list, tuple)) and len(h) <= MAX_HINT_HOLDERS and all(
+                isinstance(w, str) and 0 < len(w) <= MAX_WORKER_ID for w in h)
+            for h in holders):
+        raise _RequestError(ErrorCode.BAD_MESSAGE,
+                            "holders must be at most one list per key of up to "
+                            f"{MAX_HINT_HOLDERS} worker ids (as local_lookup returns them)")
+    return [list(h) for h in holders]
 
 
 class WorkerAgent:
@@ -121,6 +146,10 @@ class WorkerAgent:
             self.pool, transports, config.fetch_timeout_s, config.checksum,
             choose=lambda peer: choose_transport(self.host_id, self.transports, peer),
             policy=self.fetch_policy, store=self.digests)
+        self.peer_cache: PeerCache[str, PeerInfo] = PeerCache()  # peers lookups named
+        # the writers' digests of peer chunks, as the controller's lookups gave them
+        self.expected_digests: PeerCache[bytes, bytes] = PeerCache(EXPECTED_DIGESTS)
+        self.fetcher.on_peer_failure = self.peer_cache.forget
         self.endpoint = config.endpoint or worker_endpoint(config.name)
         registration = {
             "worker_id": self.worker_id, "host": host, "data_port": self.peer_server.port,
@@ -259,7 +288,7 @@ class WorkerAgent:
         return client
 
     def plan(self, namespace: bytes, keys: list[bytes], peers: bool
-             ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo], dict[bytes, bytes]]:
+             ) -> tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]]:
         """The available prefix: (its length, [(index, other holders) of chunks not held here],
         peer infos, the digests their writers recorded). Local chunks come first; the controller
         is asked only when needed. With digests on, a peer chunk without a recorded digest ends
@@ -267,6 +296,7 @@ class WorkerAgent:
         local_prefix = self.pool.prefix_length(keys)
         if not peers or local_prefix == len(keys) or not self.link.registered.is_set():
             return local_prefix, [], {}, {}
+        self._count(controller_lookups=1)
         try:
             reply = self._controller().call("lookup", namespace=namespace, keys=keys)
         except RemoteError as exc:
@@ -293,6 +323,8 @@ class WorkerAgent:
                              info.get("extra", {}))
                  for w, info in reply["workers"].items()}
         holders: list[list[str]] = reply["holders"]
+        self.peer_cache.learn(infos, gone={w for chunk in holders for w in chunk
+                                           if w not in infos})
         remote: list[tuple[int, list[str]]] = []
         length = local_prefix
         for index in range(local_prefix, len(keys)):
@@ -310,6 +342,7 @@ class WorkerAgent:
                 digests[keys[index]] = digest
             remote.append((index, others))
             length += 1
+        self.expected_digests.learn(digests)
         return length, remote, infos, digests
 
     def _may_wait_on_peers(self, m: dict[str, Any]) -> bool:
@@ -319,6 +352,43 @@ class WorkerAgent:
         if m["type"] not in ("acquire", "local_lookup") or not m["peers"]:
             return False
         return self.pool.prefix_length(m["keys"]) < len(m["keys"])
+
+    def plan_from_hint(self, keys: list[bytes], hint: list[list[str]]
+                       ) -> tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]] | None:
+        """:meth:`plan` from a client's ``hint`` (the holders of each of the first keys, as a
+        ``local_lookup`` answered them; ``[]``: held here) instead of a controller lookup.
+        Holders (and, with digests on, the chunks' digests) are only taken from what the
+        controller's lookups told this worker. None (ask the controller) when a chunk is not
+        where the hint says: not here although the hint says so, none of its holders known,
+        or its digest not known. The prefix ends at the first key past the hint that is not
+        held here, as the lookup's did."""
+        remote: Remote = []
+        infos: dict[str, PeerInfo] = {}
+        digests: dict[bytes, bytes] = {}
+        length = 0
+        for index, key in enumerate(keys):
+            if self.pool.contains(key):
+                length += 1
+                continue
+            if index >= len(hint):
+                break
+            known = []
+            for worker in hint[index]:
+                info = infos.get(worker) or (self.peer_cache.get(worker)
+                                             if worker != self.worker_id else None)
+                if info is not None:
+                    infos[worker] = info
+                    known.append(worker)
+            if not known:
+                return None
+            if self.config.digests:
+                digest = self.expected_digests.get(key)
+                if digest is None:
+                    return None
+                digests[key] = digest
+            remote.append((index, known))
+            length += 1
+        return length, remote, infos, digests
 
     # ------------------------------------------------------------------ handlers
     def _check_incarnation(self, m: dict[str, Any]) -> None:
@@ -350,7 +420,11 @@ class WorkerAgent:
         if m.get("count", True):  # repeated lookups of one request count once
             self._count(lookups=1, miss_chunks=len(keys) - length)
             self.namespaces.record(namespace, m.get("chunk_tokens"))
-        return protocol.ok(m["id"], local=length - len(remote), peer=len(remote))
+        holders: list[list[str]] = [[] for _ in range(length)]  # [] for a chunk held here
+        for index, others in remote:
+            holders[index] = others
+        return protocol.ok(m["id"], local=length - len(remote), peer=len(remote),
+                           holders=holders)
 
     def _fetches_that_win(self, m: dict[str, Any], length: int, remote: list, infos: dict
                           ) -> tuple[int, list]:
@@ -382,7 +456,9 @@ class WorkerAgent:
         self._check_incarnation(m)
         namespace, keys = _keys(m)
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
-        length, remote, infos, digests = self.plan(namespace, keys, m["peers"])
+        hint = _hint(m, len(keys))
+        planned = self.plan_from_hint(keys, hint) if hint is not None and m["peers"] else None
+        length, remote, infos, digests = planned or self.plan(namespace, keys, m["peers"])
         owner = m.get(CLIENT_FIELD, b"")
         if remote and m.get("direct"):
             granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s, owner)
@@ -408,7 +484,7 @@ class WorkerAgent:
                            local_gens=[self.pool.generations(e.slabs) for e in entries])
 
     def _grant_direct(self, request_id: Any, keys: list[bytes], length: int,
-                      remote: list[tuple[int, list[str]]], infos: dict[str, PeerInfo],
+                      remote: Remote, infos: dict[str, PeerInfo],
                       lease_s: float, owner: bytes = b"") -> dict[str, Any] | None:
         """Acquire for a client that reads same-host peers' regions itself: the chunks other
         workers hold stay where they are, pinned by their holders under a lease that ends with

@@ -66,6 +66,8 @@ class WorkerCollector(Collector):
         yield chunks
         for name, key, doc in (
                 ("lookups", "lookups", "Lookups by local clients"),
+                ("controller_lookups", "controller_lookups",
+                 "Lookups this worker asked the controller (one round trip each)"),
                 ("direct_peer_chunks", "direct_peer_chunks",
                  "Peer hits local clients read in a same-host holder's pool in place (no copy)"),
                 ("served_bytes", "bytes_served", "Chunk bytes served to peers"),

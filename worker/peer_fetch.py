@@ -143,6 +143,8 @@ class PeerFetcher:
         self._known_sizes: dict[bytes, int] = {}
         # called after every fetch with (seconds, chunks asked for, chunks that arrived)
         self.on_fetch: Callable[[float, int, int], None] | None = None
+        # called with the worker id of each holder that delivered fewer chunks than asked
+        self.on_peer_failure: Callable[[str], None] | None = None
 
     def transport_for(self, peer: PeerInfo) -> Transport:
         return self._transports.get(self._choose(peer)) or self._transports["tcp"]
@@ -179,18 +181,21 @@ class PeerFetcher:
                 peer = peers.get(peer_id)
                 if peer is None:
                     continue
-                futures.append((peer_id, self._executor.submit(
+                futures.append((peer_id, len(peer_keys), self._executor.submit(
                     self._fetch_one, peer, namespace, peer_keys, deadline, chunk_bytes,
                     digests)))
             bytes_by_peer: dict[str, int] = {}
-            for peer_id, future in futures:
+            for peer_id, asked, future in futures:
                 left = max(0.0, deadline - time.monotonic()) + 1.0
+                got = 0
                 try:
-                    chunks, nbytes = future.result(timeout=left)
-                    received += chunks
+                    got, nbytes = future.result(timeout=left)
                     bytes_by_peer[peer_id] = bytes_by_peer.get(peer_id, 0) + nbytes
                 except Exception as exc:  # includes the futures timeout
-                    log.warning("peer fetch failed: %s", exc)
+                    log.warning("peer fetch from %s failed: %s", peer_id, exc)
+                received += got
+                if got < asked and self.on_peer_failure is not None:
+                    self.on_peer_failure(peer_id)
             if self.policy is not None:  # each peer's throughput, as this fetch saw it
                 elapsed = time.monotonic() - started
                 for peer_id, nbytes in bytes_by_peer.items():
