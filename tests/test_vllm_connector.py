@@ -19,6 +19,7 @@ from vllm.config import KVTransferConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 from vllm.v1.core.sched.output import CachedRequestData  # noqa: E402
 
+from lmshare.client import PrefixPlan  # noqa: E402
 from lmshare.errors import ConfigError, WorkerUnavailable  # noqa: E402
 from lmshare.integrations.kv_copy import (  # noqa: E402
     AsyncDeviceCopier,
@@ -88,6 +89,7 @@ class FakeCluster:
         self.calls: list[str] = []
         self.lookup_rates: list[float | None] = []  # recompute rate each lookup carried
         self.hits: list[FakeHit] = []
+        self.acquired_holders: list = []  # the holders each acquire was given
 
     def client(self, **kwargs):
         return FakeClient(self)
@@ -109,14 +111,18 @@ class FakeClient:
                 break
         return local, peer
 
-    def lookup_keys(self, namespace, keys, peers=True, count=True, chunk_tokens=0,
+    def lookup_plan(self, namespace, keys, peers=True, count=True, chunk_tokens=0,
                     recompute_tokens_per_s=None, chunk_bytes=0, direct=False):
         self.cluster.calls.append("lookup" if count else "lookup again")
         self.cluster.lookup_rates.append(recompute_tokens_per_s)
-        return self._prefix(keys, peers)
+        local, peer = self._prefix(keys, peers)
+        return PrefixPlan(local, peer, tuple(
+            () if key in self.cluster.local else ("node-b",) for key in keys[: local + peer]))
 
-    def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0, direct=False):
+    def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0, direct=False,
+                     holders=None):
         self.cluster.calls.append("acquire")
+        self.cluster.acquired_holders.append(holders)
         local, peer = self._prefix(keys, peers)
         n = local + peer
         if self.cluster.lose_after is not None:
@@ -624,6 +630,39 @@ def test_gpu_style_loads_read_in_place_take_the_rest_in_one_acquire():
     assert cluster.calls.count("acquire") == 2  # the first batch, then everything else
     assert [len(h) for h in cluster.hits[-2:]] == [2, chunks - 2]
     assert_copied(a, range(chunks * CHUNK // BLOCK), b, range(32, 32 + chunks * CHUNK // BLOCK))
+
+
+def test_the_lookups_plan_travels_to_the_loads_acquires():
+    """The hit is decided once: where the scheduler's lookup found each chunk (the local pool,
+    or which peers hold it) goes to the model worker in the LoadSpec, and every acquire of the
+    load (here the local prefix, then two batches of peer chunks) carries the holders of its
+    own chunks, so the worker does not ask the controller again."""
+    cluster = FakeCluster()
+    a = Engine(cluster, seed=1)
+    a.run(a.schedule(request("a1", PROMPT), range(10))[1])
+    keys = list(cluster.local)
+    cluster.peer = {k: cluster.local.pop(k) for k in keys[1:]}  # chunk 0 local, 1..3 on a peer
+
+    class Ops(InlineStreamOps):
+        def record(self, stream):
+            return SimpleNamespace(synchronize=lambda: None, query=lambda: True)
+
+    b = Engine(cluster, seed=2, extra={"fetch_batch_chunks": 2},
+               copier_factory=lambda blocks: AsyncDeviceCopier(blocks, Ops()))
+    external, meta = b.schedule(request("b1", PROMPT), range(20, 30))
+    assert external == 4 * CHUNK
+    (load,) = meta.loads
+    assert load.holders == [[[], ["node-b"], ["node-b"], ["node-b"]]]  # one rank, 4 chunks
+    cluster.acquired_holders.clear()
+    failed, _ = b.run(meta)
+    assert failed == set()
+    assert cluster.acquired_holders == [[[]], [["node-b"], ["node-b"]], [["node-b"]]]
+    assert_copied(a, range(8), b, range(20, 28))
+    # a load of vLLM's own prefix-cache remainder carries only its chunks' holders
+    cluster.local = {}  # b's load fetched chunks 1..3 into "its" pool: forget them
+    c = Engine(cluster, seed=3)
+    external, meta = c.schedule(request("c1", PROMPT), range(10), computed=2 * CHUNK)
+    assert external == 2 * CHUNK and meta.loads[0].holders == [[["node-b"], ["node-b"]]]
 
 
 def test_a_request_vllm_asks_about_again_is_counted_once():

@@ -24,6 +24,9 @@ class LoadSpec:
     first_block: int
     block_ids: list[int]
     local_chunks: int = 0  # of these chunks, how many the local pool held at lookup
+    # per TP rank, per chunk: where the lookup found it ([]: the local pool, else the workers
+    # holding it), so that the load fetches without asking the controller again
+    holders: list[list[list[str]]] | None = None
 
 
 @dataclass

@@ -46,6 +46,7 @@ class _RequestState:
     hit_tokens: int = 0  # prefix tokens the cluster supplies (absolute)
     local_chunks: int = 0
     peer_chunks: int = 0
+    holders: list[list[list[str]]] = field(default_factory=list)  # per rank, from the lookup
     saved_upto: int = 0  # chunks below this need no store
     block_ids: list[int] = field(default_factory=list)  # tracked when vLLM gives no block state
 
@@ -127,29 +128,29 @@ class LMShareConnectorScheduler:
         state.lookup_computed = num_computed_tokens
         state.hit_tokens = num_computed_tokens
         state.local_chunks = state.peer_chunks = 0
+        state.holders = []
         state.saved_upto = max(state.saved_upto, first_chunk)
         # vLLM computes at least the last prompt token; loads are whole blocks.
         limit = (len(state.tokens) - 1) // self.block_size * self.block_size
         wanted = min(len(state.keys[0]), math.ceil(limit / self.chunk_tokens))
         if not self.load_enabled or limit <= num_computed_tokens or wanted <= first_chunk:
             return 0
-        local = peer = None
         first_lookup = not state.looked_up  # vLLM asks again each step it cannot schedule it
         state.looked_up = True
-        for namespace, keys in zip(state.namespaces, state.keys):
-            rank_local, rank_peer = self._link.call(
-                lambda c, ns=namespace, k=keys: c.lookup_keys(
-                    ns, k[first_chunk:wanted], peers=self.settings.peers, count=first_lookup,
-                    chunk_tokens=self.chunk_tokens,
-                    # peer chunks are offered only where fetching beats recomputing them
-                    recompute_tokens_per_s=self.recompute_tokens_per_s,
-                    chunk_bytes=self.geometry.chunk_nbytes(self.blocks_per_chunk),
-                    direct=self.settings.same_host_direct))
-            if local is None or rank_local + rank_peer < local + peer:
-                local, peer = rank_local, rank_peer
-        assert local is not None and peer is not None
+        plans = [self._link.call(lambda c, ns=namespace, k=keys: c.lookup_plan(
+                     ns, k[first_chunk:wanted], peers=self.settings.peers, count=first_lookup,
+                     chunk_tokens=self.chunk_tokens,
+                     # peer chunks are offered only where fetching beats recomputing them
+                     recompute_tokens_per_s=self.recompute_tokens_per_s,
+                     chunk_bytes=self.geometry.chunk_nbytes(self.blocks_per_chunk),
+                     direct=self.settings.same_host_direct))
+                 for namespace, keys in zip(state.namespaces, state.keys)]
+        shortest = min(plans, key=len)
+        local, peer = shortest.local, shortest.peer
         present = local + peer
         state.local_chunks, state.peer_chunks = local, peer
+        if all(len(plan.holders) == len(plan) for plan in plans):  # else loads ask again
+            state.holders = [[list(h) for h in plan.holders[:present]] for plan in plans]
         state.saved_upto = max(state.saved_upto, first_chunk + present)
         hit = min((first_chunk + present) * self.chunk_tokens, limit)
         if hit <= num_computed_tokens:
@@ -191,7 +192,8 @@ class LMShareConnectorScheduler:
             req_id=request.request_id, namespaces=state.namespaces,
             keys=[keys[first_chunk:last_chunk] for keys in state.keys],
             first_chunk=first_chunk, first_block=first_block,
-            block_ids=block_ids[first_block:end_block], local_chunks=state.local_chunks)
+            block_ids=block_ids[first_block:end_block], local_chunks=state.local_chunks,
+            holders=[holders[: last_chunk - first_chunk] for holders in state.holders] or None)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMShareMetadata:
         meta = LMShareMetadata(loads=list(self._pending_loads.values()),

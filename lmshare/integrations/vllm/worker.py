@@ -256,15 +256,17 @@ class LMShareConnectorWorker:
             self._fail_load(spec, spec.first_chunk)
             return
         namespace, keys = spec.namespaces[self.tp_rank], spec.keys[self.tp_rank]
+        plan = spec.holders[self.tp_rank] if spec.holders else None  # the lookup's holders
         bpc = self.blocks_per_chunk
         end_block = spec.first_block + len(spec.block_ids)
         loaded = local = peer = 0
         batches = self._load_batches(spec, len(keys))
         while batches:
             first, end = batches.pop(0)
-            hit = self._link.call(lambda c, k=keys[first:end]: c.acquire_keys(
+            hint = plan[first:end] if plan is not None else None
+            hit = self._link.call(lambda c, k=keys[first:end], h=hint: c.acquire_keys(
                 namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s,
-                direct=self.settings.same_host_direct))
+                direct=self.settings.same_host_direct, holders=h))
             hits.append(hit)  # released once the copies are done (_finish_loads)
             local, peer = local + hit.local_chunks, peer + hit.peer_chunks
             in_place = 0  # peer chunks read where a same-host peer holds them
