@@ -57,6 +57,7 @@ MAX_HOST = 255  # host names and host ids
 MAX_LEASE_S = 86400.0  # the worker clamps a lease further (its --max-lease)
 MAX_COUNTER = 2**62  # a heartbeat counter (monotonic, since the worker started)
 MAX_ERROR_TEXT = 1000  # characters of an error reply's message
+MAX_HOLDERS = 64  # workers an acquire's plan names for one chunk
 
 _KEY = Bytes(exact=KEY_BYTES)
 _KEYS = List(_KEY, MAX_KEYS)
@@ -102,7 +103,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "abort": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},
     "acquire": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(), "lease_s": _LEASE,
                 "direct": Optional(Bool()), "incarnation": Optional(Str(64)),
-                "chunk_bytes": Optional(Int(1, 1 << 40))},
+                "chunk_bytes": Optional(Int(1, 1 << 40)),
+                # a local_lookup's plan: per key, the workers holding it ([]: held here)
+                "holders": Optional(List(List(_WORKER, MAX_HOLDERS), MAX_KEYS))},
     "release": {"handle": _HANDLE, "incarnation": Optional(Str(64))},
     "locate": {"keys": _KEYS, "lease_s": _LEASE},
     "worker_stats": {},

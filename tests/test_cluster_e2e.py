@@ -318,10 +318,15 @@ def test_a_peer_hit_acquired_with_its_lookups_plan_asks_the_controller_once(clus
                 assert hit.peer_chunks == batch and hit.read(0) == data[0]
             assert controller_lookups()[0] == before + 1
             keys, data = keys[batch:], data[batch:]
-        for bad in ([[7]], [["holder"]] * (batch + 1), [["x" * 300]], [["holder"] * 65]):
+        for bad, code in (([[7]], ErrorCode.BAD_MESSAGE), ([[""]], ErrorCode.BAD_MESSAGE),
+                          ([["holder"]] * (batch + 1), ErrorCode.BAD_MESSAGE),
+                          ([["x" * 300]], ErrorCode.BAD_MESSAGE),
+                          ([["holder"] * 65], ErrorCode.TOO_LARGE)):
             with pytest.raises(RemoteError) as refused:
                 reader.acquire_keys(namespace, keys[:batch], holders=bad)
-            assert refused.value.code == ErrorCode.BAD_MESSAGE
+            assert refused.value.code == code, bad
+        with reader.acquire_keys(namespace, keys[:batch]) as hit:  # the worker still serves
+            assert len(hit) == batch
 
         # a holder whose fetch failed is forgotten: the next plan naming it asks the controller
         keys, data = stored(13)

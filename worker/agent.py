@@ -56,9 +56,6 @@ from lmshare.worker.peer_fetch import PeerFetcher
 
 log = logging.getLogger(__name__)
 
-MAX_HINT_HOLDERS = 64  # holders named for one chunk in an acquire's plan
-MAX_WORKER_ID = 256  # characters of a worker id in an acquire's plan
-
 Remote = list[tuple[int, list[str]]]  # (index of a chunk not held here, the workers holding it)
 EXPECTED_DIGESTS = 16384  # peer chunks' digests kept from lookups for acquires that carry a plan
 
@@ -78,17 +75,15 @@ def _keys(message: dict[str, Any]) -> tuple[bytes, list[bytes]]:
 
 
 def _hint(m: dict[str, Any], count: int) -> list[list[str]] | None:
-    """The ``holders`` an acquire of ``count`` keys carries (None: none), checked."""
+    """The ``holders`` an acquire of ``count`` keys carries (None: none); their types and
+    sizes are checked by the protocol's schema."""
     holders = m.get("holders")
     if holders is None:
         return None
-    if not isinstance(holders, (list, tuple)) or len(holders) > count or not all(
-            isinstance(h, (list, tuple)) and len(h) <= MAX_HINT_HOLDERS and all(
-                isinstance(w, str) and 0 < len(w) <= MAX_WORKER_ID for w in h)
-            for h in holders):
+    if len(holders) > count:
         raise _RequestError(ErrorCode.BAD_MESSAGE,
-                            "holders must be at most one list per key of up to "
-                            f"{MAX_HINT_HOLDERS} worker ids (as local_lookup returns them)")
+                            f"holders name {len(holders)} chunks but the acquire has {count} "
+                            "keys; pass at most one list per key (as local_lookup returns them)")
     return [list(h) for h in holders]
 
 
