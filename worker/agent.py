@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lmshare import protocol
@@ -136,6 +137,8 @@ class WorkerAgent:
             transports.append(UcxTransport(tcp, self.host_id))
         self.fetch_policy = FetchPolicy()  # peers' measured throughput: fetch or recompute
         self.digests = DigestStore()  # the writers' digests of the pool's chunks
+        self._hashers = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)),
+                                           thread_name_prefix="lmshare-digest")
         self.pool.add_listener(self.digests.on_pool_event)
         self.fetcher = PeerFetcher(
             self.pool, transports, config.fetch_timeout_s, config.checksum,
@@ -232,6 +235,7 @@ class WorkerAgent:
         self._closed = True
         self.leases.release_all()
         self.fetcher.close()
+        self._hashers.shutdown(wait=False)
         if self.ucx_export is not None:
             self.ucx_export.close()
         self.pool.close()
@@ -602,20 +606,23 @@ class WorkerAgent:
         return protocol.ok(m["id"], reservations=reservations)
 
     def _finish(self, m: dict[str, Any], commit: bool) -> int:
-        done = 0
+        leases = []
         for handle in m["handles"]:
             lease = self.leases.take(handle, owner=m.get(CLIENT_FIELD, b"")) \
                 if isinstance(handle, int) else None
-            if lease is None or lease.reservation is None:
-                continue
-            if commit:
-                if self.config.digests:  # recorded as the writer stored it
-                    self.digests.record(lease.reservation.key,
-                                        chunk_digest(lease.reservation.buffers()))
-                done += lease.reservation.commit()
-            else:
+            if lease is not None and lease.reservation is not None:
+                leases.append(lease)
+        if not commit:
+            for lease in leases:
                 lease.reservation.abort()
-        return done
+            return 0
+        if self.config.digests:  # recorded as the writer stored it
+            # hashlib drops the GIL: a commit of many chunks hashes them on every core
+            digests = self._hashers.map(lambda lease: chunk_digest(lease.reservation.buffers()),
+                                        leases)
+            for lease, digest in zip(leases, digests):
+                self.digests.record(lease.reservation.key, digest)
+        return sum(lease.reservation.commit() for lease in leases)
 
     def _on_commit(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
