@@ -181,8 +181,10 @@ def test_local_hits_are_answered_while_peers_hang(cluster):
     epoch = controller.call("register", worker_id="hanging", host="127.0.0.1",
                             data_port=hang.getsockname()[1], transports=["tcp"],
                             capacity_bytes=1 << 30, host_id="elsewhere")["epoch"]
+    remote_keys = signature_keys(SIG, remote)
     controller.call("batch", worker_id="hanging", epoch=epoch, seq=1,
-                    admit={SIG.namespace(): signature_keys(SIG, remote)}, evict=[])
+                    admit={SIG.namespace(): remote_keys}, evict=[],
+                    digests={key: bytes(16) for key in remote_keys})  # as a writer records
     stop = threading.Event()
 
     def waiter() -> None:
