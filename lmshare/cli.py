@@ -151,8 +151,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             raise
     print(f"lmshare worker {agent.worker_id} registered in "
           f"{agent.link.last_register_s * 1000:.2f} ms; peers on "
-          f"{agent.peer_server.host}:{agent.peer_server.port}, clients on {agent.endpoint}",
-          flush=True)
+          f"{agent.peer_server.host}:{agent.peer_server.port}, clients on {agent.endpoint}; "
+          + (f"key {key.fingerprint}" + (f" (tenant {key.tenant})" if key.tenant else "")
+             if key else "INSECURE: no cluster key"), flush=True)
     agent.run()
     return 0
 
