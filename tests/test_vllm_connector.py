@@ -120,8 +120,9 @@ class FakeClient:
             () if key in self.cluster.local else ("node-b",) for key in keys[: local + peer]))
 
     def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0, direct=False,
-                     holders=None):
+                     holders=None, chunk_bytes=None):
         self.cluster.calls.append("acquire")
+        assert chunk_bytes == LAYERS * (CHUNK // BLOCK) * PAGE  # the engine's own chunk size
         self.cluster.acquired_holders.append(holders)
         local, peer = self._prefix(keys, peers)
         n = local + peer

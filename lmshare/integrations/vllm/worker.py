@@ -266,7 +266,9 @@ class LMShareConnectorWorker:
             hint = plan[first:end] if plan is not None else None
             hit = self._link.call(lambda c, k=keys[first:end], h=hint: c.acquire_keys(
                 namespace, k, peers=self.settings.peers, lease_s=self.settings.lease_s,
-                direct=self.settings.same_host_direct, holders=h))
+                direct=self.settings.same_host_direct, holders=h,
+                # a peer announcing another size is refused before anything is reserved
+                chunk_bytes=self.geometry.chunk_nbytes(bpc)))
             hits.append(hit)  # released once the copies are done (_finish_loads)
             local, peer = local + hit.local_chunks, peer + hit.peer_chunks
             in_place = 0  # peer chunks read where a same-host peer holds them
