@@ -24,7 +24,7 @@ from lmshare.credentials import KEY_ENV, ClusterKey, load_key_file
 from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_files import check_private_dir
-from lmshare.pool import slab_views
+from lmshare.pool import fill_views, slab_views
 from lmshare.protocol import ErrorCode
 from lmshare.shm import SharedRegion
 from lmshare.transports.shm import PeerRegion
@@ -70,10 +70,7 @@ class _BytesWriter:
         self.nbytes = self._data.nbytes
 
     def write_into(self, views: Sequence[memoryview]) -> None:
-        offset = 0
-        for view in views:
-            view[:] = self._data[offset : offset + view.nbytes]
-            offset += view.nbytes
+        fill_views(list(views), self._data)
 
     def written(self) -> None:
         pass

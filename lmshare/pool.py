@@ -57,6 +57,15 @@ def slab_views(buffer: memoryview, slab_bytes: int, slabs: list[int],
     return views
 
 
+def fill_views(views: list[memoryview] | tuple[memoryview, ...], data: memoryview) -> None:
+    """Copy ``data`` into ``views`` in order (their sizes add up to ``data``'s): how a writer
+    fills a reservation's slabs."""
+    offset = 0
+    for view in views:
+        view[:] = data[offset : offset + view.nbytes]
+        offset += view.nbytes
+
+
 @dataclass
 class Entry:
     """A committed chunk: its key, where its bytes are, and who is reading it."""

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from lmshare.errors import ConfigError, LMShareError
+from lmshare.pool import fill_views
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +359,7 @@ class PendingSave:
     def write_into(self, views: Sequence[memoryview]) -> None:
         """Copy the chunk's bytes into ``views`` (in order; their sizes add up to
         :attr:`nbytes`); may return before the copy is done (see :meth:`written`)."""
-        data, offset = self.wait(), 0
-        for view in views:
-            view[:] = data[offset : offset + view.nbytes]
-            offset += view.nbytes
+        fill_views(list(views), self.wait())
 
     def written(self) -> None:
         """Wait until every :meth:`write_into` copy is done."""
@@ -378,11 +376,10 @@ class DevicePendingSave(PendingSave):
     copies it device -> host on that stream (from the store's thread), never on the compute
     stream, so the step that computed it does not wait."""
 
-    def __init__(self, copier: AsyncDeviceCopier, device: torch.Tensor, gathered: Any) -> None:
+    def __init__(self, copier: AsyncDeviceCopier, device: torch.Tensor) -> None:
         super().__init__(device)
         self._copier = copier
-        self._device: torch.Tensor | None = device
-        self._gathered = gathered  # event: the gather has read the blocks
+        self._device: torch.Tensor | None = device  # on the save stream, after the gather
         self._host_copy: torch.Tensor | None = None
 
     def _source(self) -> torch.Tensor:
@@ -944,7 +941,7 @@ class AsyncDeviceCopier(BlockCopier):
         self.ops.current_waits_event(event)
         for positions, gathered, keep in out:
             for row, position in enumerate(positions):
-                results[position] = DevicePendingSave(self, gathered[row], event)
+                results[position] = DevicePendingSave(self, gathered[row])
             self._save_keep.append((event, keep))
         self._save_keep = [(e, k) for e, k in self._save_keep if not e.query()]
         return results
