@@ -118,10 +118,13 @@ def test_a_repeated_document_goes_to_its_holder_and_hits_there(setup):
     # the holder's chunks are in the controller's index once the router routes by them
     wait_until(lambda: setup.route(f"{doc}\nQuestion: warm?") == (first, "hit"), 15,
                "the router finding the holder")
+    # while the index caught up, a "warm?" request may have gone to the other engine and
+    # fetched from the holder; from here on every request is routed by its chunks
+    other = next(n for n in NAMES if n != first)
+    moved_before = setup.counters(other)["peer_hit_chunks"]
     for question in ("two?", "three?", "four?"):
         assert setup.route(f"{doc}\nQuestion: {question}") == (first, "hit")
-    other = next(n for n in NAMES if n != first)
-    assert setup.counters(other)["peer_hit_chunks"] == 0  # nothing had to move
+    assert setup.counters(other)["peer_hit_chunks"] == moved_before  # nothing had to move
 
 
 def test_an_overloaded_holders_request_goes_elsewhere_and_hits_a_peer(setup):

@@ -31,6 +31,7 @@ from lmshare.control import FailoverControllerClient
 from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
+    EntryTooLarge,
     LMShareError,
     PoolFullError,
     RemoteError,
@@ -598,11 +599,12 @@ class WorkerAgent:
                 handle = self.leases.add(self.config.max_lease_s, reservation=reservation,
                                          owner=m.get(CLIENT_FIELD, b""))
                 reservations.append([handle, reservation.slabs])
-        except PoolFullError as exc:
+        except (PoolFullError, EntryTooLarge) as exc:
             for slot in reservations:
                 if slot is not None:
                     self.leases.release(slot[0])
-            raise _RequestError(ErrorCode.POOL_FULL, str(exc)) from None
+            code = ErrorCode.POOL_FULL if isinstance(exc, PoolFullError) else ErrorCode.TOO_LARGE
+            raise _RequestError(code, str(exc)) from None
         return protocol.ok(m["id"], reservations=reservations)
 
     def _finish(self, m: dict[str, Any], commit: bool) -> int:

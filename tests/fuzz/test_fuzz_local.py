@@ -5,7 +5,7 @@ registered, so lookups stay local)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 
 from lmshare import protocol
 from lmshare.errors import LMShareError, ProtocolError
@@ -63,6 +63,8 @@ def test_any_local_payload_is_handled_cleanly(agent, payload):
 
 @FUZZ
 @given(messages(LOCAL_TYPES))
+@example({"v": 1, "type": "reserve", "id": 0, "namespace": bytes(16),  # larger than the pool
+          "keys": [b"\xfe" * 16, b"\xff" * 16], "sizes": [0, 8 * 2**20 + 1]})
 def test_near_valid_local_requests_are_handled_cleanly(agent, message):
     message.pop("incarnation", None)
     if message["type"] in ("acquire", "reserve", "local_lookup") and isinstance(
