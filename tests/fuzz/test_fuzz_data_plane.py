@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import pytest
 from hypothesis import given
@@ -21,29 +23,53 @@ from lmshare.worker.peer_fetch import PoolSink
 NS = b"n" * 16
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("LMSHARE_SHM_DIR", str(tmp_path_factory.mktemp("fuzz-shm")))
-    pool = KVPool(4 << 20, 64 << 10, name="fuzz-data")
+@contextmanager
+def reader_pool(name: str = "fuzz-data") -> Iterator[KVPool]:
+    """A small pool holding 4 chunks (the LMSHARE_SHM_DIR the caller chose)."""
+    pool = KVPool(4 << 20, 64 << 10, name=name)
     for i in range(4):
         pool.put(NS, i.to_bytes(16, "big"), bytes(5000 * i + 1))
-    yield pool
-    pool.close()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@contextmanager
+def peer_server() -> Iterator[TcpPeerServer]:
+    """A peer server (not listening: requests are handed to it) serving a pool's chunks."""
+    with reader_pool("fuzz-served") as pool:
+        def source(key):
+            entry = pool.pin(key)
+            return None if entry is None else (pool.views(entry), lambda: pool.unpin(entry))
+
+        def locator(keys, lease_s):
+            return {"handle": 0, "chunks": [], "gens": []}
+        server = TcpPeerServer(source, locator=locator, send_timeout_s=0.5, idle_timeout_s=0.5)
+        try:
+            yield server
+        finally:
+            server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def shm_dir(tmp_path_factory):
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("LMSHARE_SHM_DIR", str(tmp_path_factory.mktemp("fuzz-shm")))
+    yield
     monkey.undo()
 
 
 @pytest.fixture(scope="module")
-def server(pool):
-    def source(key):
-        entry = pool.pin(key)
-        return None if entry is None else (pool.views(entry), lambda: pool.unpin(entry))
+def pool(shm_dir):
+    with reader_pool() as pool:
+        yield pool
 
-    def locator(keys, lease_s):
-        return {"handle": 0, "chunks": [], "gens": []}
-    server = TcpPeerServer(source, locator=locator, send_timeout_s=0.5, idle_timeout_s=0.5)
-    yield server
-    server.stop(0)
+
+@pytest.fixture(scope="module")
+def server(shm_dir):
+    with peer_server() as server:
+        yield server
 
 
 @st.composite
@@ -53,9 +79,7 @@ def framed_requests(draw) -> bytes:
     return REQUEST_LENGTH.pack(length) + body
 
 
-@FUZZ
-@given(framed_requests() | st.binary(max_size=64))
-def test_the_peer_server_reads_any_request_cleanly(server, data):
+def check_request(server, data: bytes) -> None:
     ours, theirs = socket.socketpair()
     try:
         theirs.sendall(data)
@@ -87,10 +111,8 @@ def answers(draw, keys: int) -> bytes:
     return out + draw(st.binary(max_size=32))
 
 
-@FUZZ
-@given(st.integers(1, 3).flatmap(lambda n: st.tuples(st.just(n), answers(n))), st.booleans())
-def test_the_client_reads_any_answer_cleanly(pool, answer, checksum):
-    count, data = answer
+def check_answer(pool, case: tuple[tuple[int, bytes], bool]) -> None:
+    (count, data), checksum = case
     keys = [(10**6 + i).to_bytes(16, "big") for i in range(count)]
     ours, theirs = socket.socketpair()
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -111,9 +133,7 @@ def test_the_client_reads_any_answer_cleanly(pool, answer, checksum):
             pool.remove(key)
 
 
-@FUZZ
-@given(st.binary(max_size=200) | framed_requests())
-def test_the_client_reads_any_locate_reply_cleanly(data):
+def check_locate_reply(_, data: bytes) -> None:
     ours, theirs = socket.socketpair()
     try:
         theirs.sendall(data)
@@ -125,3 +145,31 @@ def test_the_client_reads_any_locate_reply_cleanly(data):
     finally:
         ours.close()
         theirs.close()
+
+
+REQUESTS = framed_requests() | st.binary(max_size=64)
+ANSWERS = st.tuples(st.integers(1, 3).flatmap(lambda n: st.tuples(st.just(n), answers(n))),
+                    st.booleans())
+LOCATE_REPLIES = st.binary(max_size=200) | framed_requests()
+# name: (what the fuzzer draws, the check, the context that makes the checked object)
+TARGETS = {"data-request": (REQUESTS, check_request, peer_server),
+           "data-answer": (ANSWERS, check_answer, reader_pool),
+           "data-locate-reply": (LOCATE_REPLIES, check_locate_reply, nullcontext)}
+
+
+@FUZZ
+@given(REQUESTS)
+def test_the_peer_server_reads_any_request_cleanly(server, data):
+    check_request(server, data)
+
+
+@FUZZ
+@given(ANSWERS)
+def test_the_client_reads_any_answer_cleanly(pool, case):
+    check_answer(pool, case)
+
+
+@FUZZ
+@given(LOCATE_REPLIES)
+def test_the_client_reads_any_locate_reply_cleanly(data):
+    check_locate_reply(None, data)
