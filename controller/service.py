@@ -20,13 +20,12 @@ from typing import Any
 
 import zmq
 
-from lmshare import protocol
+from lmshare import protocol, serving
 from lmshare.controller.digests import DigestRecords
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.credentials import ClusterKey
-from lmshare.errors import ConfigError, ProtocolError
-from lmshare.protocol import ErrorCode
+from lmshare.errors import ConfigError, ErrorCode, LMShareError
 from lmshare.stats import ClusterEvent, ClusterStats, WorkerCounters, WorkerView
 from lmshare.transports.base import PeerInfo
 from lmshare.transports.choice import choose_transport
@@ -81,11 +80,16 @@ def _namespace_report(report: Any) -> list[dict]:
     return sorted(out, key=lambda entry: -entry["lookups"])
 
 
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# refusals that are a normal part of the protocol, not counted as refused requests (internal
+# errors are logged instead)
+_NOT_COUNTED = {ErrorCode.UNKNOWN_WORKER, ErrorCode.UNKNOWN_NAMESPACE, ErrorCode.NOT_LEADER,
+                ErrorCode.INTERNAL}
+
+
+def _unknown_namespace() -> LMShareError:
+    return LMShareError("no worker holds chunks of this namespace (model signature); nothing "
+                        "was stored under it yet, or the signature differs from the writer's",
+                        code=ErrorCode.UNKNOWN_NAMESPACE)
 
 
 class ControllerService:
@@ -231,39 +235,29 @@ class ControllerService:
         of ``tenant`` ("" = the cluster key): the frames to send it back on and its encoded
         bytes. Never raises."""
         envelope, payload = frames[:-1], frames[-1]
-        request_id = 0
-        try:
-            if len(frames) > MAX_FRAMES or sum(len(f) for f in frames) > \
-                    self.config.max_message_bytes:
-                envelope = frames[:1]  # the routing id: echo nothing else of it
-                raise _Refused(ErrorCode.TOO_LARGE,
-                               f"{ErrorCode.TOO_LARGE}: a message of {len(frames)} frames and "
-                               f"{sum(len(f) for f in frames)} bytes exceeds the limit of "
-                               f"{self.config.max_message_bytes} bytes in one frame")
-            try:
-                message = protocol.decode_request(payload, CONTROLLER_TYPES,
-                                                  self.config.max_message_bytes)
-            except ProtocolError as exc:
-                request_id = exc.request_id
-                raise _Refused(protocol.error_code_of(exc), str(exc)) from None
-            request_id = message["id"]
-            message[TENANT_FIELD] = tenant  # after decoding: nobody names their own tenant
-            if message["type"] in LEADER_ONLY and self.role == "standby":
-                leader = self.election.leader or "being elected"
-                raise _Refused(ErrorCode.NOT_LEADER, f"this controller is a standby; the leader "
-                                                     f"is {leader}; send this to the leader")
-            reply = self._handlers[message["type"]](message)
-            reply.setdefault("id", request_id)
-        except _Refused as refused:
-            if refused.code not in (ErrorCode.UNKNOWN_WORKER, ErrorCode.UNKNOWN_NAMESPACE,
-                                    ErrorCode.NOT_LEADER):
-                self.refused += 1
-                self.event("refused", refused.message[:200])
-            reply = protocol.error(request_id, refused.code, refused.message)
-        except Exception as exc:  # a bug in a handler must not take the controller down
-            log.exception("handler failed")
-            reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
+        size = sum(len(f) for f in frames)
+        if len(frames) > MAX_FRAMES or size > self.config.max_message_bytes:
+            envelope = frames[:1]  # the routing id: echo nothing else of it
+            reply = protocol.error(0, ErrorCode.TOO_LARGE,
+                                   f"a message of {len(frames)} frames and {size} bytes exceeds "
+                                   f"the limit of {self.config.max_message_bytes} bytes in one "
+                                   "frame")
+        else:
+            reply = serving.answer(payload, CONTROLLER_TYPES,
+                                   lambda message: self._dispatch(message, tenant),
+                                   self.config.max_message_bytes)
+        if reply["type"] == "error" and reply["code"] not in _NOT_COUNTED:
+            self.refused += 1
+            self.event("refused", reply["message"][:200])
         return envelope, protocol.encode_reply(reply)
+
+    def _dispatch(self, message: dict[str, Any], tenant: str) -> dict[str, Any]:
+        message[TENANT_FIELD] = tenant  # after decoding: nobody names their own tenant
+        if message["type"] in LEADER_ONLY and self.role == "standby":
+            leader = self.election.leader or "being elected"
+            raise LMShareError(f"this controller is a standby; the leader is {leader}; send "
+                               "this to the leader", code=ErrorCode.NOT_LEADER)
+        return self._handlers[message["type"]](message)
 
     # ------------------------------------------------------------------ helpers
     def _worker(self, message: dict[str, Any]) -> WorkerRecord:
@@ -271,10 +265,9 @@ class ControllerService:
         if record is not None and record.tenant != message.get(TENANT_FIELD, ""):
             record = None  # another tenant's worker: as good as unknown
         if record is None:
-            raise _Refused(ErrorCode.UNKNOWN_WORKER,
-                           f"worker {message['worker_id']!r} (epoch {message['epoch']}) is not "
-                           "registered here (controller restarted or worker declared dead); "
-                           "register again")
+            raise LMShareError(f"worker {message['worker_id']!r} (epoch {message['epoch']}) is "
+                               "not registered here (controller restarted or worker declared "
+                               "dead); register again", code=ErrorCode.UNKNOWN_WORKER)
         return record
 
     def _apply_entries(self, record: WorkerRecord, entries: dict[bytes, list[bytes]],
@@ -317,8 +310,8 @@ class ControllerService:
         self._any_tenant = self._any_tenant or bool(tenant)
         existing = self.registry.workers.get(worker_id)
         if existing is not None and existing.tenant != tenant:
-            raise _Refused(ErrorCode.BAD_MESSAGE, f"worker name {worker_id!r} is taken by "
-                                                  "another tenant's worker; choose another")
+            raise LMShareError(f"worker name {worker_id!r} is taken by another tenant's worker; "
+                               "choose another", code=ErrorCode.BAD_MESSAGE)
         self._next_epoch += 1
         # a worker's epoch is its proof of registration in deregister, heartbeat, batch and
         # sync: random, so that nobody can guess it (sequential epochs were two guesses away)
@@ -379,19 +372,15 @@ class ControllerService:
         started = time.perf_counter()
         keys = m["keys"]
         if len(keys) > self.config.max_lookup_keys:
-            raise _Refused(ErrorCode.TOO_LARGE, f"lookup of {len(keys)} keys exceeds "
-                                                f"{self.config.max_lookup_keys}; split it")
+            raise LMShareError(f"lookup of {len(keys)} keys exceeds "
+                               f"{self.config.max_lookup_keys}; split it", code=ErrorCode.TOO_LARGE)
         namespace = m["namespace"]
         if not self.index.knows_namespace(namespace):
-            raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
-                           "no worker holds chunks of this namespace (model signature); nothing "
-                           "was stored under it yet, or the signature differs from the writer's")
+            raise _unknown_namespace()
         tenant = m.get(TENANT_FIELD, "")
         holders = self._same_tenant(self.index.longest_prefix(keys), tenant)
         if tenant and not holders:  # what other tenants hold is not even hinted at
-            raise _Refused(ErrorCode.UNKNOWN_NAMESPACE,
-                           "no worker holds chunks of this namespace (model signature); nothing "
-                           "was stored under it yet, or the signature differs from the writer's")
+            raise _unknown_namespace()
         involved = {w for chunk in holders for w in chunk}
         workers = {w: self.registry.workers[w].peer_info() for w in involved
                    if w in self.registry.workers}

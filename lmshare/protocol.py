@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from lmshare.errors import ProtocolError
+from lmshare.errors import ErrorCode, ProtocolError
 from lmshare.keys import KEY_BYTES
 from lmshare.schema import (
     I64_MAX,
@@ -31,23 +31,6 @@ from lmshare.schema import (
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class ErrorCode:
-    """Codes carried by error replies."""
-
-    BAD_MESSAGE = "bad_message"
-    BAD_VERSION = "bad_version"
-    UNKNOWN_TYPE = "unknown_type"
-    TOO_LARGE = "too_large"
-    UNKNOWN_WORKER = "unknown_worker"
-    UNKNOWN_NAMESPACE = "unknown_namespace"
-    POOL_FULL = "pool_full"
-    WORKER_RESTARTED = "worker_restarted"
-    NOT_LEADER = "not_leader"
-    NOT_FOUND = "not_found"
-    BUSY = "busy"  # the worker's request queue is full or the request waited past its deadline
-    INTERNAL = "internal"
 
 
 # Bounds of what one message may carry (the whole message is also capped in bytes).
@@ -113,8 +96,6 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "fetch": {"keys": _KEYS, "checksum": Optional(Bool())},
 }
 
-REPLY_TYPES = ("ok", "error")
-
 
 def encode(message: dict[str, Any]) -> bytes:
     """Serialize a message; fills in the protocol version. Raises ProtocolError (code
@@ -123,8 +104,8 @@ def encode(message: dict[str, Any]) -> bytes:
     try:
         return msgpack.packb(message, use_bin_type=True)
     except (OverflowError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"{ErrorCode.INTERNAL}: cannot encode {message.get('type')!r:.20} "
-                            f"message ({exc})") from None
+        raise ProtocolError(f"cannot encode {message.get('type')!r:.20} message ({exc})",
+                            code=ErrorCode.INTERNAL) from None
 
 
 def encode_reply(reply: dict[str, Any]) -> bytes:
@@ -153,23 +134,23 @@ def error(request_id: int, code: str, message: str) -> dict[str, Any]:
 def decode_raw(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """Decode and check the envelope (size, msgpack, map, version) of any message."""
     if len(data) > max_bytes:
-        raise ProtocolError(f"{ErrorCode.TOO_LARGE}: message of {len(data)} bytes exceeds "
-                            f"the limit of {max_bytes} bytes; send smaller batches")
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes} "
+                            "bytes; send smaller batches", code=ErrorCode.TOO_LARGE)
     try:
         message = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: not valid msgpack ({exc})") from None
+        raise ProtocolError(f"not valid msgpack ({exc})") from None
     if not isinstance(message, dict):
-        raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: a message must be a msgpack map")
+        raise ProtocolError("a message must be a msgpack map")
     version = message.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"{ErrorCode.BAD_VERSION}: protocol version {version!r:.20} is not "
-                            f"supported (this side speaks {PROTOCOL_VERSION}); upgrade lmshare "
-                            "so both sides match")
+        raise ProtocolError(f"protocol version {version!r:.20} is not supported (this side "
+                            f"speaks {PROTOCOL_VERSION}); upgrade lmshare so both sides match",
+                            code=ErrorCode.BAD_VERSION)
     if not isinstance(message.get("type"), str):
-        raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: message has no 'type' string")
+        raise ProtocolError("message has no 'type' string")
     if type(message.setdefault("id", 0)) is not int:
-        raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: 'id' must be an integer")
+        raise ProtocolError("'id' must be an integer")
     return message
 
 
@@ -180,7 +161,7 @@ def decode_request(data: bytes, allowed: set[str] | None = None,
     type_ = message["type"]
     schema = SCHEMAS.get(type_)
     if schema is None or (allowed is not None and type_ not in allowed):
-        exc = ProtocolError(f"{ErrorCode.UNKNOWN_TYPE}: unknown message type {type_!r:.60}")
+        exc = ProtocolError(f"unknown message type {type_!r:.60}", code=ErrorCode.UNKNOWN_TYPE)
         exc.request_id = message["id"]
         raise exc
     try:
@@ -188,15 +169,10 @@ def decode_request(data: bytes, allowed: set[str] | None = None,
             if field not in message:
                 if type(spec) is Optional:
                     continue
-                raise ProtocolError(f"{ErrorCode.BAD_MESSAGE}: {type_!r} needs field {field!r}")
+                raise ProtocolError(f"{type_!r} needs field {field!r}")
             message[field] = spec.check(message[field], f"{field!r} of {type_!r}")
     except ProtocolError as exc:
         exc.request_id = message["id"]  # the refusal answers this request
         raise
     return message
 
-
-def error_code_of(exc: ProtocolError) -> str:
-    """The error code a ProtocolError message starts with."""
-    code, _, _ = str(exc).partition(":")
-    return code if code in vars(ErrorCode).values() else ErrorCode.BAD_MESSAGE

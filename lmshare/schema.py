@@ -13,14 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lmshare.errors import ProtocolError
+from lmshare.errors import ErrorCode, ProtocolError
 
 I64_MAX = 2**63 - 1
 I64_MIN = -(2**63)
 
 
 def _refuse(where: str, problem: str) -> ProtocolError:
-    return ProtocolError(f"bad_message: field {where} {problem}")
+    return ProtocolError(f"field {where} {problem}")
 
 
 def _mistyped(where: str, value: Any) -> ProtocolError:
@@ -156,8 +156,8 @@ class List(Spec):
         if type(value) not in (list, tuple):
             raise _mistyped(where, value)
         if len(value) > self.max_len:
-            raise ProtocolError(f"too_large: field {where} has {len(value)} items, more than "
-                                f"{self.max_len}; split the request")
+            raise ProtocolError(f"field {where} has {len(value)} items, more than "
+                                f"{self.max_len}; split the request", code=ErrorCode.TOO_LARGE)
         item = self.item
         if type(item) is Bytes and item.exact is not None:  # chunk keys: the hot path
             size = item.exact
@@ -179,8 +179,8 @@ class Map(Spec):
         if type(value) is not dict:
             raise _mistyped(where, value)
         if len(value) > self.max_len:
-            raise ProtocolError(f"too_large: field {where} has {len(value)} entries, more than "
-                                f"{self.max_len}")
+            raise ProtocolError(f"field {where} has {len(value)} entries, more than "
+                                f"{self.max_len}", code=ErrorCode.TOO_LARGE)
         return {self.key.check(k, f"{where} key"): self.value.check(v, f"{where}[{k!r:.40}]")
                 for k, v in value.items()}
 
@@ -201,8 +201,8 @@ class KeyMap(Spec):
         checked = Map(Bytes(exact=self.key_bytes), keys, self.max_namespaces).check(value, where)
         total = sum(len(v) for v in checked.values())
         if total > self.max_keys:
-            raise ProtocolError(f"too_large: field {where} holds {total} keys, more than "
-                                f"{self.max_keys}; split it")
+            raise ProtocolError(f"field {where} holds {total} keys, more than "
+                                f"{self.max_keys}; split it", code=ErrorCode.TOO_LARGE)
         return checked
 
     def example(self) -> dict:

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmshare import protocol
-from lmshare.errors import ProtocolError
+from lmshare.errors import ERROR_CODES, ProtocolError
 from lmshare.schema import Optional
 
 values = st.recursive(
@@ -29,7 +29,7 @@ def test_garbage_never_crashes_the_decoder(data):
     try:
         protocol.decode_request(data)
     except ProtocolError as exc:
-        assert protocol.error_code_of(exc) in vars(protocol.ErrorCode).values()
+        assert exc.code in ERROR_CODES
 
 
 @given(st.sampled_from(sorted(protocol.SCHEMAS)), st.data())
@@ -68,7 +68,7 @@ def test_values_out_of_range_are_refused(fields, code):
     message.update(fields)
     with pytest.raises(ProtocolError) as info:
         protocol.decode_request(protocol.encode(message))
-    assert protocol.error_code_of(info.value) == code
+    assert info.value.code == code
     assert len(str(info.value)) < 300  # the error names the field, never echoes the value
 
 
@@ -77,8 +77,9 @@ def test_values_out_of_range_are_refused(fields, code):
                                    {"used_bytes": 1e20}, {"x" * 100: 1}])
 def test_heartbeat_counters_are_bounded(stats):
     message = protocol.request("heartbeat", 1, worker_id="w", epoch=1, seq=0, stats=stats)
-    with pytest.raises(ProtocolError, match="bad_message"):
+    with pytest.raises(ProtocolError) as info:
         protocol.decode_request(protocol.encode(message))
+    assert info.value.code == "bad_message"
 
 
 def test_register_caps_strings_and_extra():
@@ -108,6 +109,7 @@ def test_envelope_errors_name_their_code():
     for data, code in cases.items():
         with pytest.raises(ProtocolError) as info:
             protocol.decode_request(data)
-        assert protocol.error_code_of(info.value) == code
-    with pytest.raises(ProtocolError, match="too_large"):
+        assert info.value.code == code
+    with pytest.raises(ProtocolError) as info:
         protocol.decode_request(b"x" * 100, max_bytes=10)
+    assert info.value.code == "too_large"

@@ -32,14 +32,14 @@ from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
     EntryTooLarge,
+    ErrorCode,
     LMShareError,
     PoolFullError,
+    ProtocolError,
     RemoteError,
 )
-from lmshare.keys import KEY_BYTES
 from lmshare.local_files import ensure_private_dir
 from lmshare.pool import Entry, KVPool
-from lmshare.protocol import ErrorCode
 from lmshare.shm import NameLock, remove_stale_regions
 from lmshare.stats import WorkerCounters
 from lmshare.transports.base import PeerInfo, Transport
@@ -62,20 +62,6 @@ Remote = list[tuple[int, list[str]]]  # (index of a chunk not held here, the wor
 EXPECTED_DIGESTS = 16384  # peer chunks' digests kept from lookups for acquires that carry a plan
 
 
-class _RequestError(LMShareError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _keys(message: dict[str, Any]) -> tuple[bytes, list[bytes]]:
-    namespace, keys = message["namespace"], message["keys"]
-    if len(namespace) != KEY_BYTES or not all(
-            isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
-        raise _RequestError(ErrorCode.BAD_MESSAGE, f"namespace and keys must be {KEY_BYTES} bytes")
-    return namespace, keys
-
-
 def _hint(m: dict[str, Any], count: int) -> list[list[str]] | None:
     """The ``holders`` an acquire of ``count`` keys carries (None: none); their types and
     sizes are checked by the protocol's schema."""
@@ -83,8 +69,7 @@ def _hint(m: dict[str, Any], count: int) -> list[list[str]] | None:
     if holders is None:
         return None
     if len(holders) > count:
-        raise _RequestError(ErrorCode.BAD_MESSAGE,
-                            f"holders name {len(holders)} chunks but the acquire has {count} "
+        raise ProtocolError(f"holders name {len(holders)} chunks but the acquire has {count} "
                             "keys; pass at most one list per key (as local_lookup returns them)")
     return [list(h) for h in holders]
 
@@ -394,9 +379,8 @@ class WorkerAgent:
     def _check_incarnation(self, m: dict[str, Any]) -> None:
         incarnation = m.get("incarnation")
         if incarnation is not None and incarnation != self.incarnation:
-            raise _RequestError(ErrorCode.WORKER_RESTARTED,
-                                "this worker restarted since the client mapped its pool; "
-                                "connect a new client")
+            raise LMShareError("this worker restarted since the client mapped its pool; connect "
+                               "a new client", code=ErrorCode.WORKER_RESTARTED)
 
     def _on_hello(self, m: dict[str, Any]) -> dict[str, Any]:
         proof: dict[str, Any] = {}
@@ -414,7 +398,7 @@ class WorkerAgent:
                            register_ms=round(self.link.last_register_s * 1000, 3))
 
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
-        namespace, keys = _keys(m)
+        namespace, keys = m["namespace"], m["keys"]  # checked by the schema
         length, remote, infos, _ = self.plan(namespace, keys, m["peers"])
         length, remote = self._fetches_that_win(m, length, remote, infos)
         if m.get("count", True):  # repeated lookups of one request count once
@@ -454,7 +438,7 @@ class WorkerAgent:
 
     def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
-        namespace, keys = _keys(m)
+        namespace, keys = m["namespace"], m["keys"]  # checked by the schema
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
         hint = _hint(m, len(keys))
         planned = self.plan_from_hint(keys, hint) if hint is not None and m["peers"] else None
@@ -583,10 +567,10 @@ class WorkerAgent:
 
     def _on_reserve(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
-        namespace, keys = _keys(m)
+        namespace, keys = m["namespace"], m["keys"]  # checked by the schema
         sizes = m["sizes"]
-        if len(sizes) != len(keys) or not all(isinstance(s, int) and s >= 0 for s in sizes):
-            raise _RequestError(ErrorCode.BAD_MESSAGE, "sizes must be one byte count per key")
+        if len(sizes) != len(keys):  # each size is checked by the protocol's schema
+            raise ProtocolError("sizes must be one byte count per key")
         reservations: list[Any] = []
         if sizes:
             self.fetcher.note_size(namespace, max(sizes))
@@ -599,12 +583,11 @@ class WorkerAgent:
                 handle = self.leases.add(self.config.max_lease_s, reservation=reservation,
                                          owner=m.get(CLIENT_FIELD, b""))
                 reservations.append([handle, reservation.slabs])
-        except (PoolFullError, EntryTooLarge) as exc:
+        except (PoolFullError, EntryTooLarge):  # the reply carries the error's code
             for slot in reservations:
                 if slot is not None:
                     self.leases.release(slot[0])
-            code = ErrorCode.POOL_FULL if isinstance(exc, PoolFullError) else ErrorCode.TOO_LARGE
-            raise _RequestError(code, str(exc)) from None
+            raise
         return protocol.ok(m["id"], reservations=reservations)
 
     def _finish(self, m: dict[str, Any], commit: bool) -> int:

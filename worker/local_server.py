@@ -15,16 +15,15 @@ from typing import Any
 
 import zmq
 
-from lmshare import protocol
-from lmshare.errors import ConfigError, LMShareError, ProtocolError
-from lmshare.protocol import ErrorCode
+from lmshare import protocol, serving
+from lmshare.errors import ConfigError, ErrorCode
 
 log = logging.getLogger(__name__)
 
 LOCAL_TYPES = {"hello", "local_lookup", "reserve", "commit", "abort", "acquire", "release",
                "locate", "worker_stats", "ping"}
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = serving.Handler
 CLIENT_FIELD = "_client"
 
 
@@ -125,20 +124,17 @@ class LocalServer:
         if len(frames) < 2:
             return
         envelope, payload = frames[:-1], frames[-1]
-        try:
-            message = protocol.decode_request(payload, LOCAL_TYPES)
-            # who sent it (the connection's routing id), for leases bound to their client;
-            # set here, after decoding, so no client can name another
-            message[CLIENT_FIELD] = bytes(envelope[0]) if envelope else b"?"
-            lane = "slow" if self._may_wait(message) else "fast"
-        except ProtocolError as exc:
-            self._send([*envelope, protocol.encode_reply(protocol.error(
-                exc.request_id, protocol.error_code_of(exc), str(exc)))])
+        message, refusal = serving.decode(payload, LOCAL_TYPES)
+        if message is None:
+            self._send([*envelope, protocol.encode_reply(refusal)])
             return
-        except Exception as exc:  # noqa: BLE001 - a classifier bug must not stop the loop
-            log.exception("cannot route a local request")
-            self._send([*envelope, protocol.encode_reply(protocol.error(
-                0, ErrorCode.INTERNAL, f"internal error: {exc}"))])
+        # who sent it (the connection's routing id), for leases bound to their client; set
+        # here, after decoding, so no client can name another
+        message[CLIENT_FIELD] = bytes(envelope[0]) if envelope else b"?"
+        try:
+            lane = "slow" if self._may_wait(message) else "fast"
+        except Exception as exc:  # a classifier bug must not stop the loop
+            self._send([*envelope, protocol.encode_reply(serving.error_reply(exc, message["id"]))])
             return
         with self._queued_lock:
             full = self._queued[lane] >= self.max_queue
@@ -156,26 +152,14 @@ class LocalServer:
                 queued_at: float) -> None:
         with self._queued_lock:
             self._queued[lane] -= 1
-        request_id = message["id"]
-        try:
-            waited = time.monotonic() - queued_at
-            if waited > self.queue_deadline_s:
-                self.busy_replies += 1
-                raise _Busy(f"the request waited {waited:.1f}s in the worker's queue (more "
-                            f"than {self.queue_deadline_s:.1f}s); retry")
-            reply = self._handlers[message["type"]](message)
-            reply.setdefault("v", protocol.PROTOCOL_VERSION)
-            reply.setdefault("type", "ok")
-            reply["id"] = request_id
-        except ProtocolError as exc:
-            reply = protocol.error(exc.request_id or request_id, protocol.error_code_of(exc),
-                                   str(exc))
-        except LMShareError as exc:
-            code = getattr(exc, "code", ErrorCode.INTERNAL)
-            reply = protocol.error(request_id, code, str(exc))
-        except Exception as exc:
-            log.exception("local request failed")
-            reply = protocol.error(request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
+        waited = time.monotonic() - queued_at
+        if waited > self.queue_deadline_s:
+            self.busy_replies += 1
+            reply = protocol.error(message["id"], ErrorCode.BUSY,
+                                   f"the request waited {waited:.1f}s in the worker's queue (more "
+                                   f"than {self.queue_deadline_s:.1f}s); retry")
+        else:
+            reply = serving.run(self._handlers[message["type"]], message)
         try:
             # never blocks: once the socket's thread has stopped (shutdown), nobody reads the
             # inbox, and a blocking send would keep this thread, and the shutdown, forever
@@ -184,6 +168,3 @@ class LocalServer:
         except zmq.ZMQError as exc:
             log.debug("local reply dropped: %s", exc)
 
-
-class _Busy(LMShareError):
-    code = ErrorCode.BUSY

@@ -50,7 +50,7 @@ def handle(agent, payload: bytes) -> None:
     try:
         message = protocol.decode_request(payload, LOCAL_TYPES)
     except ProtocolError as exc:
-        assert protocol.error_code_of(exc) in CODES
+        assert exc.code in CODES, exc
         return
     handler = {"hello": agent._on_hello, "local_lookup": agent._on_lookup,
                "reserve": agent._on_reserve, "commit": agent._on_commit,
@@ -62,7 +62,7 @@ def handle(agent, payload: bytes) -> None:
     try:
         reply = handler(message)
     except LMShareError as exc:
-        assert getattr(exc, "code", None) in CODES, exc
+        assert exc.code in CODES, exc
         return
     protocol.decode_raw(protocol.encode(reply))
 
