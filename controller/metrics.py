@@ -25,7 +25,7 @@ from lmshare.control import ControllerClient
 from lmshare.controller.service import ControllerService
 from lmshare.errors import LMShareError
 from lmshare.metrics_server import MetricsServer, serve_metrics
-from lmshare.stats import ClusterStats
+from lmshare.stats import ClusterStats, fetch_cluster_stats
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ControllerCollector(Collector):
     def _stats(self) -> ClusterStats | None:
         with self._lock:
             try:
-                return ClusterStats.from_dict(self._client.call("stats")["stats"])
+                return fetch_cluster_stats(self._client)
             except LMShareError as exc:
                 log.warning("metrics scrape: controller did not answer its stats: %s", exc)
                 return None

@@ -25,7 +25,7 @@ from lmshare.control import FailoverControllerClient, parse_controllers
 from lmshare.credentials import ClusterKey
 from lmshare.dashboard.view import SORTS, ViewState, budget, render
 from lmshare.errors import LMShareError
-from lmshare.stats import ClusterStats, RouterStats
+from lmshare.stats import ClusterStats, RouterStats, fetch_cluster_stats
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class StatsPoller:
     def poll_once(self) -> ClusterStats | None:
         """One fetch; on failure remembers the error (and since when) instead of raising."""
         try:
-            self.stats = ClusterStats.from_dict(self._client.call("stats")["stats"])
+            self.stats = fetch_cluster_stats(self._client)
             self.error = None
         except (LMShareError, KeyError, TypeError, ValueError) as exc:
             if self.error is None:
@@ -170,7 +170,7 @@ def print_once(controller: str, console: Console | None = None, timeout_s: float
     console = console or Console()
     client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
     try:
-        stats = ClusterStats.from_dict(client.call("stats")["stats"])
+        stats = fetch_cluster_stats(client)
     finally:
         client.close()
     state = ViewState(controller=controller, keys_help=False, router=router)

@@ -158,26 +158,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_cluster_stats(controller: str, timeout_s: float, key=None):
-    """The controller's ClusterStats (shared by ``status`` and the dashboard)."""
+def _cluster_stats(controller: str, timeout_s: float, key=None):
+    """The controller's ClusterStats (``lmshare status``)."""
     from lmshare.control import FailoverControllerClient, parse_controllers
-    from lmshare.stats import ClusterStats
+    from lmshare.stats import fetch_cluster_stats
 
     client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
     try:
-        stats = ClusterStats.from_dict(client.call("stats")["stats"])
-        while stats.workers and len(stats.workers) < stats.workers_total:  # a big cluster: pages
-            page = ClusterStats.from_dict(client.call("stats", offset=len(stats.workers))["stats"])
-            if not page.workers:
-                break
-            stats.workers.extend(page.workers)
-        return stats
+        return fetch_cluster_stats(client)
     finally:
         client.close()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    stats = fetch_cluster_stats(args.controller, args.timeout, _key(args))
+    stats = _cluster_stats(args.controller, args.timeout, _key(args))
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2, default=str))
         return 0

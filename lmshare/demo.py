@@ -32,7 +32,7 @@ from lmshare.errors import ConfigError, LMShareError
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_cluster import LocalCluster
 from lmshare.shm import shm_dir
-from lmshare.stats import ClusterStats
+from lmshare.stats import ClusterStats, fetch_cluster_stats
 from lmshare.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def _print_summaries(controller: ControllerClient, workload: Workload, stop: thr
     started = time.monotonic()
     while not stop.wait(every_s):
         try:
-            stats = ClusterStats.from_dict(controller.call("stats")["stats"])
+            stats = fetch_cluster_stats(controller)
         except LMShareError:
             stats = None
         print(_summary_line(stats, workload, time.monotonic() - started), flush=True)

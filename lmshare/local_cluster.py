@@ -219,11 +219,11 @@ class LocalCluster:
 
     def stats(self):
         """The controller's ClusterStats."""
-        from lmshare.stats import ClusterStats
+        from lmshare.stats import fetch_cluster_stats
 
         client = self.controller_client(timeout_s=2.0)
         try:
-            return ClusterStats.from_dict(client.call("stats")["stats"])
+            return fetch_cluster_stats(client)
         finally:
             client.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 MAX_NAME_CHARS = 200
 
@@ -153,6 +153,25 @@ class ClusterStats:
             if name in rest:
                 rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, **rest)
+
+
+class StatsSource(Protocol):
+    """What answers a ``stats`` request: a controller client (``lmshare.control``)."""
+
+    def call(self, type_: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        ...
+
+
+def fetch_cluster_stats(client: StatsSource) -> ClusterStats:
+    """The controller's ClusterStats, every page of its worker list (a big cluster's list is
+    paged). Raises what ``client.call`` raises (an ``LMShareError``)."""
+    stats = ClusterStats.from_dict(client.call("stats")["stats"])
+    while stats.workers and len(stats.workers) < stats.workers_total:
+        page = ClusterStats.from_dict(client.call("stats", offset=len(stats.workers))["stats"])
+        if not page.workers:
+            break
+        stats.workers.extend(page.workers)
+    return stats
 
 
 @dataclass

@@ -225,6 +225,7 @@ def test_stats_of_2000_workers_is_fast_and_paged(controller, client):
     rest = client.call("stats", offset=1000)["stats"]["workers"]
     assert {w["worker_id"] for w in stats["workers"] + rest} == {f"w{i}" for i in range(2000)}
     assert stats["workers"][0]["peer_transports"] == {"tcp": 1999}
-    from lmshare.cli import fetch_cluster_stats
+    from lmshare.stats import fetch_cluster_stats
 
-    assert len(fetch_cluster_stats(f"127.0.0.1:{controller.port}", 10).workers) == 2000
+    assert len(fetch_cluster_stats(ControllerClient("127.0.0.1", controller.port, 10)).workers) \
+        == 2000
