@@ -139,7 +139,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
         transports=resolve_transports(args.transports), digests=not args.no_digests,
-        **({"name": args.name} if args.name else {}))
+        encrypt=args.encrypt, **({"name": args.name} if args.name else {}))
     agent = WorkerAgent(config).start()
     if args.metrics_port is not None:
         from lmshare.worker.metrics import start_worker_metrics
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-digests", action="store_true",
                    help="do not record chunk digests as chunks are stored, nor check fetched "
                         "chunks against them (checking is on by default)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt KV bytes in transit on TCP (AES-256-GCM, keys per connection "
+                        "from the key handshake); a peer that asks gets it either way")
     p.add_argument("--transports", default="auto",
                    help="data paths to offer and use: shm (same-host shared memory), ucx "
                         "(needs lmshare[ucx]), tcp (always on); default auto = shm, ucx where "

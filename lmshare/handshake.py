@@ -8,8 +8,15 @@ Before the first request on a TCP peer connection (and so before any KV byte mov
 
 ``k`` is the cluster key's data-plane key (all zeros for ``--insecure`` processes, which thus
 only talk among themselves). Each side proves it holds ``k`` on a nonce the other chose fresh,
-so a recorded handshake cannot be replayed and a peer without the key learns nothing. What it
-does not do: encrypt or authenticate the bytes that follow (see docs/security.md).
+so a recorded handshake cannot be replayed and a peer without the key learns nothing.
+
+Encryption in transit (``lmshare worker --encrypt``) is chosen inside the same three messages:
+a client that wants it MACs with the role ``client+enc`` instead of ``client``; the server
+encrypts when either side wants it and says so by MACing with ``server+enc``. Both roles are
+bound to the key and the nonces, so nobody in between can turn encryption off. An encrypted
+connection then carries AES-256-GCM records (``lmshare/transports/records.py``) under keys
+derived from ``k`` and both nonces, one per direction; a plain one carries the bytes as they
+are, authenticated at connection start only.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hmac
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 
 from lmshare.credentials import ClusterKey
 
@@ -38,6 +46,29 @@ class HandshakeRefused(ConnectionError):
 
 def data_key(key: ClusterKey | None) -> bytes:
     return key.data_key() if key is not None else INSECURE_KEY
+
+
+@dataclass
+class Session:
+    """The record keys of an encrypted connection: what this side seals and what it opens."""
+
+    send: object  # lmshare.transports.records.RecordKeys
+    receive: object
+
+
+def _session(key: bytes, server_nonce: bytes, client_nonce: bytes, server: bool) -> Session:
+    from lmshare.transports.records import RecordKeys
+
+    def derive(label: bytes) -> RecordKeys:
+        return RecordKeys(hashlib.blake2b(label + server_nonce + client_nonce, key=key,
+                                          digest_size=32).digest())
+
+    to_server, to_client = derive(b"records:client->server"), derive(b"records:server->client")
+    return Session(to_client, to_server) if server else Session(to_server, to_client)
+
+
+def _role(name: bytes, encrypt: bool) -> bytes:
+    return name + b"+enc" if encrypt else name
 
 
 def _mac(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
@@ -69,26 +100,39 @@ def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
     sock.sendall(data)
 
 
-def server_handshake(sock: socket.socket, key: bytes, deadline: float) -> None:
-    """Run the server's side; raises HandshakeRefused (reason: bad_mac, timeout, closed)."""
+def server_handshake(sock: socket.socket, key: bytes, deadline: float,
+                     encrypt: bool = False) -> Session | None:
+    """Run the server's side; raises HandshakeRefused (reason: bad_mac, timeout, closed).
+    Returns the record keys when the connection is encrypted (``encrypt`` here, or the
+    client asked for it), else None."""
     server_nonce = secrets.token_bytes(NONCE_BYTES)
     _send(sock, MAGIC + server_nonce, deadline)
     answer = _recv_exact(sock, NONCE_BYTES + MAC_BYTES, deadline)
     client_nonce, mac = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
-    if not hmac.compare_digest(mac, _mac(key, b"client", server_nonce, client_nonce)):
+    if hmac.compare_digest(mac, _mac(key, b"client", server_nonce, client_nonce)):
+        asked = False
+    elif hmac.compare_digest(mac, _mac(key, b"client+enc", server_nonce, client_nonce)):
+        asked = True
+    else:
         raise HandshakeRefused("bad_mac", "the peer does not hold this cluster's key")
-    _send(sock, _mac(key, b"server", client_nonce, server_nonce), deadline)
+    encrypted = encrypt or asked
+    _send(sock, _mac(key, _role(b"server", encrypted), client_nonce, server_nonce), deadline)
+    return _session(key, server_nonce, client_nonce, server=True) if encrypted else None
 
 
-def client_handshake(sock: socket.socket, key: bytes, deadline: float) -> None:
-    """Run the client's side; raises HandshakeRefused when the server is not a member."""
+def client_handshake(sock: socket.socket, key: bytes, deadline: float,
+                     encrypt: bool = False) -> Session | None:
+    """Run the client's side; raises HandshakeRefused when the server is not a member.
+    Returns the record keys when the connection is encrypted (``encrypt`` here, or the
+    server encrypts all its connections), else None."""
     hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES, deadline)
     if hello[:len(MAGIC)] != MAGIC:
         raise HandshakeRefused("protocol", "the peer does not speak lmshare's data-plane "
                                            "handshake (an older lmshare, or not lmshare)")
     server_nonce = hello[len(MAGIC):]
     client_nonce = secrets.token_bytes(NONCE_BYTES)
-    _send(sock, client_nonce + _mac(key, b"client", server_nonce, client_nonce), deadline)
+    _send(sock, client_nonce + _mac(key, _role(b"client", encrypt), server_nonce, client_nonce),
+          deadline)
     try:
         proof = _recv_exact(sock, MAC_BYTES, deadline)
     except HandshakeRefused as exc:
@@ -96,5 +140,10 @@ def client_handshake(sock: socket.socket, key: bytes, deadline: float) -> None:
             raise HandshakeRefused("bad_mac", "the peer refused this process's cluster key "
                                               "(another cluster's key, or --insecure)") from None
         raise
-    if not hmac.compare_digest(proof, _mac(key, b"server", client_nonce, server_nonce)):
-        raise HandshakeRefused("bad_mac", "the peer does not hold this cluster's key")
+    if hmac.compare_digest(proof, _mac(key, b"server+enc", client_nonce, server_nonce)):
+        return _session(key, server_nonce, client_nonce, server=False)
+    if not encrypt and hmac.compare_digest(proof, _mac(key, b"server", client_nonce,
+                                                       server_nonce)):
+        return None
+    raise HandshakeRefused("bad_mac", "the peer does not hold this cluster's key (or answered "
+                                      "an encrypted handshake in the clear)")

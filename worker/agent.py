@@ -101,7 +101,7 @@ class WorkerAgent:
         try:
             self.peer_server = TcpPeerServer(self._serve_chunk, host, config.port,
                                              locator=self._locate, releaser=self.leases.release,
-                                             key=config.key)
+                                             key=config.key, encrypt=config.encrypt)
         except OSError as exc:
             self.pool.close()
             self._name_lock.release()
@@ -109,7 +109,7 @@ class WorkerAgent:
                               "choose another --port or stop the process using it") from None
         self.host_id = host_identity()
         self.transports = tuple(config.transports)
-        tcp = TcpTransport(key=config.key)
+        tcp = TcpTransport(key=config.key, encrypt=config.encrypt)
         transports: list[Transport] = [tcp]
         self.shm: ShmTransport | None = None
         if "shm" in self.transports:

@@ -72,6 +72,8 @@ class WorkerConfig:
     key: ClusterKey | None = None  # the cluster key (control and data plane); None = insecure
     # record each chunk's digest as it is stored and check fetched chunks against the record
     digests: bool = True
+    # encrypt every TCP data-plane connection this worker serves or opens (AES-256-GCM)
+    encrypt: bool = False
 
     @property
     def controller_addresses(self) -> list[tuple[str, int]]:
@@ -92,6 +94,9 @@ class WorkerConfig:
         if unknown:
             raise ConfigError(f"unknown transport(s) {sorted(unknown)}; choose from "
                               f"{sorted(KNOWN_TRANSPORTS)} (tcp is always on)")
+        if self.encrypt and self.key is None:
+            raise ConfigError("--encrypt needs a cluster key (--key-file): keys derived from "
+                              "no secret would protect nothing; drop --insecure")
         if "tcp" not in self.transports:
             self.transports = (*self.transports, "tcp")
 

@@ -11,6 +11,9 @@ The same connection also carries the small requests of one-sided transports (UCX
   port made (never a local client's).
 The server sends straight from its pool slabs with ``socket.sendmsg`` (no intermediate copy);
 the client ``recv_into``s the destination slabs. Every socket wait has the request's deadline.
+On a connection whose handshake chose encryption (``encrypt=True`` on either side), the same
+messages travel as AES-GCM records (``lmshare/transports/records.py``): one pass of AES over
+the bytes on each side, and a chunk whose record fails its tag is dropped (a transfer error).
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ import msgpack
 from lmshare import protocol
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ProtocolError, TransferError
-from lmshare.handshake import HandshakeRefused, client_handshake, data_key, server_handshake
+from lmshare.handshake import (
+    HandshakeRefused,
+    Session,
+    client_handshake,
+    data_key,
+    server_handshake,
+)
 from lmshare.protocol import PROTOCOL_VERSION
+from lmshare.transports import records
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
 
 log = logging.getLogger(__name__)
@@ -119,11 +129,6 @@ Locator = Callable[[list, float], dict]
 Releaser = Callable[[int], object]
 
 
-def _send_message(sock: socket.socket, message: dict, deadline: float) -> None:
-    body = msgpack.packb(message)
-    _send_all(sock, [memoryview(REQUEST_LENGTH.pack(len(body))), memoryview(body)], deadline)
-
-
 def _recv_body(sock: socket.socket, length: int, deadline: float) -> bytes:
     """``length`` bytes, read in pieces: memory follows the bytes that arrived, not what the
     other side announced."""
@@ -142,7 +147,10 @@ def _recv_message(sock: socket.socket, deadline: float) -> dict:
     (length,) = REQUEST_LENGTH.unpack(head)
     if length > MAX_REQUEST_BYTES:
         raise ConnectionError(f"message of {length} bytes is too large")
-    body = _recv_body(sock, length, deadline)
+    return _decode_message(_recv_body(sock, length, deadline))
+
+
+def _decode_message(body: bytes) -> dict:
     try:
         message = msgpack.unpackb(body, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -152,18 +160,119 @@ def _recv_message(sock: socket.socket, deadline: float) -> dict:
     return message
 
 
+class Connection:
+    """A peer connection after its handshake: the bytes as they are, or sealed records."""
+
+    def __init__(self, sock: socket.socket, session: Session | None = None) -> None:
+        self.sock = sock
+        self.session = session
+        self._plain = bytearray()  # scratch buffers of the encrypted path
+        self._sealed = bytearray()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.session is not None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _scratch(self) -> tuple[memoryview, memoryview]:
+        if not self._sealed:
+            self._plain = bytearray(records.RECORD_BYTES)
+            self._sealed = bytearray(records.RECORD_BYTES + records.TAG_BYTES)
+        return memoryview(self._plain), memoryview(self._sealed)
+
+    def send_message(self, message: dict, deadline: float) -> None:
+        body = msgpack.packb(message)
+        length = REQUEST_LENGTH.pack(len(body))
+        if self.session is None:
+            _send_all(self.sock, [memoryview(length), memoryview(body)], deadline)
+            return
+        sealed = bytearray(len(body) + records.TAG_BYTES)
+        self.session.send.seal_into(body, memoryview(sealed), length)
+        _send_all(self.sock, [memoryview(length), memoryview(sealed)], deadline)
+
+    def read_body(self, length: int, deadline: float) -> bytes:
+        """The body of a message whose ``length`` was read (checked by the caller)."""
+        if self.session is None:
+            return _recv_body(self.sock, length, deadline)
+        sealed = _recv_body(self.sock, length + records.TAG_BYTES, deadline)
+        plain = bytearray(length)
+        self.session.receive.open_into(sealed, memoryview(plain), REQUEST_LENGTH.pack(length))
+        return bytes(plain)
+
+    def recv_message(self, deadline: float) -> dict:
+        head = bytearray(REQUEST_LENGTH.size)
+        _recv_exact_into(self.sock, memoryview(head), deadline)
+        (length,) = REQUEST_LENGTH.unpack(head)
+        if length > MAX_REQUEST_BYTES:
+            raise ConnectionError(f"message of {length} bytes is too large")
+        return _decode_message(self.read_body(length, deadline))
+
+    def send_chunk(self, header: bytes, views: list[memoryview], deadline: float) -> None:
+        """A chunk header and its body (``views``, none for a missing chunk)."""
+        if self.session is None:
+            _send_all(self.sock, [memoryview(header), *views], deadline)
+            return
+        sealed_header = bytearray(CHUNK_HEADER.size + records.TAG_BYTES)
+        self.session.send.seal_into(header, memoryview(sealed_header))
+        _send_all(self.sock, [memoryview(sealed_header)], deadline)
+        plain, sealed = self._scratch()
+        offset = 0
+        for size in records.record_sizes(sum(v.nbytes for v in views)):
+            piece = records.gather(views, offset, size, plain)
+            self.session.send.seal_into(piece, sealed[:size + records.TAG_BYTES])
+            _send_all(self.sock, [sealed[:size + records.TAG_BYTES]], deadline)
+            offset += size
+
+    def recv_header(self, header: bytearray, deadline: float) -> None:
+        if self.session is None:
+            _recv_exact_into(self.sock, memoryview(header), deadline)
+            return
+        sealed = bytearray(CHUNK_HEADER.size + records.TAG_BYTES)
+        _recv_exact_into(self.sock, memoryview(sealed), deadline)
+        self.session.receive.open_into(sealed, memoryview(header))
+
+    def recv_body(self, views: list[memoryview], deadline: float) -> None:
+        """Fill ``views`` with the body of the chunk whose header was read; TransferError when
+        a record fails its tag (the views then hold garbage: the caller drops the chunk)."""
+        if self.session is None:
+            _recv_exact_into_many(self.sock, views, deadline)
+            return
+        plain, sealed = self._scratch()
+        offset = 0
+        for size in records.record_sizes(sum(v.nbytes for v in views)):
+            _recv_exact_into(self.sock, sealed[:size + records.TAG_BYTES], deadline)
+            into = records.target(views, offset, size)
+            self.session.receive.open_into(sealed[:size + records.TAG_BYTES],
+                                           into if into is not None else plain[:size])
+            if into is None:
+                records.scatter(plain[:size], views, offset)
+            offset += size
+
+
+def _as_connection(conn: Connection | socket.socket) -> Connection:
+    """A plain connection around a bare socket (as tests hand the server's readers)."""
+    return conn if isinstance(conn, Connection) else Connection(conn)
+
+
 class TcpTransport(Transport):
     """Client side: one persistent connection per peer, reused across fetches."""
 
     name = "tcp"
 
-    def __init__(self, connect_timeout_s: float = 2.0, key: ClusterKey | None = None) -> None:
+    def __init__(self, connect_timeout_s: float = 2.0, key: ClusterKey | None = None,
+                 encrypt: bool = False) -> None:
         self.connect_timeout_s = connect_timeout_s
         self._key = data_key(key)
-        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self.encrypt = encrypt  # ask for encrypted connections (a peer may encrypt anyway)
+        self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._lock = threading.Lock()
 
-    def _connect(self, peer: PeerInfo, deadline: float, fresh: bool = False) -> socket.socket:
+    def _connect(self, peer: PeerInfo, deadline: float, fresh: bool = False) -> Connection:
         address = (peer.host, peer.data_port)
         if not fresh:
             with self._lock:
@@ -174,17 +283,18 @@ class TcpTransport(Transport):
         sock = socket.create_connection(address, timeout=timeout)
         try:
             _tune(sock)
-            client_handshake(sock, self._key, min(deadline, time.monotonic() + timeout))
+            session = client_handshake(sock, self._key, min(deadline, time.monotonic() + timeout),
+                                       self.encrypt)
         except BaseException:
             sock.close()
             raise
-        return sock
+        return Connection(sock, session)
 
     def _reusable(self, peer: PeerInfo) -> bool:
         with self._lock:
             return bool(self._idle.get((peer.host, peer.data_port)))
 
-    def _give_back(self, peer: PeerInfo, sock: socket.socket) -> None:
+    def _give_back(self, peer: PeerInfo, sock: Connection) -> None:
         with self._lock:
             self._idle.setdefault((peer.host, peer.data_port), []).append(sock)
             self._prune_locked()
@@ -218,8 +328,8 @@ class TcpTransport(Transport):
         for fresh in ((False, True) if self._reusable(peer) else (True,)):
             sock = self._connect(peer, deadline, fresh=fresh)
             try:
-                _send_message(sock, message, deadline)
-                reply = _recv_message(sock, deadline)
+                sock.send_message(message, deadline)
+                reply = sock.recv_message(deadline)
             except (OSError, ConnectionError) as exc:
                 sock.close()
                 if fresh or isinstance(exc, TimeoutError):
@@ -233,8 +343,8 @@ class TcpTransport(Transport):
         """End a lease from :meth:`locate` (no answer is awaited; leases also expire)."""
         sock = self._connect(peer, deadline)
         try:
-            _send_message(sock, {"v": PROTOCOL_VERSION, "type": "release", "handle": handle},
-                          deadline)
+            sock.send_message({"v": PROTOCOL_VERSION, "type": "release", "handle": handle},
+                              deadline)
         except BaseException:
             sock.close()
             raise
@@ -258,20 +368,20 @@ class TcpTransport(Transport):
                 return delivered
         return 0
 
-    def _fetch_on(self, sock: socket.socket, peer: PeerInfo, keys: list[bytes], sink: ChunkSink,
+    def _fetch_on(self, sock: Connection | socket.socket, peer: PeerInfo, keys: list[bytes],
+                  sink: ChunkSink,
                   deadline: float, checksum: bool) -> tuple[int, bool]:
         """One request on ``sock``: (chunks delivered, whether the peer answered at all)."""
+        sock = _as_connection(sock)
         delivered = 0
         healthy = False
         answered = False
         try:
-            body = msgpack.packb({"v": PROTOCOL_VERSION, "type": "fetch", "keys": list(keys),
-                                  "checksum": checksum})
-            _send_all(sock, [memoryview(REQUEST_LENGTH.pack(len(body))), memoryview(body)],
-                      deadline)
+            sock.send_message({"v": PROTOCOL_VERSION, "type": "fetch", "keys": list(keys),
+                               "checksum": checksum}, deadline)
             header = bytearray(CHUNK_HEADER.size)
             for key in keys:
-                _recv_exact_into(sock, memoryview(header), deadline)
+                sock.recv_header(header, deadline)
                 answered = True
                 status, crc, nbytes = CHUNK_HEADER.unpack(header)
                 if status != STATUS_OK:
@@ -295,14 +405,14 @@ class TcpTransport(Transport):
             sock.close()  # the stream position is unknown: never reuse it
         return delivered, answered
 
-    def _receive_chunk(self, sock: socket.socket, key: bytes, nbytes: int, crc: int,
+    def _receive_chunk(self, sock: Connection, key: bytes, nbytes: int, crc: int,
                        checksum: bool, sink: ChunkSink, deadline: float) -> bool:
         buffers = sink.begin(key, nbytes)
         if buffers is None:
             raise TransferError(f"no room for a chunk of {nbytes} bytes")
         ok = False
         try:
-            _recv_exact_into_many(sock, buffers, deadline)
+            sock.recv_body(buffers, deadline)
             ok = not checksum or crc32_of(buffers) == crc
             if not ok:
                 raise TransferError("checksum mismatch: chunk dropped")
@@ -324,9 +434,11 @@ class TcpPeerServer:
     def __init__(self, source: ChunkSource, host: str = "127.0.0.1", port: int = 0,
                  send_timeout_s: float = 10.0, locator: Locator | None = None,
                  releaser: Releaser | None = None, idle_timeout_s: float = 300.0,
-                 key: ClusterKey | None = None, handshake_timeout_s: float = 5.0) -> None:
+                 key: ClusterKey | None = None, handshake_timeout_s: float = 5.0,
+                 encrypt: bool = False) -> None:
         self.source = source
         self._key = data_key(key)
+        self.encrypt = encrypt  # encrypt every connection (a client may ask for it anyway)
         self.handshake_timeout_s = handshake_timeout_s
         #: connections refused before any request, by reason (bad_mac, timeout, closed)
         self.refused: Counter[str] = Counter()
@@ -391,7 +503,9 @@ class TcpPeerServer:
             threading.Thread(target=self._serve, args=(conn,), name="lmshare-peer-conn",
                              daemon=True).start()
 
-    def _read_request(self, conn: socket.socket) -> dict | None:
+    def _read_request(self, channel: Connection | socket.socket) -> dict | None:
+        channel = _as_connection(channel)
+        conn = channel.sock
         head = bytearray(REQUEST_LENGTH.size)
         conn.settimeout(self.idle_timeout_s)  # an idle peer connection is closed after this
         try:
@@ -405,7 +519,7 @@ class TcpPeerServer:
         (length,) = REQUEST_LENGTH.unpack(head)
         if length > MAX_REQUEST_BYTES:
             raise ConnectionError(f"request of {length} bytes is too large")
-        body = _recv_body(conn, length, time.monotonic() + self.send_timeout_s)
+        body = channel.read_body(length, time.monotonic() + self.send_timeout_s)
         try:
             return protocol.decode_request(body, PEER_TYPES, MAX_REQUEST_BYTES)
         except ProtocolError as exc:
@@ -454,12 +568,15 @@ class TcpPeerServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             try:
-                server_handshake(conn, self._key, time.monotonic() + self.handshake_timeout_s)
+                session = server_handshake(conn, self._key,
+                                           time.monotonic() + self.handshake_timeout_s,
+                                           self.encrypt)
             except HandshakeRefused as exc:
                 self._refuse(conn, exc)
                 return
+            channel = Connection(conn, session)
             while not self._stopping.is_set():
-                request = self._read_request(conn)
+                request = self._read_request(channel)
                 if request is None:
                     break
                 if request["type"] == "release":
@@ -469,9 +586,9 @@ class TcpPeerServer:
                     self._in_flight += 1
                 try:
                     if request["type"] == "locate":
-                        self._answer_locate(conn, request)
+                        self._answer_locate(channel, request)
                     else:
-                        self._answer(conn, request)
+                        self._answer(channel, request)
                 finally:
                     with self._state:
                         self._in_flight -= 1
@@ -484,28 +601,29 @@ class TcpPeerServer:
                 self._connections.discard(conn)
             conn.close()
 
-    def _answer_locate(self, conn: socket.socket, request: dict) -> None:
+    def _answer_locate(self, conn: Connection | socket.socket, request: dict) -> None:
+        conn = _as_connection(conn)
         if self.locator is None:
             reply = {"handle": 0, "chunks": [], "gens": []}
         else:
             reply = self.locator(request["keys"], request["lease_s"])
             self._remember_located(reply.get("handle"))
-        _send_message(conn, reply, time.monotonic() + self.send_timeout_s)
+        conn.send_message(reply, time.monotonic() + self.send_timeout_s)
 
-    def _answer(self, conn: socket.socket, request: dict) -> None:
+    def _answer(self, conn: Connection | socket.socket, request: dict) -> None:
+        conn = _as_connection(conn)
         checksum = bool(request.get("checksum"))
         deadline = time.monotonic() + self.send_timeout_s
         for key in request["keys"]:
             found = self.source(key) if isinstance(key, bytes) else None
             if found is None:
-                _send_all(conn, [memoryview(CHUNK_HEADER.pack(STATUS_MISSING, 0, 0))], deadline)
+                conn.send_chunk(CHUNK_HEADER.pack(STATUS_MISSING, 0, 0), [], deadline)
                 return
             views, release = found
             try:
                 nbytes = sum(v.nbytes for v in views)
                 crc = crc32_of(views) if checksum else 0
-                _send_all(conn, [memoryview(CHUNK_HEADER.pack(STATUS_OK, crc, nbytes)), *views],
-                          deadline)
+                conn.send_chunk(CHUNK_HEADER.pack(STATUS_OK, crc, nbytes), views, deadline)
                 self.bytes_served += nbytes
                 self.chunks_served += 1
             finally:
