@@ -199,7 +199,7 @@ def _run_engine(name: str, role: str, out: Path, make: Callable[[], Any],
         result.start_s = time.monotonic() - started
         print(f"[vllm_gpu] {name} up in {result.start_s:.0f}s", flush=True)
         body(engine, result)
-    except Exception as exc:  # noqa: BLE001 - the other engines still run; the log says why
+    except Exception as exc:  # the other engines still run; the log says why
         print(f"[vllm_gpu] {name} failed: {exc!r}", flush=True)
         result.log_facts = _log_facts(out / f"{name}.log")
         result.longdoc = {**result.longdoc, "error": repr(exc)[:2000]}

@@ -116,5 +116,5 @@ class LeaderElection:
                 self._set_leading(False)
                 try:
                     await client.close()
-                except Exception:  # noqa: BLE001 - closing a broken client
+                except Exception:  # closing a broken client
                     pass

@@ -157,7 +157,7 @@ class Router:
         try:
             return await loop.run_in_executor(self._executor, self.tokenizer.tokens, endpoint,
                                               body)
-        except Exception as exc:  # noqa: BLE001 - a prompt the tokenizer rejects: route by load
+        except Exception as exc:  # a prompt the tokenizer rejects: route by load
             log.debug("tokenizing failed: %s", exc)
             return None
 

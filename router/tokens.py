@@ -32,7 +32,7 @@ class Tokenizer:
                               "transformers (or use --policy least-loaded)") from None
         try:
             self._tok = AutoTokenizer.from_pretrained(name)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        except Exception as exc:  # transformers raises many types
             raise ConfigError(f"cannot load tokenizer {name!r} ({exc}); give --tokenizer DIR_OR_ID "
                               "(the folder or id vLLM serves)") from None
         self.name = name
@@ -63,7 +63,7 @@ class Tokenizer:
                 add_generation_prompt=body.get("add_generation_prompt", True) is not False
                 and not continue_final,
                 continue_final_message=continue_final, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - no template, a bad message: route by load
+        except Exception as exc:  # no template, a bad message: route by load
             log.debug("chat template failed: %s", exc)
             return None
         special = body.get("add_special_tokens", False) is True

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
-from benchmarks import longdoc_qa  # noqa: E402
+from benchmarks import longdoc_qa
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from lmshare.integrations.vllm.metadata import LMShareWorkerMetadata  # noqa: E402
-from lmshare.integrations.vllm.recompute import RecomputeRate  # noqa: E402
+from lmshare.integrations.vllm.metadata import LMShareWorkerMetadata
+from lmshare.integrations.vllm.recompute import RecomputeRate
 
 
 class Clock:

@@ -22,10 +22,10 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
-from lmshare.local_cluster import LocalCluster, free_port  # noqa: E402
-from lmshare.testing.tiny_model import build_tiny_model, make_prompt  # noqa: E402
-from lmshare.testing.vllm_server import VllmServer  # noqa: E402
-from lmshare.testing.waiting import wait_until  # noqa: E402
+from lmshare.local_cluster import LocalCluster, free_port
+from lmshare.testing.tiny_model import build_tiny_model, make_prompt
+from lmshare.testing.vllm_server import VllmServer
+from lmshare.testing.waiting import wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -21,8 +21,8 @@ import pytest
 
 pytest.importorskip("libucx", reason="UCX not installed (pip install lmshare[ucx])")
 
-from lmshare.errors import ConfigError, TransferError  # noqa: E402
-from lmshare.transports import ucp  # noqa: E402
+from lmshare.errors import ConfigError, TransferError
+from lmshare.transports import ucp
 
 if not ucp.ucx_available():
     pytest.skip("libucp cannot be loaded", allow_module_level=True)

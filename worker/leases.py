@@ -92,7 +92,7 @@ class LeaseTable:
         for callback in lease.on_end:
             try:
                 callback()
-            except Exception:  # noqa: BLE001 - the holder's lease expires on its own
+            except Exception:  # the holder's lease expires on its own
                 log.debug("ending a lease callback failed", exc_info=True)
 
     def sweep(self) -> int:

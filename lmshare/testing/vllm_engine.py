@@ -153,7 +153,7 @@ def serve(args: argparse.Namespace) -> int:
                 reply = {"outputs": [_request_output(o) for o in outputs], "seconds": seconds}
             else:
                 reply = {**_request_output(outputs[0]), "seconds": seconds}
-        except Exception as exc:  # noqa: BLE001 - reported to the parent
+        except Exception as exc:  # reported to the parent
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         results.write(json.dumps(reply) + "\n")
     return 0
@@ -238,7 +238,7 @@ class EngineProcess:
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         full_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
         self.log_path = Path(log_path)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._log = open(self.log_path, "ab")  # closed in close()
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self._log, env=full_env, text=True, bufsize=1,
                                         start_new_session=True)

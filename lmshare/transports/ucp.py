@@ -213,7 +213,7 @@ def _candidates() -> list[str]:
             name = getattr(handle, "_name", "") or ""
             if os.path.basename(name).startswith("libucp.so"):
                 paths.append(name)
-    except Exception as exc:  # noqa: BLE001 - any import/load failure just means "not here"
+    except Exception as exc:  # any import/load failure just means "not here"
         log.debug("libucx package not usable: %s", exc)
     if found := ctypes.util.find_library("ucp"):
         paths.append(found)
@@ -468,7 +468,7 @@ class UcpContext:
             if child is not None:
                 try:
                     child.close()
-                except Exception:  # noqa: BLE001 - teardown must go on
+                except Exception:  # teardown must go on
                     log.exception("closing %r failed", child)
         with self.lock:
             self._closed = True
@@ -490,7 +490,7 @@ def _close_all_contexts() -> None:
     for ctx in list(_live_contexts):
         try:
             ctx.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("UCP teardown at exit failed")
 
 
@@ -840,7 +840,7 @@ class UcpServer:
                         select.select([self._fd], [], [], 0.1)
                 else:
                     time.sleep(min(self._max_sleep, 1e-6 * idle))
-        except Exception:  # noqa: BLE001 - a dying progress thread must say why
+        except Exception:  # a dying progress thread must say why
             log.exception("UCP progress thread failed")
 
     def stop(self, timeout: float = 2.0) -> None:

@@ -37,8 +37,8 @@ def fuzz_one(name: str, runs: int) -> None:
     from hypothesis import HealthCheck, given, settings
 
     with atheris.instrument_imports(include=["lmshare", "controller", "worker"]):
-        import lmshare.controller.service  # noqa: F401  (instrumented for coverage)
-        import lmshare.transports.tcp  # noqa: F401
+        import lmshare.controller.service  # (instrumented for coverage)
+        import lmshare.transports.tcp
         import lmshare.worker.agent  # noqa: F401
     strategy, check, context = targets()[name]
     with context() as subject:

@@ -11,12 +11,12 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
-from lmshare.local_cluster import LocalCluster  # noqa: E402
-from lmshare.testing.tiny_model import build_tiny_model  # noqa: E402
-from lmshare.testing.vllm_engine import EngineProcess  # noqa: E402
-from lmshare.testing.waiting import wait_until  # noqa: E402
+from lmshare.local_cluster import LocalCluster
+from lmshare.testing.tiny_model import build_tiny_model
+from lmshare.testing.vllm_engine import EngineProcess
+from lmshare.testing.waiting import wait_until
 
-from .conftest import run_cli  # noqa: E402
+from .conftest import run_cli
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -174,7 +174,7 @@ def _setup_logging() -> None:
 def _vllm_version() -> str:
     try:
         from vllm.version import __version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"
     return str(__version__)
 
@@ -184,7 +184,7 @@ def _device_type() -> str:
         from vllm.platforms import current_platform
 
         return str(current_platform.device_type)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"
 
 

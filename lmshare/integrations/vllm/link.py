@@ -40,7 +40,7 @@ class WorkerLink:
             if self.on_close is not None:
                 self.on_close(client)
             client.close()
-        except Exception:  # noqa: BLE001 - closing a broken client
+        except Exception:  # closing a broken client
             log.debug("closing an lmshare client failed", exc_info=True)
 
     def _connect(self) -> Client:
@@ -60,7 +60,7 @@ class WorkerLink:
             if self.on_connect is not None:
                 try:
                     self.on_connect(self._client)
-                except Exception:  # noqa: BLE001 - an optimisation, never a reason to fail
+                except Exception:  # an optimisation, never a reason to fail
                     log.warning("lmshare: setting up the new worker client failed",
                                 exc_info=True)
             return self._client

@@ -39,7 +39,7 @@ def store(link: WorkerLink, job: SaveJob) -> int:
                  job.req_id, exc)
     except WorkerUnavailable as exc:
         log.debug("lmshare: store of %s skipped: %s", job.req_id, exc)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("lmshare: storing chunks of %s failed", job.req_id)
     finally:
         for p in job.pending:
@@ -113,7 +113,7 @@ class Releaser:
             for hit in hits:
                 try:
                     hit.release()
-                except Exception:  # noqa: BLE001 - a lease not released expires on its own
+                except Exception:  # a lease not released expires on its own
                     log.debug("lmshare: releasing a hit failed", exc_info=True)
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -113,7 +113,7 @@ class LMShareConnectorScheduler:
         except WorkerUnavailable as exc:  # WorkerLink logs once per outage
             log.debug("lmshare lookup for %s skipped: %s", request.request_id, exc)
             return 0, False
-        except Exception as exc:  # noqa: BLE001 - a lookup problem is a miss, never a crash
+        except Exception as exc:  # a lookup problem is a miss, never a crash
             log.warning("lmshare lookup for request %s failed (%s); computing it",
                         request.request_id, exc, exc_info=not isinstance(exc, LMShareError))
             return 0, False
@@ -204,7 +204,7 @@ class LMShareConnectorScheduler:
             return meta
         try:
             self._plan_saves(scheduler_output, meta)
-        except Exception:  # noqa: BLE001 - a planning bug must not stop serving
+        except Exception:  # a planning bug must not stop serving
             log.exception("lmshare: planning stores failed; skipping them this step")
         return meta
 

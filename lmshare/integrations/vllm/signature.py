@@ -93,7 +93,7 @@ def _snapshot_dir(repo_id: str, revision: str | None) -> Path | None:
         return None
     try:
         found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - a malformed id is just "not cached"
+    except Exception:  # a malformed id is just "not cached"
         return None
     if isinstance(found, str) and os.path.isfile(found):
         return Path(found).parent
@@ -109,7 +109,7 @@ def _hf_config_hash(hf_config: Any) -> str:
         return ""
     try:
         data = hf_config.to_dict()
-    except Exception:  # noqa: BLE001 - a config object without to_dict
+    except Exception:  # a config object without to_dict
         data = dict(getattr(hf_config, "__dict__", {}))
     for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "name_or_path"):
         data.pop(volatile, None)

@@ -158,7 +158,7 @@ class LMShareConnectorWorker:
             started = time.monotonic()
             try:
                 done = copier.register_host(buffer, read_only=read_only)
-            except Exception:  # noqa: BLE001 - loads keep working from unregistered memory
+            except Exception:  # loads keep working from unregistered memory
                 log.exception("lmshare: registering %s failed", what)
                 return
             if done:
@@ -200,7 +200,7 @@ class LMShareConnectorWorker:
         for spec in metadata.loads:
             try:
                 self._load(spec, self._loading_hits)
-            except Exception as exc:  # noqa: BLE001 - a failed load is a recompute
+            except Exception as exc:  # a failed load is a recompute
                 log.warning("lmshare load for %s failed (%s); vLLM recomputes it",
                             spec.req_id, exc, exc_info=not isinstance(exc, LMShareError))
                 self._fail_load(spec, spec.first_chunk)
@@ -208,7 +208,7 @@ class LMShareConnectorWorker:
             return
         try:
             self._copier.loads_done()  # on GPU: copies start, layer by layer
-        except Exception:  # noqa: BLE001 - the blocks may be half written: recompute them
+        except Exception:  # the blocks may be half written: recompute them
             log.exception("lmshare: starting this step's KV copies failed; vLLM recomputes")
             for spec in metadata.loads:
                 self._fail_load(spec, spec.first_chunk)
@@ -222,7 +222,7 @@ class LMShareConnectorWorker:
         if self._copier is not None:
             try:
                 self._copier.loads_finished()
-            except Exception:  # noqa: BLE001 - leases expire on their own
+            except Exception:  # leases expire on their own
                 log.exception("lmshare: waiting for KV copies failed")
         reads, self._peer_reads = self._peer_reads, []
         failed: set[str] = set()
@@ -355,7 +355,7 @@ class LMShareConnectorWorker:
             return
         try:  # every chunk of the step at once: on GPU a few gather kernels in all
             pending = copier.save_chunks([ids for spec in metadata.saves for ids in spec.block_ids])
-        except Exception:  # noqa: BLE001 - a failed store is a future miss
+        except Exception:  # a failed store is a future miss
             log.exception("lmshare: copying this step's new chunks out failed")
             return
         position = 0
