@@ -25,13 +25,12 @@ from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnav
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_files import check_private_dir
 from lmshare.pool import fill_views, slab_views
-from lmshare.protocol import ErrorCode
+from lmshare.protocol import DEFAULT_LEASE_S, ErrorCode
 from lmshare.shm import SharedRegion
 from lmshare.transports.shm import PeerRegion
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_S = 30.0
 # calls that name slabs of the mapped pool carry the worker's incarnation: a restarted worker
 # (same name, new pool) refuses them instead of handing out slabs of a pool we do not map
 _POOL_CALLS = {"reserve", "commit", "abort", "acquire", "release"}

@@ -38,6 +38,9 @@ MAX_KEYS = 65536  # chunk keys in one request, or in one batch or sync part
 MAX_NAME = 200  # worker ids
 MAX_HOST = 255  # host names and host ids
 MAX_LEASE_S = 86400.0  # the worker clamps a lease further (its --max-lease)
+# the defaults of the leases the protocol grants (one place for each)
+DEFAULT_LEASE_S = 30.0  # an acquire's pin on what a client got, unless it asks for another
+READ_LEASE_S = 5.0  # a locate's pin on a peer's chunks while a one-sided reader copies them
 MAX_COUNTER = 2**62  # a heartbeat counter (monotonic, since the worker started)
 MAX_ERROR_TEXT = 1000  # characters of an error reply's message
 MAX_HOLDERS = 64  # workers an acquire's plan names for one chunk

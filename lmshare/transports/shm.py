@@ -20,12 +20,11 @@ from pathlib import Path
 from lmshare.control import RpcClient
 from lmshare.errors import LMShareError
 from lmshare.pool import slab_views
+from lmshare.protocol import READ_LEASE_S
 from lmshare.shm import SharedRegion
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LEASE_S = 5.0
 
 
 class PeerRegion:
@@ -87,7 +86,7 @@ class ShmTransport(Transport):
 
     name = "shm"
 
-    def __init__(self, lease_s: float = DEFAULT_LEASE_S, runtime: Path | None = None) -> None:
+    def __init__(self, lease_s: float = READ_LEASE_S, runtime: Path | None = None) -> None:
         self.lease_s = lease_s
         # same-host peers are reached only through sockets in this private directory
         self._runtime = Path(runtime) if runtime is not None else None

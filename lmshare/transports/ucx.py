@@ -18,13 +18,12 @@ import threading
 import time
 
 from lmshare.errors import LMShareError
+from lmshare.protocol import READ_LEASE_S
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
 from lmshare.transports.tcp import TcpTransport
 from lmshare.transports.ucp import RemoteEndpoint, UcpContext, UcpServer, ucx_available
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LEASE_S = 5.0
 
 
 def rdma_hardware_present() -> bool:
@@ -100,7 +99,7 @@ class UcxTransport(Transport):
     name = "ucx"
 
     def __init__(self, control: TcpTransport, host_id: str = "",
-                 lease_s: float = DEFAULT_LEASE_S) -> None:
+                 lease_s: float = READ_LEASE_S) -> None:
         self._control = control
         self._host_id = host_id
         self.lease_s = lease_s
