@@ -40,7 +40,6 @@ class LeaderElection:
         self.on_change = on_change
         self._leading = threading.Event()
         self.leader = ""  # the identity (HOST:PORT) of the current leader, as last seen
-        self.etcd_reachable = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmshare-election", daemon=True)
 
@@ -88,7 +87,6 @@ class LeaderElection:
                             success=[client.transactions.put(self.key, self.identity.encode(),
                                                              lease=lease)],
                             failure=[])
-                        self.etcd_reachable = True
                         if won:
                             self._set_leading(True)
                         else:
@@ -107,7 +105,6 @@ class LeaderElection:
                 if lease is not None:
                     await lease.revoke()  # hand over at once on a clean stop
             except Exception as exc:  # etcd unreachable or restarting: step down, retry
-                self.etcd_reachable = False
                 if self.is_leader:
                     log.warning("lost etcd (%s); stepping down", exc)
                 self._set_leading(False)

@@ -55,7 +55,6 @@ class StatsPoller:
         self.stats: ClusterStats | None = None
         self.error: str | None = None
         self.error_since = 0.0
-        self.updated = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmshare-dashboard-poll",
                                         daemon=True)
@@ -76,7 +75,6 @@ class StatsPoller:
                 self.router_error = None
             except (OSError, ValueError, TypeError) as exc:
                 self.router_error = str(exc) or type(exc).__name__
-        self.updated.set()
         return self.stats
 
     def _run(self) -> None:

@@ -38,7 +38,6 @@ class LeaseTable:
         self.max_leases = max_leases
         self._lock = threading.Lock()
         self._leases: dict[int, Lease] = {}
-        self.expired = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -104,7 +103,6 @@ class LeaseTable:
         for lease in leases:
             self._end(lease)
         if leases:
-            self.expired += len(leases)
             log.warning("released %d expired client leases (a client died or forgot to release)",
                         len(leases))
         return len(leases)

@@ -54,7 +54,6 @@ API_MAJOR, API_MINOR = 1, 21  # the headers these layouts come from
 UCS_OK = 0
 UCS_INPROGRESS = 1
 UCS_ERR_BUSY = -15
-UCS_ERR_CANCELED = -16
 UCS_ERR_LAST = -100
 
 # ucp_params_t.field_mask / features
@@ -76,7 +75,6 @@ UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE = 1 << 4
 UCP_MEM_MAP_PROT_LOCAL_READ = 1 << 0
 UCP_MEM_MAP_PROT_LOCAL_WRITE = 1 << 1
 UCP_MEM_MAP_PROT_REMOTE_READ = 1 << 8
-UCP_MEM_MAP_PROT_REMOTE_WRITE = 1 << 9
 UCS_MEMORY_TYPE_HOST = 0
 # ucp_ep_params_t.field_mask / err_mode
 UCP_EP_PARAM_FIELD_REMOTE_ADDRESS = 1 << 0
@@ -89,6 +87,9 @@ UCP_OP_ATTR_FIELD_FLAGS = 1 << 4
 UCP_OP_ATTR_FIELD_MEMH = 1 << 8
 UCP_EP_CLOSE_FLAG_FORCE = 1 << 0
 
+# an idle progress thread polls PROGRESS_SPIN times, then sleeps (up to PROGRESS_MAX_SLEEP_S)
+PROGRESS_SPIN = 200
+PROGRESS_MAX_SLEEP_S = 0.0005
 _POINTER_ERROR_FLOOR = (1 << 64) + UCS_ERR_LAST  # ucs_status_ptr_t values >= this are errors
 
 
@@ -449,11 +450,10 @@ class UcpContext:
             if not self._closed:
                 self._lib.ucp_worker_signal(self._worker)
 
-    def map(self, buffer: Any = None, *, address: int | None = None, length: int | None = None,
-            remote_write: bool = False) -> MemoryRegion:
-        """Register memory for remote access (see ``MemoryRegion``)."""
-        return MemoryRegion(self, buffer, address=address, length=length,
-                            remote_write=remote_write)
+    def map(self, buffer: Any = None, *, address: int | None = None,
+            length: int | None = None) -> MemoryRegion:
+        """Register memory for remote reads (see ``MemoryRegion``)."""
+        return MemoryRegion(self, buffer, address=address, length=length)
 
     def connect(self, worker_address: bytes, *, error_handling: bool = True) -> RemoteEndpoint:
         """An endpoint to the worker whose address is ``worker_address``."""
@@ -505,7 +505,7 @@ class MemoryRegion:
     """
 
     def __init__(self, ctx: UcpContext, buffer: Any = None, *, address: int | None = None,
-                 length: int | None = None, remote_write: bool = False) -> None:
+                 length: int | None = None) -> None:
         self._ctx = ctx
         self._keepalive: Any = None
         if buffer is not None:
@@ -515,7 +515,7 @@ class MemoryRegion:
         self.address = int(address)
         self.length = int(length)
         prot = UCP_MEM_MAP_PROT_LOCAL_READ | UCP_MEM_MAP_PROT_LOCAL_WRITE | \
-            UCP_MEM_MAP_PROT_REMOTE_READ | (UCP_MEM_MAP_PROT_REMOTE_WRITE if remote_write else 0)
+            UCP_MEM_MAP_PROT_REMOTE_READ  # peers only ever read
         params = _MemMapParams(
             field_mask=UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH
             | UCP_MEM_MAP_PARAM_FIELD_PROT | UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE,
@@ -799,15 +799,13 @@ class UcpServer:
 
     Needed whenever a peer's GET is emulated with active messages (``tcp``); harmless over
     shared memory. Idle, it sleeps on the worker's event fd when the context has ``wakeup=True``,
-    else it backs off polling up to ``max_sleep`` seconds.
+    else it backs off polling up to ``PROGRESS_MAX_SLEEP_S``.
     """
 
-    def __init__(self, ctx: UcpContext, *, max_sleep: float = 0.0005, spin: int = 200) -> None:
+    def __init__(self, ctx: UcpContext) -> None:
         self._ctx = ctx
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._max_sleep = max_sleep
-        self._spin = spin
         self._fd: int | None = None
         self._fd_generation = -1
         ctx._adopt(self)
@@ -831,7 +829,7 @@ class UcpServer:
                     idle = 0
                     continue
                 idle += 1
-                if idle < self._spin:
+                if idle < PROGRESS_SPIN:
                     continue
                 if ctx.wakeup:
                     if self._fd_generation != ctx.generation:
@@ -839,7 +837,7 @@ class UcpServer:
                     if ctx.arm():
                         select.select([self._fd], [], [], 0.1)
                 else:
-                    time.sleep(min(self._max_sleep, 1e-6 * idle))
+                    time.sleep(min(PROGRESS_MAX_SLEEP_S, 1e-6 * idle))
         except Exception:  # a dying progress thread must say why
             log.exception("UCP progress thread failed")
 

@@ -30,7 +30,6 @@ class WorkerLink:
         self._client: Client | None = None
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self.failures = 0
         # Called with each new client / before a client is closed (e.g. to page-lock its pool).
         self.on_connect: Callable[[Client], None] | None = None
         self.on_close: Callable[[Client], None] | None = None
@@ -66,7 +65,6 @@ class WorkerLink:
             return self._client
 
     def _mark_down_locked(self, exc: Exception) -> None:
-        self.failures += 1
         if time.monotonic() >= self._down_until:
             log.warning("lmshare worker %s unavailable (%s); serving without lmshare for %.0fs",
                         self.settings.worker or self.settings.endpoint, exc,

@@ -56,7 +56,6 @@ class Saver:
         self._link = link
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_pending))
         self.dropped = 0
-        self.stored = 0
         self._thread = threading.Thread(target=self._run, name="lmshare-saver", daemon=True)
         self._thread.start()
 
@@ -77,7 +76,7 @@ class Saver:
             try:
                 if job is self._STOP:
                     return
-                self.stored += store(self._link, job)
+                store(self._link, job)
             finally:
                 self._queue.task_done()
 
