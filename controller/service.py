@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import zmq
@@ -24,8 +24,10 @@ from lmshare import protocol, serving
 from lmshare.controller.digests import DigestRecords
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
+from lmshare.controller.signatures import SignatureBook
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ErrorCode, LMShareError
+from lmshare.signatures import from_wire
 from lmshare.stats import ClusterEvent, ClusterStats, WorkerCounters, WorkerView
 from lmshare.transports.base import PeerInfo
 from lmshare.transports.choice import choose_transport
@@ -38,6 +40,7 @@ LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup"}
 TENANT_FIELD = "_tenant"
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
                     "ping"}
+MAX_MISMATCHES = 200  # signature mismatches in one stats reply
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
 MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
 
@@ -105,6 +108,7 @@ class ControllerService:
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
         self.index = ChunkIndex(config.max_keys_per_worker)
         self.digests = DigestRecords()  # chunk digests as their writers recorded them
+        self.signatures = SignatureBook()  # what the workers' clients use, and mismatches
         self.tenant_digests: dict[str, DigestRecords] = {}  # the same, per tenant
         self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
         self.index.on_capped = self._on_capped
@@ -299,6 +303,7 @@ class ControllerService:
     def _drop_worker(self, worker_id: str, kind: str, detail: str) -> None:
         record = self.registry.remove(worker_id)
         chunks = self.index.drop_worker(worker_id)
+        self.signatures.remove(worker_id)
         if record is not None:
             self.departed[worker_id] = (record, "left" if kind == "leave" else "dead", time.time())
         self.event(kind, f"{worker_id} {detail}; {chunks} chunks left the index")
@@ -321,6 +326,7 @@ class ControllerService:
         previous = self.registry.add(record)
         if previous is not None:
             self.index.drop_worker(worker_id)
+            self.signatures.remove(worker_id)
             self.event("join", f"{worker_id} re-registered at {record.address} (replaces epoch "
                                f"{previous.epoch})")
         else:
@@ -334,8 +340,14 @@ class ControllerService:
         record = self._worker(m)
         record.record_heartbeat(WorkerCounters.from_dict(m["stats"]))
         record.namespaces = _namespace_report(m.get("namespaces"))
+        if m.get("signatures") is not None:  # checked again: each must hash to its namespace
+            parsed = {ns: from_wire(data, ns) for ns, data in m["signatures"].items()}
+            self.signatures.update(record.worker_id, record.tenant,
+                                   {ns: sig for ns, sig in parsed.items() if sig is not None})
+        mismatches = {bytes.fromhex(x.namespace): x.text
+                      for x in self.signatures.mismatches(record.worker_id)}
         resync = record.syncing or record.last_seq != m["seq"]
-        return protocol.ok(m["id"], resync=resync)
+        return protocol.ok(m["id"], resync=resync, mismatches=mismatches)
 
     def _on_batch(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
@@ -432,7 +444,8 @@ class ControllerService:
                             chunks_indexed=sum(w.chunks_indexed for w in workers),
                             multi_holder_chunks=0, namespaces=0, lookups=0, lookup_p50_us=0.0,
                             lookup_p99_us=0.0, role=self.role, secure=True,
-                            workers_total=len(workers))
+                            workers_total=len(workers),
+                            mismatches=[asdict(x) for x in self.signatures.all_mismatches(tenant)])
 
     # ------------------------------------------------------------------ timers
     def _check_liveness(self) -> None:
@@ -526,4 +539,5 @@ class ControllerService:
             refused_connections=self.guard.counts() if self.guard is not None else {},
             secure=self.guard is not None,
             leader=self.election.leader if self.election is not None else "",
-            workers_total=total, workers_offset=offset)
+            workers_total=total, workers_offset=offset,
+            mismatches=[asdict(x) for x in self.signatures.all_mismatches()][:MAX_MISMATCHES])

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmshare.stats import ClusterEvent, ClusterStats, RouterStats, WorkerView
+from lmshare.status_view import mismatch_line
 from lmshare.units import format_size
 
 SORTS = ("state", "name", "used", "chunks", "peer", "served")
@@ -143,6 +144,7 @@ def budget(stats: ClusterStats | None, height: int | None, state: ViewState) -> 
     hits = 5 if height >= TALL else 2
     fixed = 1 + 2 + hits + 2 + 1 + 1 + (1 if state.footer else 0)  # title..footer
     fixed += router_lines(state)
+    fixed += mismatch_lines(stats)
     remaining = max(2, height - fixed)
     want_events = min(events, 20 if height >= TALL else 10)
     reserve = min(want_events, 3)
@@ -233,6 +235,22 @@ def _hits(stats: ClusterStats, width: int, tall: bool) -> list[Text]:
 
 
 MAX_ROUTER_BACKENDS = 8
+MAX_MISMATCH_LINES = 3
+
+
+def mismatch_lines(stats: ClusterStats | None) -> int:
+    """Lines of the signature-mismatch section (0 when there is none)."""
+    shown = min(len(stats.mismatches), MAX_MISMATCH_LINES) if stats else 0
+    return shown + 1 if shown else 0
+
+
+def _mismatch_panel(stats: ClusterStats, width: int) -> list[RenderableType]:
+    count = len(stats.mismatches)
+    parts: list[RenderableType] = [Rule(
+        f"signature mismatches: {count} namespace{'s' * (count != 1)} shared with no other "
+        "worker", style="yellow", align="left")]
+    parts.extend(_line(mismatch_line(m), width) for m in stats.mismatches[:MAX_MISMATCH_LINES])
+    return parts
 
 
 def router_lines(state: ViewState) -> int:
@@ -381,6 +399,8 @@ def render(stats: ClusterStats | None, width: int, height: int | None,
     parts.extend(_hits(stats, width, tall=height is not None and height >= TALL))
     if state.router:
         parts.extend(_router_panel(state, width))
+    if stats.mismatches:
+        parts.extend(_mismatch_panel(stats, width))
     ordered = dataclasses.replace(stats, workers=sort_workers(stats.workers, state.sort))
     shown = len(ordered.workers[page * fit.worker_rows:(page + 1) * fit.worker_rows])
     first = page * fit.worker_rows + 1

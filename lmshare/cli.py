@@ -177,10 +177,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    from lmshare.status_view import status_table
+    from lmshare.status_view import status_report
 
     # a pipe or file gets the whole table instead of one squeezed to 80 columns
-    Console(width=None if sys.stdout.isatty() else 200).print(status_table(stats))
+    Console(width=None if sys.stdout.isatty() else 200).print(status_report(stats))
     return 0
 
 

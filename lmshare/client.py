@@ -14,6 +14,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,13 @@ from lmshare.local_files import check_private_dir
 from lmshare.pool import fill_views, slab_views
 from lmshare.protocol import DEFAULT_LEASE_S, ErrorCode
 from lmshare.shm import SharedRegion
+from lmshare.signatures import MAX_DIAGNOSIS_CHARS, to_wire
+from lmshare.stats import printable
 from lmshare.transports.shm import PeerRegion
 
 log = logging.getLogger(__name__)
 
+SIGNATURE_EVERY_S = 30.0  # a namespace's signature goes with its lookups this often
 # calls that name slabs of the mapped pool carry the worker's incarnation: a restarted worker
 # (same name, new pool) refuses them instead of handing out slabs of a pool we do not map
 _POOL_CALLS = {"reserve", "commit", "abort", "acquire", "release"}
@@ -122,6 +126,8 @@ class PrefixPlan:
     local: int  # chunks held by the local worker
     peer: int  # chunks only other workers hold
     holders: tuple[tuple[str, ...], ...] = ()
+    # why no other worker shares this namespace, as the controller diagnosed it ('' if none)
+    mismatch: str = ""
 
     def __len__(self) -> int:
         return self.local + self.peer
@@ -129,12 +135,14 @@ class PrefixPlan:
 
 def _plan_from_reply(reply: dict) -> PrefixPlan:
     local, peer = int(reply["local"]), int(reply["peer"])
+    mismatch = reply.get("mismatch")
+    mismatch = printable(mismatch, MAX_DIAGNOSIS_CHARS) if isinstance(mismatch, str) else ""
     holders = reply.get("holders")
     if not isinstance(holders, (list, tuple)) or len(holders) != local + peer or not all(
             isinstance(h, (list, tuple)) and all(isinstance(w, str) for w in h)
             for h in holders):
-        return PrefixPlan(local, peer)  # no usable plan: acquire asks the controller
-    return PrefixPlan(local, peer, tuple(tuple(h) for h in holders))
+        return PrefixPlan(local, peer, mismatch=mismatch)  # no plan: acquire asks the controller
+    return PrefixPlan(local, peer, tuple(tuple(h) for h in holders), mismatch)
 
 
 class Hit:
@@ -236,6 +244,7 @@ class Client:
         self.endpoint = endpoint
         self._rpc = _WorkerRpc(endpoint, timeout_s)
         self._lock = threading.Lock()
+        self._described: dict[bytes, float] = {}  # namespace → when its signature was sent
         key_file = key_file or os.environ.get(KEY_ENV) or None
         key = load_key_file(key_file) if key_file else None
         challenge = secrets.token_bytes(32)
@@ -345,17 +354,23 @@ class Client:
     def lookup_plan(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
                     count: bool = True, chunk_tokens: int = 0,
                     recompute_tokens_per_s: float | None = None, chunk_bytes: int = 0,
-                    direct: bool = False) -> PrefixPlan:
+                    direct: bool = False, signature: ModelSignature | None = None
+                    ) -> PrefixPlan:
         """Where each chunk of the longest available prefix of ``keys`` is (one controller
         round trip at most, made by the worker). ``count=False``: a repeated lookup (e.g. a
         request vLLM could not schedule yet) that the worker's hit/miss statistics should not
         count again. ``chunk_tokens``: the namespace's chunk size, which the worker reports so
         that a router can compute the same keys. With ``recompute_tokens_per_s`` and
         ``chunk_bytes`` too, peer chunks are offered only where fetching them beats
-        recomputing them (``direct``: the asker reads same-host peers in place)."""
+        recomputing them (``direct``: the asker reads same-host peers in place).
+        ``signature``: the one behind ``namespace``, sent to the worker now and then so that the
+        controller can say what differs when no other worker shares the namespace (the plan's
+        ``mismatch``)."""
         if not keys:
             return PrefixPlan(0, 0)
         extra: dict[str, object] = {"chunk_tokens": int(chunk_tokens)} if chunk_tokens else {}
+        if signature is not None:
+            extra.update(self._signature_field(namespace, signature))
         if recompute_tokens_per_s and chunk_bytes and chunk_tokens:
             # peer chunks that would be fetched are offered only if that beats recomputing
             extra.update(recompute_tokens_per_s=float(recompute_tokens_per_s),
@@ -363,6 +378,17 @@ class Client:
         return _plan_from_reply(self._call("local_lookup", namespace=namespace,
                                            keys=list(keys), peers=peers, count=bool(count),
                                            **extra))
+
+    def _signature_field(self, namespace: bytes, signature: ModelSignature) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._described.get(namespace, -SIGNATURE_EVERY_S) < SIGNATURE_EVERY_S:
+                return {}
+            if len(self._described) >= 4096:
+                self._described.clear()
+            self._described[namespace] = now
+        wire = to_wire(signature)
+        return {"signature": wire} if wire is not None else {}
 
     def lookup_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
                     count: bool = True, chunk_tokens: int = 0,
@@ -416,9 +442,9 @@ class Client:
     def lookup(self, signature: ModelSignature, token_ids: Sequence[int],
                peers: bool = True) -> LookupResult:
         """How many prefix tokens of ``token_ids`` are available, locally and from peers."""
-        local, peer = self.lookup_keys(signature.namespace(),
-                                       signature_keys(signature, token_ids), peers,
-                                       chunk_tokens=signature.chunk_tokens)
+        plan = self.lookup_plan(signature.namespace(), signature_keys(signature, token_ids),
+                                peers, chunk_tokens=signature.chunk_tokens, signature=signature)
+        local, peer = plan.local, plan.peer
         size = signature.chunk_tokens
         return LookupResult((local + peer) * size, local * size, peer * size, size)
 

@@ -28,6 +28,7 @@ from lmshare.schema import (
     Spec,
     Str,
 )
+from lmshare.signatures import WIRE as _SIGNATURE
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -65,7 +66,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "heartbeat": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
                   "stats": Map(Str(64), Int(0, MAX_COUNTER), 64),
                   # namespace its clients look up → [chunk tokens, lookups] (read by routers)
-                  "namespaces": Optional(Map(_KEY, List(Int(0, MAX_COUNTER), 2), 16))},
+                  "namespaces": Optional(Map(_KEY, List(Int(0, MAX_COUNTER), 2), 16)),
+                  # the signatures behind those namespaces (read by the controller's diagnosis)
+                  "signatures": Optional(Map(_KEY, _SIGNATURE, 16))},
     "batch": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
               "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS, "digests": _DIGESTS},
     "sync": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
@@ -82,7 +85,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                      "count": Optional(Bool()), "chunk_tokens": Optional(Int(1, 1 << 20)),
                      # offer a peer chunk to fetch only if fetching beats recomputing it
                      "recompute_tokens_per_s": Optional(Float(1e-3, 1e12)),
-                     "chunk_bytes": Optional(Int(1, 1 << 40)), "direct": Optional(Bool())},
+                     "chunk_bytes": Optional(Int(1, 1 << 40)), "direct": Optional(Bool()),
+                     # the signature behind the namespace (reported to the controller)
+                     "signature": Optional(_SIGNATURE)},
     "reserve": {"namespace": _KEY, "keys": _KEYS, "sizes": List(Int(0, 1 << 40), MAX_KEYS),
                 "incarnation": Optional(Str(64))},
     "commit": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},

@@ -108,6 +108,10 @@ class ClusterStats:
     # ``workers`` is one page of a big cluster: workers [offset, offset + len) of this many
     workers_total: int = 0
     workers_offset: int = 0
+    # namespaces no other worker shares while another serves the same model: {"worker",
+    # "namespace", "model", "peer", "peer_namespace", "fields": [{"field", "mine", "theirs"}],
+    # "differs", "text"} (controller/signatures.py)
+    mismatches: list[dict] = field(default_factory=list)
 
     @property
     def bytes_cached(self) -> int:
@@ -148,11 +152,25 @@ class ClusterStats:
         events = [ClusterEvent(e["time"], printable(e["kind"], 20), printable(e["detail"], 400))
                   for e in data.get("events", [])]
         history = [tuple(h) for h in data.get("hit_history", [])]
-        rest = {k: v for k, v in data.items() if k not in ("workers", "events", "hit_history")}
+        mismatches = [_mismatch(m) for m in data.get("mismatches", []) if isinstance(m, dict)]
+        rest = {k: v for k, v in data.items()
+                if k not in ("workers", "events", "hit_history", "mismatches")}
         for name in ("controller_id", "role", "leader"):
             if name in rest:
                 rest[name] = printable(rest[name])
-        return cls(workers=workers, events=events, hit_history=history, **rest)
+        return cls(workers=workers, events=events, hit_history=history, mismatches=mismatches,
+                   **rest)
+
+
+def _mismatch(data: dict[str, Any]) -> dict[str, Any]:
+    """A stats reply's signature mismatch, every name made printable."""
+    out: dict[str, Any] = {name: printable(data.get(name, ""),
+                                                 600 if name in ("text", "differs") else 200)
+                           for name in ("worker", "namespace", "model", "peer", "peer_namespace",
+                                        "differs", "text")}
+    out["fields"] = [{k: printable(f.get(k, ""), 60) for k in ("field", "mine", "theirs")}
+                     for f in list(data.get("fields") or [])[:32] if isinstance(f, dict)]
+    return out
 
 
 class StatsSource(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -31,3 +32,15 @@ def status_table(stats: ClusterStats) -> Table:
                       format_size(c.bytes_fetched),
                       Text(" ".join(f"{t}×{n}" for t, n in sorted(w.peer_transports.items()))))
     return table
+
+
+def mismatch_line(mismatch: dict) -> Text:
+    """One signature mismatch (see lmshare/signatures.py), names already made printable."""
+    return Text.assemble(("signature mismatch ", "bold yellow"),
+                         f"{mismatch.get('worker', '')} vs {mismatch.get('peer', '')} "
+                         f"({mismatch.get('model', '')}): {mismatch.get('differs', '')}")
+
+
+def status_report(stats: ClusterStats) -> Group:
+    """What ``lmshare status`` prints: the table, then each signature mismatch."""
+    return Group(status_table(stats), *(mismatch_line(m) for m in stats.mismatches))

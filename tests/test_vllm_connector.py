@@ -90,6 +90,8 @@ class FakeCluster:
         self.lookup_rates: list[float | None] = []  # recompute rate each lookup carried
         self.hits: list[FakeHit] = []
         self.acquired_holders: list = []  # the holders each acquire was given
+        self.signatures: list = []  # the signature each lookup carried
+        self.mismatch = ""  # the worker's diagnosis of the namespace, in each lookup's reply
 
     def client(self, **kwargs):
         return FakeClient(self)
@@ -112,12 +114,14 @@ class FakeClient:
         return local, peer
 
     def lookup_plan(self, namespace, keys, peers=True, count=True, chunk_tokens=0,
-                    recompute_tokens_per_s=None, chunk_bytes=0, direct=False):
+                    recompute_tokens_per_s=None, chunk_bytes=0, direct=False, signature=None):
         self.cluster.calls.append("lookup" if count else "lookup again")
         self.cluster.lookup_rates.append(recompute_tokens_per_s)
+        self.cluster.signatures.append(signature)
         local, peer = self._prefix(keys, peers)
         return PrefixPlan(local, peer, tuple(
-            () if key in self.cluster.local else ("node-b",) for key in keys[: local + peer]))
+            () if key in self.cluster.local else ("node-b",) for key in keys[: local + peer]),
+            self.cluster.mismatch)
 
     def acquire_keys(self, namespace, keys, peers=True, lease_s=30.0, direct=False,
                      holders=None, chunk_bytes=None):
@@ -316,6 +320,28 @@ def test_lookups_carry_the_recompute_rate_the_model_workers_measured():
         kv_connector_worker_meta=LMShareWorkerMetadata({}, False, 25_000.0)))
     engine.schedule(request("r2", PROMPT[::-1]), range(10, 20))
     assert cluster.lookup_rates[-1] == 25_000.0
+
+
+def test_a_signature_mismatch_is_logged_once_per_namespace(caplog):
+    """Lookups name the signature behind their namespace (salted requests their own), and
+    the controller's diagnosis of a namespace nobody shares is logged once, not per request."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lmshare")
+    cluster = FakeCluster()
+    engine = Engine(cluster)
+    engine.schedule(request("r1", PROMPT), range(10))
+    assert cluster.signatures[-1].namespace() == SIGNATURE.namespace()
+    salted = request("r2", PROMPT[::-1])
+    salted.cache_salt = "s1"
+    engine.schedule(salted, range(10, 20))
+    assert cluster.signatures[-1].tenant == "/salt:s1"
+    cluster.mismatch = "kv_dtype bfloat16 vs float16"
+    for n in range(3):
+        engine.schedule(request(f"r{n + 3}", PROMPT[n:]), range(20 + 10 * n, 30 + 10 * n))
+    logged = [r.getMessage() for r in caplog.records if "shared with no other" in r.getMessage()]
+    assert len(logged) == 1 and "kv_dtype bfloat16 vs float16" in logged[0]
+    assert SIGNATURE.namespace().hex()[:12] in logged[0]
 
 
 def test_hit_leaves_the_last_token_to_vllm():

@@ -149,8 +149,9 @@ class WorkerAgent:
             FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s,
                                      key=config.key),
             self.pool, registration, self.counter_snapshot,
-            lambda: {"namespaces": self.namespaces.snapshot()},
-            digest_of=self.digests.get if config.digests else None)
+            self.namespaces.heartbeat_fields,
+            digest_of=self.digests.get if config.digests else None,
+            on_heartbeat_reply=self.namespaces.on_heartbeat_reply)
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
             try:
@@ -404,11 +405,14 @@ class WorkerAgent:
         if m.get("count", True):  # repeated lookups of one request count once
             self._count(lookups=1, miss_chunks=len(keys) - length)
             self.namespaces.record(namespace, m.get("chunk_tokens"))
+        if m.get("signature") is not None:
+            self.namespaces.describe(namespace, m["signature"])
+        mismatch = self.namespaces.mismatch(namespace)  # why nobody shares it, if known
         holders: list[list[str]] = [[] for _ in range(length)]  # [] for a chunk held here
         for index, others in remote:
             holders[index] = others
         return protocol.ok(m["id"], local=length - len(remote), peer=len(remote),
-                           holders=holders)
+                           holders=holders, **({"mismatch": mismatch} if mismatch else {}))
 
     def _fetches_that_win(self, m: dict[str, Any], length: int, remote: list, infos: dict
                           ) -> tuple[int, list]:

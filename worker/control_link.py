@@ -28,8 +28,10 @@ class ControlLink:
     def __init__(self, client: FailoverControllerClient, pool: KVPool, registration: dict[str, Any],
                  counters: Callable[[], dict[str, int]],
                  heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
-                 digest_of: Callable[[bytes], bytes | None] | None = None) -> None:
+                 digest_of: Callable[[bytes], bytes | None] | None = None,
+                 on_heartbeat_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._client = client
+        self._on_heartbeat_reply = on_heartbeat_reply  # sees each heartbeat's reply
         self._digest_of = digest_of  # the writer's digest of a chunk, sent with its admit
         self._heartbeat_fields = heartbeat_fields  # more fields of each heartbeat
         self._pool = pool
@@ -122,6 +124,8 @@ class ControlLink:
     def _heartbeat(self) -> None:
         extra = self._heartbeat_fields() if self._heartbeat_fields is not None else {}
         reply = self._call("heartbeat", seq=self._seq, stats=self._counters(), **extra)
+        if self._on_heartbeat_reply is not None:
+            self._on_heartbeat_reply(reply)
         if reply.get("resync"):
             self._need_sync = True
 

@@ -72,6 +72,8 @@ class LMShareConnectorScheduler:
         self._signatures = list(signatures)
         self._link = link or WorkerLink(settings, settings.lookup_timeout_s)
         self._namespace_cache: dict[tuple[str, str], list[bytes]] = {}
+        self._signature_of: dict[bytes, ModelSignature] = {}  # sent with lookups now and then
+        self._mismatches_logged: set[bytes] = set()  # the controller's diagnosis, logged once
         self._states: dict[str, _RequestState] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
         #: this engine's prefill rate as its model workers measured it (None: not yet)
@@ -84,8 +86,11 @@ class LMShareConnectorScheduler:
             cached = []
             for sig in self._signatures:
                 tenant = f"{sig.tenant}/salt:{salt}" if salt else sig.tenant
-                cached.append(dataclasses.replace(sig, lora_adapter=lora,
-                                                  tenant=tenant).namespace())
+                variant = dataclasses.replace(sig, lora_adapter=lora, tenant=tenant)
+                cached.append(variant.namespace())
+                if len(self._signature_of) >= 4096:
+                    self._signature_of.clear()
+                self._signature_of[cached[-1]] = variant
             self._namespace_cache[(lora, salt)] = cached
         return cached
 
@@ -143,8 +148,14 @@ class LMShareConnectorScheduler:
                      # peer chunks are offered only where fetching beats recomputing them
                      recompute_tokens_per_s=self.recompute_tokens_per_s,
                      chunk_bytes=self.geometry.chunk_nbytes(self.blocks_per_chunk),
-                     direct=self.settings.same_host_direct))
+                     direct=self.settings.same_host_direct,
+                     signature=self._signature_of.get(ns)))
                  for namespace, keys in zip(state.namespaces, state.keys)]
+        for namespace, plan in zip(state.namespaces, plans):
+            if plan.mismatch and namespace not in self._mismatches_logged:
+                self._mismatches_logged.add(namespace)
+                log.warning("lmshare: KV namespace %s of this engine is shared with no other "
+                            "worker: %s", namespace.hex()[:12], plan.mismatch)
         shortest = min(plans, key=len)
         local, peer = shortest.local, shortest.peer
         present = local + peer
