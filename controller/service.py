@@ -28,7 +28,7 @@ from lmshare.controller.signatures import SignatureBook
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ErrorCode, LMShareError
 from lmshare.signatures import from_wire
-from lmshare.stats import ClusterEvent, ClusterStats, WorkerCounters, WorkerView
+from lmshare.stats import MAX_MISMATCHES, ClusterEvent, ClusterStats, WorkerCounters, WorkerView
 from lmshare.transports.base import PeerInfo
 from lmshare.transports.choice import choose_transport
 
@@ -40,7 +40,6 @@ LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup"}
 TENANT_FIELD = "_tenant"
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
                     "ping"}
-MAX_MISMATCHES = 200  # signature mismatches in one stats reply
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
 MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
 

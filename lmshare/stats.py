@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 MAX_NAME_CHARS = 200
+MAX_MISMATCHES = 200  # signature mismatches one stats reply lists
 
 
 def printable(text: Any, limit: int = MAX_NAME_CHARS) -> str:
@@ -152,7 +153,8 @@ class ClusterStats:
         events = [ClusterEvent(e["time"], printable(e["kind"], 20), printable(e["detail"], 400))
                   for e in data.get("events", [])]
         history = [tuple(h) for h in data.get("hit_history", [])]
-        mismatches = [_mismatch(m) for m in data.get("mismatches", []) if isinstance(m, dict)]
+        mismatches = [_mismatch(m) for m in list(data.get("mismatches") or [])[:MAX_MISMATCHES]
+                      if isinstance(m, dict)]
         rest = {k: v for k, v in data.items()
                 if k not in ("workers", "events", "hit_history", "mismatches")}
         for name in ("controller_id", "role", "leader"):
@@ -165,7 +167,7 @@ class ClusterStats:
 def _mismatch(data: dict[str, Any]) -> dict[str, Any]:
     """A stats reply's signature mismatch, every name made printable."""
     out: dict[str, Any] = {name: printable(data.get(name, ""),
-                                                 600 if name in ("text", "differs") else 200)
+                                           600 if name in ("text", "differs") else 200)
                            for name in ("worker", "namespace", "model", "peer", "peer_namespace",
                                         "differs", "text")}
     out["fields"] = [{k: printable(f.get(k, ""), 60) for k in ("field", "mine", "theirs")}
