@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import zmq
@@ -25,6 +25,7 @@ from lmshare.controller.digests import DigestRecords
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.controller.signatures import SignatureBook
+from lmshare.controller.tenants import ClusterTenants
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ErrorCode, LMShareError
 from lmshare.signatures import from_wire
@@ -55,6 +56,10 @@ class ControllerConfig:
     key: ClusterKey | None = None  # the cluster key: CURVE on the socket; None = insecure
     tenants: tuple[str, ...] = ()  # tenants whose credentials (lmshare keygen --tenant) pass
     max_keys_per_worker: int = DEFAULT_MAX_KEYS_PER_WORKER
+    # per tenant ("" = the cluster key's chunks): bytes it may hold across the cluster, and how
+    # long its chunks stay in any pool (lmshare/tenancy.py)
+    tenant_quotas: dict[str, int] = field(default_factory=dict)
+    tenant_ttls: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s"):
@@ -109,6 +114,7 @@ class ControllerService:
         self.digests = DigestRecords()  # chunk digests as their writers recorded them
         self.signatures = SignatureBook()  # what the workers' clients use, and mismatches
         self.tenant_digests: dict[str, DigestRecords] = {}  # the same, per tenant
+        self.tenants = ClusterTenants(self.registry, config.tenant_quotas, config.tenant_ttls)
         self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
         self.index.on_capped = self._on_capped
         self.events: deque[ClusterEvent] = deque(maxlen=200)
@@ -345,8 +351,10 @@ class ControllerService:
                                    {ns: sig for ns, sig in parsed.items() if sig is not None})
         mismatches = {bytes.fromhex(x.namespace): x.text
                       for x in self.signatures.mismatches(record.worker_id)}
+        record.tenant_bytes = self.tenants.attribute(record, m.get("tenant_bytes"))
         resync = record.syncing or record.last_seq != m["seq"]
-        return protocol.ok(m["id"], resync=resync, mismatches=mismatches)
+        return protocol.ok(m["id"], resync=resync, mismatches=mismatches,
+                           **self.tenants.reply_fields(record))
 
     def _on_batch(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)

@@ -64,6 +64,22 @@ def _add_key_options(p: argparse.ArgumentParser) -> None:
                    help="run without a cluster key: no authentication, no encryption")
 
 
+def _add_tenant_limit_options(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--tenant-quota", action="append", default=[], metavar="TENANT=SIZE",
+                   help=f"bytes a tenant may hold {where} (repeat, or comma-separate; '-' "
+                        "names the cluster key's own chunks)")
+    p.add_argument("--tenant-ttl", action="append", default=[], metavar="TENANT=SECONDS",
+                   help="how long a tenant's chunks stay cached after they are stored "
+                        "(repeat, or comma-separate)")
+
+
+def _tenant_limits(args: argparse.Namespace) -> dict:
+    from lmshare.tenancy import parse_quotas, parse_ttls
+
+    return {"tenant_quotas": parse_quotas(args.tenant_quota),
+            "tenant_ttls": parse_ttls(args.tenant_ttl)}
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from lmshare.credentials import generate_key_file
 
@@ -95,7 +111,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_message_bytes=args.max_message_bytes, key=key,
-        tenants=tuple(t.strip() for t in (args.tenants or "").split(",") if t.strip())))
+        tenants=tuple(t.strip() for t in (args.tenants or "").split(",") if t.strip()),
+        **_tenant_limits(args)))
     if args.metrics_port is not None:
         from lmshare.controller.metrics import start_controller_metrics
 
@@ -139,7 +156,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
         transports=resolve_transports(args.transports), digests=not args.no_digests,
-        encrypt=args.encrypt, **({"name": args.name} if args.name else {}))
+        encrypt=args.encrypt, **_tenant_limits(args), **({"name": args.name} if args.name else {}))
     agent = WorkerAgent(config).start()
     if args.metrics_port is not None:
         from lmshare.worker.metrics import start_worker_metrics
@@ -272,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenants", default="", metavar="NAME[,NAME...]",
                    help="tenants whose credentials (lmshare keygen --tenant) are admitted; each "
                         "tenant's workers see and fetch only each other's chunks")
+    _add_tenant_limit_options(p, "across the cluster")
     _add_key_options(p)
     p.set_defaults(func=_cmd_controller)
 
@@ -296,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-digests", action="store_true",
                    help="do not record chunk digests as chunks are stored, nor check fetched "
                         "chunks against them (checking is on by default)")
+    _add_tenant_limit_options(p, "in this worker's pool")
     p.add_argument("--encrypt", action="store_true",
                    help="encrypt KV bytes in transit on TCP (AES-256-GCM, keys per connection "
                         "from the key handshake); a peer that asks gets it either way")

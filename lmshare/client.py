@@ -317,8 +317,9 @@ class Client:
 
     # ------------------------------------------------------------------ key-level API
     def put_keys(self, namespace: bytes, keys: Sequence[bytes],
-                 chunks: Sequence[bytes | memoryview | ChunkWriter]) -> int:
+                 chunks: Sequence[bytes | memoryview | ChunkWriter], tenant: str = "") -> int:
         """Store ``chunks[i]`` under ``keys[i]``; returns how many were new to the pool.
+        ``tenant``: whose chunks they are (its quota and TTL apply; default: the worker's).
 
         A chunk is bytes, or a :class:`ChunkWriter` that copies itself into the reserved slabs
         (e.g. straight from GPU memory): all writes are started, then waited for, then
@@ -330,7 +331,8 @@ class Client:
             return 0
         writers = [c if isinstance(c, ChunkWriter) else _BytesWriter(c) for c in chunks]
         reply = self._call("reserve", namespace=namespace, keys=keys,
-                           sizes=[w.nbytes for w in writers])
+                           sizes=[w.nbytes for w in writers],
+                           **({"tenant": tenant} if tenant else {}))
         handles = []
         try:
             started = []
@@ -403,7 +405,7 @@ class Client:
     def acquire_keys(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
                      lease_s: float = DEFAULT_LEASE_S, direct: bool = False,
                      chunk_bytes: int | None = None,
-                     holders: Sequence[Sequence[str]] | None = None) -> Hit:
+                     holders: Sequence[Sequence[str]] | None = None, tenant: str = "") -> Hit:
         """Pin the longest available prefix of ``keys`` in the local pool, fetching chunks held
         only by peers first. A failed or late peer chunk truncates the prefix before it.
 
@@ -425,6 +427,8 @@ class Client:
             fields["chunk_bytes"] = int(chunk_bytes)
         if holders is not None:
             fields["holders"] = [list(h) for h in holders]
+        if tenant:
+            fields["tenant"] = tenant
         reply = self._call("acquire", namespace=namespace, keys=list(keys), peers=peers,
                            lease_s=float(lease_s), **fields)
         chunks = [(list(c[0]), int(c[1]), *((int(c[2]), list(c[3])) if len(c) > 2 else ()))
@@ -437,7 +441,8 @@ class Client:
     def put(self, signature: ModelSignature, token_ids: Sequence[int],
             chunks: Sequence[bytes | memoryview]) -> int:
         """Store the KV bytes of the first ``len(chunks)`` full chunks of ``token_ids``."""
-        return self.put_keys(signature.namespace(), signature_keys(signature, token_ids), chunks)
+        return self.put_keys(signature.namespace(), signature_keys(signature, token_ids), chunks,
+                             tenant=signature.tenant)
 
     def lookup(self, signature: ModelSignature, token_ids: Sequence[int],
                peers: bool = True) -> LookupResult:
@@ -452,7 +457,7 @@ class Client:
                 lease_s: float = DEFAULT_LEASE_S, direct: bool = False) -> Hit:
         """Pin the available prefix of ``token_ids`` (see :meth:`acquire_keys`)."""
         return self.acquire_keys(signature.namespace(), signature_keys(signature, token_ids),
-                                 peers, lease_s, direct)
+                                 peers, lease_s, direct, tenant=signature.tenant)
 
     def get(self, signature: ModelSignature, token_ids: Sequence[int],
             peers: bool = True) -> list[bytes]:

@@ -14,6 +14,14 @@ been reused meanwhile, and the copy is discarded (a seqlock on the reader's side
 
 Locking: entries live in hash buckets, each with its own lock; the free-slab list has its own
 lock. Locks are held only to change that bookkeeping, never while bytes are copied.
+
+Tenants: every entry belongs to a tenant (its namespace's, see :meth:`KVPool.bind_namespace`;
+by default the pool's own). :meth:`KVPool.set_tenant_limits` gives a tenant a byte quota in
+this pool and a TTL: a reservation that would take a tenant past its quota evicts that
+tenant's own least-recently-used entries first, and is refused (:class:`QuotaExceeded`) when
+they are pinned; never another tenant's. An entry past its TTL is absent to every reader and
+its slabs are reclaimed (:meth:`KVPool.reclaim_expired`, or the next reservation that needs
+room).
 """
 
 from __future__ import annotations
@@ -66,6 +74,37 @@ def fill_views(views: list[memoryview] | tuple[memoryview, ...], data: memoryvie
         offset += view.nbytes
 
 
+MAX_BOUND_NAMESPACES = 65536
+
+
+class QuotaExceeded(PoolFullError):
+    """A tenant's reservation would pass its byte quota and its own entries are all pinned."""
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may hold in a pool: at most ``quota_bytes`` (None: the pool's size),
+    each entry for at most ``ttl_s`` seconds after it was stored (None: until evicted)."""
+
+    quota_bytes: int | None = None
+    ttl_s: float | None = None
+
+
+@dataclass
+class TenantUsage:
+    """One tenant's figures in a pool (bytes and entries now; events since the pool started)."""
+
+    used_bytes: int = 0  # committed and reserved
+    entries: int = 0
+    admits: int = 0
+    quota_evictions: int = 0  # own entries evicted to stay within the quota
+    quota_refusals: int = 0  # reservations refused: over quota, own entries pinned
+    expired: int = 0  # entries dropped past their TTL
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
 @dataclass
 class Entry:
     """A committed chunk: its key, where its bytes are, and who is reading it."""
@@ -76,6 +115,11 @@ class Entry:
     nbytes: int
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    tenant: str = ""
+    expires: float = float("inf")  # time.monotonic() past which the entry is gone
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
 
 
 @dataclass
@@ -95,12 +139,14 @@ class PoolStats:
 class Reservation:
     """Slabs taken for one entry that is being written. Commit or abort it exactly once."""
 
-    def __init__(self, pool: KVPool, namespace: bytes, key: bytes, slabs: list[int], nbytes: int):
+    def __init__(self, pool: KVPool, namespace: bytes, key: bytes, slabs: list[int], nbytes: int,
+                 tenant: str = ""):
         self.pool = pool
         self.namespace = namespace
         self.key = key
         self.slabs = slabs
         self.nbytes = nbytes
+        self.tenant = tenant
         self.done = False
 
     def buffers(self) -> list[memoryview]:
@@ -162,6 +208,10 @@ class KVPool:
         self._admits = 0
         self._evictions = 0
         self._listeners: list[PoolListener] = []
+        self.tenant = ""  # the tenant of entries whose namespace no client bound to another
+        self._namespace_tenants: dict[bytes, str] = {}
+        self._limits: dict[str, TenantLimits] = {}
+        self._usage: dict[str, TenantUsage] = {}  # under _counter_lock
 
     # ----------------------------------------------------------------- bookkeeping helpers
     def add_listener(self, listener: PoolListener) -> None:
@@ -184,15 +234,116 @@ class KVPool:
             except Exception:  # a listener must never break the data path
                 log.exception("pool listener failed on %s", event)
 
+    # ----------------------------------------------------------------- tenants
+    def bind_namespace(self, namespace: bytes, tenant: str) -> str:
+        """Make ``tenant`` the owner of ``namespace``'s entries (the first binding stays);
+        returns the namespace's tenant."""
+        with self._counter_lock:
+            current = self._namespace_tenants.get(namespace)
+            if current is None and len(self._namespace_tenants) < MAX_BOUND_NAMESPACES:
+                self._namespace_tenants[namespace] = current = tenant
+            return current if current is not None else self.tenant
+
+    def tenant_of(self, namespace: bytes) -> str:
+        return self._namespace_tenants.get(namespace, self.tenant)
+
+    def set_tenant_limits(self, limits: dict[str, TenantLimits]) -> None:
+        """Quotas and TTLs per tenant (a tenant not named has neither). A new TTL applies to
+        entries stored from now on; a lower quota is met by the next reservations."""
+        self._limits = dict(limits)
+
+    def tenant_limits(self) -> dict[str, TenantLimits]:
+        return dict(self._limits)
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        with self._counter_lock:
+            return {t: TenantUsage(**u.__dict__) for t, u in self._usage.items()}
+
+    def _usage_of(self, tenant: str) -> TenantUsage:  # under _counter_lock
+        usage = self._usage.get(tenant)
+        if usage is None:
+            usage = self._usage[tenant] = TenantUsage()
+        return usage
+
+    def _take_quota(self, tenant: str, nbytes: int) -> None:
+        """Count ``nbytes`` against ``tenant``'s quota, evicting its own LRU entries to make
+        room; QuotaExceeded when they are all pinned."""
+        quota = self._limits.get(tenant, TenantLimits()).quota_bytes
+        if quota is not None and nbytes > quota:
+            with self._counter_lock:
+                self._usage_of(tenant).quota_refusals += 1
+            raise QuotaExceeded(f"an entry of {nbytes} bytes is larger than tenant "
+                                f"{tenant or '(cluster)'}'s quota of {quota} bytes in this pool")
+        while True:
+            with self._counter_lock:
+                usage = self._usage_of(tenant)
+                if quota is None or usage.used_bytes + nbytes <= quota:
+                    usage.used_bytes += nbytes
+                    return
+            if not self._evict_one(tenant=tenant):
+                with self._counter_lock:
+                    self._usage_of(tenant).quota_refusals += 1
+                raise QuotaExceeded(f"tenant {tenant or '(cluster)'} is at its quota of {quota} "
+                                    "bytes in this pool and its own entries are all in use; "
+                                    "retry later")
+            with self._counter_lock:
+                self._usage_of(tenant).quota_evictions += 1
+
+    def _give_quota(self, tenant: str, nbytes: int) -> None:
+        with self._counter_lock:
+            self._usage_of(tenant).used_bytes -= nbytes
+
+    def trim_tenant(self, tenant: str, nbytes: int) -> int:
+        """Evict ``tenant``'s own LRU entries until ``nbytes`` are freed (or none is left
+        unpinned): how a tenant over its cluster-wide quota gives bytes back. Bytes freed."""
+        freed = 0
+        while freed < nbytes:
+            entry = self._evict_one(tenant=tenant)
+            if not entry:
+                break
+            freed += entry
+            with self._counter_lock:
+                self._usage_of(tenant).quota_evictions += 1
+        return freed
+
+    def reclaim_expired(self) -> int:
+        """Drop every unpinned entry past its TTL now; how many were dropped."""
+        if not any(limit.ttl_s is not None for limit in self._limits.values()):
+            return 0
+        now = time.monotonic()
+        dropped = []
+        for bucket in self._buckets:
+            with bucket.lock:
+                gone = [e for e in bucket.entries.values() if e.pins == 0 and e.expired(now)]
+                for entry in gone:
+                    del bucket.entries[entry.key]
+            dropped += gone
+        for entry in dropped:
+            self._drop(entry, expired=True)
+        return len(dropped)
+
     # ----------------------------------------------------------------- write path
     def reserve(self, namespace: bytes, key: bytes, nbytes: int) -> Reservation:
-        """Take slabs for an entry of ``nbytes``, evicting least-recently-used entries if needed."""
+        """Take slabs for an entry of ``nbytes``, evicting least-recently-used entries if needed
+        (only the namespace's tenant's own, when it is at its quota)."""
         if nbytes < 0:
             raise ValueError("nbytes must be >= 0")
         needed = self.slabs_for(nbytes)
         if needed > self.num_slabs:
             raise EntryTooLarge(f"an entry of {nbytes} bytes needs {needed} slabs but the pool "
                                 f"has {self.num_slabs}; give a larger --cache-size")
+        tenant = self.tenant_of(namespace)
+        self._take_quota(tenant, nbytes)
+        try:
+            slabs = self._take_slabs(needed, nbytes)
+        except BaseException:
+            self._give_quota(tenant, nbytes)
+            raise
+        with self._counter_lock:
+            self._reserved_bytes += nbytes
+        return Reservation(self, namespace, key, slabs, nbytes, tenant)
+
+    def _take_slabs(self, needed: int, nbytes: int) -> list[int]:
         slabs: list[int] = []
         while True:
             with self._free_lock:
@@ -205,31 +356,43 @@ class KVPool:
                 self._release_slabs(slabs)
                 raise PoolFullError(f"no room for {nbytes} bytes: every entry is pinned or being "
                                     "written; retry later or give a larger --cache-size")
-        with self._counter_lock:
-            self._reserved_bytes += nbytes
-        return Reservation(self, namespace, key, slabs, nbytes)
+        return slabs
 
     def commit(self, reservation: Reservation) -> bool:
         self._finish(reservation)
         bucket = self._bucket(reservation.key)
+        stale = None
         with bucket.lock:
+            existing = bucket.entries.get(reservation.key)
+            if existing is not None and existing.pins == 0 and existing.expired(time.monotonic()):
+                stale = bucket.entries.pop(reservation.key)  # a fresh copy replaces it
             duplicate = reservation.key in bucket.entries
             if not duplicate:
+                ttl = self._limits.get(reservation.tenant, TenantLimits()).ttl_s
                 bucket.entries[reservation.key] = Entry(
-                    reservation.namespace, reservation.key, reservation.slabs, reservation.nbytes)
+                    reservation.namespace, reservation.key, reservation.slabs, reservation.nbytes,
+                    tenant=reservation.tenant,
+                    expires=time.monotonic() + ttl if ttl is not None else float("inf"))
+        if stale is not None:
+            self._drop(stale, expired=True)
         if duplicate:
             self._release_slabs(reservation.slabs)
+            self._give_quota(reservation.tenant, reservation.nbytes)
             return False
         with self._counter_lock:
             self._used_bytes += reservation.nbytes
             self._entries += 1
             self._admits += 1
+            usage = self._usage_of(reservation.tenant)
+            usage.entries += 1
+            usage.admits += 1
         self._emit("admit", reservation.namespace, reservation.key)
         return True
 
     def abort(self, reservation: Reservation) -> None:
         self._finish(reservation)
         self._release_slabs(reservation.slabs)
+        self._give_quota(reservation.tenant, reservation.nbytes)
 
     def _finish(self, reservation: Reservation) -> None:
         if reservation.done:
@@ -262,35 +425,49 @@ class KVPool:
         return reservation.commit()
 
     # ----------------------------------------------------------------- eviction
-    def _evict_one(self) -> bool:
-        """Evict the least-recently-used unpinned entry. False if there is none."""
+    def _evict_one(self, tenant: str | None = None) -> int:
+        """Evict the least-recently-used unpinned entry (of ``tenant`` only, if given; an
+        expired one first). Its size, or 0 if there is none."""
+        now = time.monotonic()
         for _ in range(4):  # entries may be pinned or touched between the scan and the removal
             oldest: Entry | None = None
             oldest_bucket: _Bucket | None = None
             for bucket in self._buckets:
                 with bucket.lock:
                     for entry in bucket.entries.values():
-                        if entry.pins == 0:
-                            if oldest is None or entry.last_used < oldest.last_used:
+                        if entry.pins == 0 and (tenant is None or entry.tenant == tenant):
+                            if entry.expired(now):
                                 oldest, oldest_bucket = entry, bucket
-                            break
+                                break
+                            if oldest is None or (not oldest.expired(now)
+                                                  and entry.last_used < oldest.last_used):
+                                oldest, oldest_bucket = entry, bucket
+                            if tenant is None:
+                                break  # buckets are in LRU order
+                if oldest is not None and oldest.expired(now):
+                    break
             if oldest is None or oldest_bucket is None:
-                return False
+                return 0
             with oldest_bucket.lock:
                 current = oldest_bucket.entries.get(oldest.key)
                 if current is not oldest or oldest.pins:
                     continue
                 del oldest_bucket.entries[oldest.key]
-            self._drop(oldest)
-            return True
-        return False
+            self._drop(oldest, expired=oldest.expired(now))
+            return max(1, oldest.nbytes)
+        return 0
 
-    def _drop(self, entry: Entry) -> None:
+    def _drop(self, entry: Entry, expired: bool = False) -> None:
         self._release_slabs(entry.slabs)
         with self._counter_lock:
             self._used_bytes -= entry.nbytes
             self._entries -= 1
             self._evictions += 1
+            usage = self._usage_of(entry.tenant)
+            usage.used_bytes -= entry.nbytes
+            usage.entries -= 1
+            if expired:
+                usage.expired += 1
         self._emit("evict", entry.namespace, entry.key)
 
     def remove(self, key: bytes) -> bool:
@@ -308,7 +485,8 @@ class KVPool:
     def contains(self, key: bytes) -> bool:
         bucket = self._bucket(key)
         with bucket.lock:
-            return key in bucket.entries
+            entry = bucket.entries.get(key)
+            return entry is not None and not entry.expired(time.monotonic())
 
     def prefix_length(self, keys: Iterable[bytes]) -> int:
         """How many of ``keys``, from the first, are present."""
@@ -324,10 +502,11 @@ class KVPool:
         bucket = self._bucket(key)
         with bucket.lock:
             entry = bucket.entries.get(key)
-            if entry is None:
-                return None
+            now = time.monotonic()
+            if entry is None or entry.expired(now):
+                return None  # an expired entry is reclaimed by reclaim_expired or eviction
             entry.pins += 1
-            entry.last_used = time.monotonic()
+            entry.last_used = now
             bucket.entries.move_to_end(key)
             return entry
 

@@ -53,6 +53,8 @@ _HANDLE = Int(0, I64_MAX)
 _LEASE = Float(0.0, MAX_LEASE_S)
 _WORKER = Str(MAX_NAME, min_len=1)
 # chunk key → the digest its writer recorded (with admits; see controller/digests.py)
+# the tenant a local client stores and fetches as (its ModelSignature's; lmshare/tenancy.py)
+_TENANT = Optional(Str(64))
 _DIGESTS = Optional(Map(_KEY, Bytes(exact=16), MAX_KEYS))
 
 # The fields of each request type (beyond v/type/id), each typed and bounded; absent fields
@@ -68,7 +70,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                   # namespace its clients look up → [chunk tokens, lookups] (read by routers)
                   "namespaces": Optional(Map(_KEY, List(Int(0, MAX_COUNTER), 2), 16)),
                   # the signatures behind those namespaces (read by the controller's diagnosis)
-                  "signatures": Optional(Map(_KEY, _SIGNATURE, 16))},
+                  "signatures": Optional(Map(_KEY, _SIGNATURE, 16)),
+                  # tenant ("" = the cluster key's) → bytes it holds in the pool
+                  "tenant_bytes": Optional(Map(Str(64), Int(0, MAX_COUNTER), 64))},
     "batch": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
               "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS, "digests": _DIGESTS},
     "sync": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
@@ -89,11 +93,11 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                      # the signature behind the namespace (reported to the controller)
                      "signature": Optional(_SIGNATURE)},
     "reserve": {"namespace": _KEY, "keys": _KEYS, "sizes": List(Int(0, 1 << 40), MAX_KEYS),
-                "incarnation": Optional(Str(64))},
+                "incarnation": Optional(Str(64)), "tenant": _TENANT},
     "commit": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},
     "abort": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},
     "acquire": {"namespace": _KEY, "keys": _KEYS, "peers": Bool(), "lease_s": _LEASE,
-                "direct": Optional(Bool()), "incarnation": Optional(Str(64)),
+                "direct": Optional(Bool()), "incarnation": Optional(Str(64)), "tenant": _TENANT,
                 "chunk_bytes": Optional(Int(1, 1 << 40)),
                 # a local_lookup's plan: per key, the workers holding it ([]: held here)
                 "holders": Optional(List(List(_WORKER, MAX_HOLDERS), MAX_KEYS))},

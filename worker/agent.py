@@ -55,6 +55,7 @@ from lmshare.worker.local_server import CLIENT_FIELD, LocalServer
 from lmshare.worker.namespaces import NamespaceLog
 from lmshare.worker.peer_cache import PeerCache
 from lmshare.worker.peer_fetch import PeerFetcher
+from lmshare.worker.tenants import PoolTenants
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +146,15 @@ class WorkerAgent:
                       **(self.ucx_export.registration() if self.ucx_export else {})},
         }
         self.namespaces = NamespaceLog()  # what the clients look up (reported to routers)
+        self.tenants = PoolTenants(self.pool, config.key.tenant if config.key else "",
+                                   config.tenant_quotas, config.tenant_ttls)
         self.link = ControlLink(
             FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s,
                                      key=config.key),
             self.pool, registration, self.counter_snapshot,
-            self.namespaces.heartbeat_fields,
+            lambda: {**self.namespaces.heartbeat_fields(), **self.tenants.heartbeat_fields()},
             digest_of=self.digests.get if config.digests else None,
-            on_heartbeat_reply=self.namespaces.on_heartbeat_reply)
+            on_heartbeat_reply=self._on_heartbeat_reply)
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
             try:
@@ -236,6 +239,7 @@ class WorkerAgent:
     def _sweep_leases(self) -> None:
         while not self._stopped.wait(0.5):
             self.leases.sweep()
+            self.pool.reclaim_expired()  # chunks past their tenant's TTL
 
     # ------------------------------------------------------------------ stats
     def _count(self, **deltas: int) -> None:
@@ -264,6 +268,10 @@ class WorkerAgent:
         if entry is None:
             return None
         return self.pool.views(entry), lambda: self.pool.unpin(entry)
+
+    def _on_heartbeat_reply(self, reply: dict[str, Any]) -> None:
+        self.namespaces.on_heartbeat_reply(reply)  # signature mismatches
+        self.tenants.on_heartbeat_reply(reply)  # the controller's tenant caps and TTLs
 
     def _controller(self) -> FailoverControllerClient:
         client = getattr(self._lookup_clients, "client", None)
@@ -443,6 +451,7 @@ class WorkerAgent:
     def _on_acquire(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
         namespace, keys = m["namespace"], m["keys"]  # checked by the schema
+        self.tenants.bind(namespace, m.get("tenant"))  # peer chunks it fetches are the tenant's
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
         hint = _hint(m, len(keys))
         planned = self.plan_from_hint(keys, hint) if hint is not None and m["peers"] else None
@@ -572,6 +581,7 @@ class WorkerAgent:
     def _on_reserve(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)
         namespace, keys = m["namespace"], m["keys"]  # checked by the schema
+        self.tenants.bind(namespace, m.get("tenant"))
         sizes = m["sizes"]
         if len(sizes) != len(keys):  # each size is checked by the protocol's schema
             raise ProtocolError("sizes must be one byte count per key")
@@ -630,4 +640,5 @@ class WorkerAgent:
                            leases=len(self.leases), data_port=self.peer_server.port,
                            transports=list(self.transports),
                            fetched_by_transport=dict(self.fetcher.chunks_by_transport),
-                           namespaces=self.namespaces.snapshot())
+                           namespaces=self.namespaces.snapshot(),
+                           tenants=self.tenants.stats())

@@ -74,6 +74,10 @@ class WorkerConfig:
     digests: bool = True
     # encrypt every TCP data-plane connection this worker serves or opens (AES-256-GCM)
     encrypt: bool = False
+    # per tenant ("" = the cluster key's chunks): bytes it may hold in this pool, and how long
+    # a chunk it stores stays (lmshare/tenancy.py; the controller may tighten both)
+    tenant_quotas: dict[str, int] = field(default_factory=dict)
+    tenant_ttls: dict[str, float] = field(default_factory=dict)
 
     @property
     def controller_addresses(self) -> list[tuple[str, int]]:
