@@ -25,12 +25,12 @@ from lmshare.credentials import KEY_ENV, ClusterKey, load_key_file
 from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_files import check_private_dir
-from lmshare.pool import fill_views, slab_views
+from lmshare.pool import PoolExport, fill_views, slab_views
 from lmshare.protocol import DEFAULT_LEASE_S, ErrorCode
 from lmshare.shm import SharedRegion
 from lmshare.signatures import MAX_DIAGNOSIS_CHARS, to_wire
 from lmshare.stats import printable
-from lmshare.transports.shm import PeerRegion
+from lmshare.transports.shm import PeerRegion, PeerRegions
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,25 @@ def _plan_from_reply(reply: dict) -> PrefixPlan:
     return PrefixPlan(local, peer, tuple(tuple(h) for h in holders), mismatch)
 
 
+@dataclass(frozen=True)
+class ChunkRef:
+    """Where one chunk of a :class:`Hit` lies: its slabs and size, in the local pool or (when
+    ``region`` is set) in the hit's ``region``-th same-host peer pool, whose slabs had
+    ``generations`` when that peer pinned them."""
+
+    slabs: list[int]
+    nbytes: int
+    region: int | None = None
+    generations: list[int] | None = None
+
+    @classmethod
+    def from_wire(cls, chunk: list) -> ChunkRef:
+        """From an acquire answer's ``[slabs, nbytes]`` or ``[slabs, nbytes, region, gens]``."""
+        if len(chunk) > 2:
+            return cls(list(chunk[0]), int(chunk[1]), int(chunk[2]), list(chunk[3]))
+        return cls(list(chunk[0]), int(chunk[1]))
+
+
 class Hit:
     """A pinned prefix of chunks. Read its views, then :meth:`release`.
 
@@ -153,12 +172,12 @@ class Hit:
     in place, then :meth:`verify` that the peer did not reuse their slabs meanwhile.
     """
 
-    def __init__(self, client: Client, handle: int, chunks: list[tuple], local: int,
+    def __init__(self, client: Client, handle: int, chunks: list[ChunkRef], local: int,
                  peer: int, regions: list[PeerRegion] | None = None,
                  local_generations: list | None = None) -> None:
         self._client = client
         self.handle = handle
-        self._chunks = chunks  # (slabs, nbytes) or (slabs, nbytes, region, generations)
+        self._chunks = chunks
         # slab generations of local chunks when they were pinned (None: a peer's chunk)
         self._local_generations = local_generations or []
         self._regions = regions or []  # the peers' pools this hit's chunks lie in
@@ -170,22 +189,22 @@ class Hit:
         return len(self._chunks)
 
     def nbytes(self, index: int) -> int:
-        return self._chunks[index][1]
+        return self._chunks[index].nbytes
 
     def _peer(self, index: int) -> PeerRegion | None:
-        chunk = self._chunks[index]
-        return self._regions[chunk[2]] if len(chunk) > 2 else None
+        region = self._chunks[index].region
+        return self._regions[region] if region is not None else None
 
     def views(self, index: int) -> list[memoryview]:
         """Read-only views of chunk ``index``'s bytes, one per run of adjacent slabs (valid
         until release)."""
         if self.released:
             raise ValueError("hit was released; acquire again")
-        slabs, nbytes = self._chunks[index][:2]
+        chunk = self._chunks[index]
         peer = self._peer(index)
         if peer is not None:
-            return peer.slab_views(slabs, nbytes)
-        return [v.toreadonly() for v in self._client._slab_views(slabs, nbytes)]
+            return peer.slab_views(chunk.slabs, chunk.nbytes)
+        return [v.toreadonly() for v in self._client._slab_views(chunk.slabs, chunk.nbytes)]
 
     def region_buffer(self, index: int) -> memoryview | None:
         """The same-host peer's mapped pool holding chunk ``index`` (None: the local pool)."""
@@ -203,9 +222,9 @@ class Hit:
             table = self._client._generations if self._client is not None else None
             if recorded is None or table is None:
                 return True
-            return [table[s] for s in self._chunks[index][0]] == list(recorded)
-        slabs, _, _, generations = self._chunks[index]
-        return [peer.generations[s] for s in slabs] == list(generations)
+            return [table[s] for s in self._chunks[index].slabs] == list(recorded)
+        chunk = self._chunks[index]
+        return [peer.generations[s] for s in chunk.slabs] == list(chunk.generations or ())
 
     def read(self, index: int) -> bytes:
         return b"".join(self.views(index))
@@ -253,21 +272,24 @@ class Client:
             _check_worker_proof(key, info, challenge, endpoint)
         self.incarnation: str = info.get("incarnation", "")
         self.worker_id: str = info["worker_id"]
-        self.slab_bytes: int = info["slab_bytes"]
-        self._region = SharedRegion.attach(info["region_path"], info["region_bytes"])
+        pool = PoolExport.from_wire(info["pool"])
+        self.slab_bytes: int = pool.slab_bytes
+        self._region = SharedRegion.attach(pool.path, pool.nbytes)
         # the worker's slab generations, read-only: a local hit's verify() checks them
-        self._generation_region: SharedRegion | None = None
-        self._generations: memoryview | None = None
-        if info.get("generation_path"):
-            slabs = int(info["region_bytes"]) // int(info["slab_bytes"])
-            self._generation_region = SharedRegion.attach(info["generation_path"], slabs * 8,
-                                                          writable=False)
-            self._generations = self._generation_region.buffer.cast("Q")
-        self._peer_regions: dict[str, PeerRegion] = {}  # same-host peers' pools, read-only
-        self._peer_paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
-        #: called with a peer pool's buffer before this client stops using it (the peer
-        #: restarted with a new pool): undo registrations so the old mapping can go
-        self.on_peer_unmap: Callable[[memoryview], None] | None = None
+        self._generation_region = SharedRegion.attach(pool.generation_path, pool.num_slabs * 8,
+                                                      writable=False)
+        self._generations: memoryview | None = self._generation_region.buffer.cast("Q")
+        self._peer_regions = PeerRegions()  # same-host peers' pools, read-only
+
+    @property
+    def on_peer_unmap(self) -> Callable[[memoryview], None] | None:
+        """Called with a peer pool's buffer before this client stops using it (the peer
+        restarted with a new pool): undo registrations so the old mapping can go."""
+        return self._peer_regions.on_unmap
+
+    @on_peer_unmap.setter
+    def on_peer_unmap(self, callback: Callable[[memoryview], None] | None) -> None:
+        self._peer_regions.on_unmap = callback
 
     def _call(self, type_: str, **fields: object) -> dict:
         if type_ in _POOL_CALLS and getattr(self, "incarnation", ""):
@@ -286,25 +308,6 @@ class Client:
         """The worker's shared-memory pool as this process maps it (read-write). Chunk bytes of
         a :class:`Hit` are views into it; page-lock it once for fast device copies."""
         return self._region.buffer
-
-    def _peer_region(self, info: dict) -> PeerRegion:
-        """The mapping of a same-host peer's pool, made once. A peer that restarted has a new
-        pool: the old mapping is dropped (it goes once no hit uses it)."""
-        stale = None
-        with self._lock:
-            worker, path = info.get("worker", ""), info["path"]
-            if worker:
-                old_path = self._peer_paths.get(worker)
-                if old_path is not None and old_path != path:
-                    stale = self._peer_regions.pop(old_path, None)
-                self._peer_paths[worker] = path
-            region = self._peer_regions.get(path)
-            if region is None:
-                region = self._peer_regions[path] = PeerRegion(
-                    path, int(info["bytes"]), info["gen_path"], int(info["slab_bytes"]))
-        if stale is not None and self.on_peer_unmap is not None:
-            self.on_peer_unmap(stale.region.buffer)
-        return region
 
     def _slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
         return slab_views(self._region.buffer, self.slab_bytes, slabs, nbytes)
@@ -431,9 +434,10 @@ class Client:
             fields["tenant"] = tenant
         reply = self._call("acquire", namespace=namespace, keys=list(keys), peers=peers,
                            lease_s=float(lease_s), **fields)
-        chunks = [(list(c[0]), int(c[1]), *((int(c[2]), list(c[3])) if len(c) > 2 else ()))
-                  for c in reply["chunks"]]
-        regions = [self._peer_region(info) for info in reply.get("regions", [])]
+        chunks = [ChunkRef.from_wire(c) for c in reply["chunks"]]
+        regions = [self._peer_regions.get(str(where.get("worker", "")),
+                                          PoolExport.from_wire(where))
+                   for where in reply.get("regions", [])]
         return Hit(self, int(reply["handle"]), chunks, int(reply["local"]), int(reply["peer"]),
                    regions, reply.get("local_gens"))
 
@@ -472,18 +476,11 @@ class Client:
     def close(self) -> None:
         self._rpc.close()
         self._region.close()
-        if self._generation_region is not None:
-            if self._generations is not None:
-                self._generations.release()
-                self._generations = None
-            self._generation_region.close()
-        with self._lock:
-            regions, self._peer_regions = list(self._peer_regions.values()), {}
-        for region in regions:
-            try:
-                region.close()
-            except BufferError:  # a view is still held somewhere: the mapping goes with it
-                log.debug("a peer region of %s is still in use", self.endpoint)
+        if self._generations is not None:
+            self._generations.release()
+            self._generations = None
+        self._generation_region.close()
+        self._peer_regions.close()
 
     def __enter__(self) -> Client:
         return self

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmshare.errors import ConfigError, EntryTooLarge, PoolFullError
 from lmshare.shm import SharedRegion
@@ -103,6 +104,32 @@ class TenantUsage:
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PoolExport:
+    """Where a worker's pool lies for readers on its host: the shared region, its table of slab
+    generations and their sizes. Readers take it from the worker itself (its ``hello`` and
+    ``locate`` answers), never from a registration another party could forge."""
+
+    path: str
+    nbytes: int
+    generation_path: str
+    slab_bytes: int
+
+    @property
+    def num_slabs(self) -> int:
+        return self.nbytes // self.slab_bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.nbytes, "gen_path": self.generation_path,
+                "slab_bytes": self.slab_bytes}
+
+    @classmethod
+    def from_wire(cls, where: dict[str, Any]) -> PoolExport:
+        """From a worker's answer (raises KeyError, TypeError or ValueError on a bad one)."""
+        return cls(str(where["path"]), int(where["bytes"]), str(where["gen_path"]),
+                   int(where["slab_bytes"]))
 
 
 @dataclass
@@ -552,6 +579,11 @@ class KVPool:
             return PoolStats(self.capacity_bytes, self.slab_bytes, self._used_bytes,
                              self._reserved_bytes, self.num_slabs, free, self._entries, pinned,
                              self._admits, self._evictions)
+
+    def export(self) -> PoolExport:
+        """The pool as readers on this host map it."""
+        return PoolExport(str(self.region.path), self.capacity_bytes,
+                          str(self.generation_region.path), self.slab_bytes)
 
     def close(self) -> None:
         self._buffer = None

@@ -187,7 +187,7 @@ def test_direct_hit_reads_a_same_host_peer_in_place(cluster):
         assert reader.stats()["counters"]["entries"] == 5
 
         # the holder restarts (a new pool): the reader maps the new one, drops the old one
-        old_pool = reader._peer_paths["holder"]
+        old_pool = reader._peer_regions.path_of("holder")
         dropped: list[memoryview] = []
         reader.on_peer_unmap = dropped.append
         cluster.workers["holder"].terminate()
@@ -199,7 +199,7 @@ def test_direct_hit_reads_a_same_host_peer_in_place(cluster):
         with reader.acquire(SIG, doc_b, direct=True) as hit:
             assert hit.peer_chunks == 5 and [hit.read(i) for i in range(5)] == data_b
             assert all(hit.verify(i) for i in range(5))
-        assert reader._peer_paths["holder"] != old_pool and len(dropped) == 1
+        assert reader._peer_regions.path_of("holder") != old_pool and len(dropped) == 1
 
 
 def test_python_client_example_runs(cluster):

@@ -44,8 +44,7 @@ def test_readers_never_accept_reused_slabs(shm_dir):
     no pin held during the copy (the worst case: a lease that already expired). Every copy that
     passes the generation check must hold exactly the bytes of the entry located."""
     owner = KVPool(24 * SLAB, SLAB, name="owner")
-    region = PeerRegion(str(owner.region.path), owner.capacity_bytes,
-                        str(owner.generation_region.path), SLAB)
+    region = PeerRegion(owner.export())
     # run until enough reads went through and a reuse was caught (counts, not a time box: a
     # loaded machine gets there later); the deadline only bounds a broken run
     deadline = time.monotonic() + 120.0
@@ -106,7 +105,7 @@ def test_readers_never_accept_reused_slabs(shm_dir):
 def test_a_direct_hit_detects_reused_slabs(shm_dir):
     """A Hit that points into a same-host peer's pool verifies, after the read, that the
     peer's slabs still hold the chunk that was located."""
-    from lmshare.client import Hit
+    from lmshare.client import ChunkRef, Hit
 
     owner = KVPool(8 * SLAB, SLAB, name="direct-owner")
     owner.put(NS, k(1), payload(1, 1, 2 * SLAB + 3))
@@ -114,9 +113,8 @@ def test_a_direct_hit_detects_reused_slabs(shm_dir):
     slabs, nbytes = list(entry.slabs), entry.nbytes
     generations = owner.generations(slabs)
     owner.unpin(entry)
-    region = PeerRegion(str(owner.region.path), owner.capacity_bytes,
-                        str(owner.generation_region.path), SLAB)
-    hit = Hit(None, 0, [(slabs, nbytes, 0, generations)], 0, 1, [region])
+    region = PeerRegion(owner.export())
+    hit = Hit(None, 0, [ChunkRef(slabs, nbytes, 0, generations)], 0, 1, [region])
     assert b"".join(hit.views(0)) == payload(1, 1, nbytes) and hit.verify(0)
     assert hit.region_buffer(0) is region.region.buffer
     owner.remove(k(1))  # evicted: its slabs go back to the free list with new generations

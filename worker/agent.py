@@ -39,7 +39,7 @@ from lmshare.errors import (
     RemoteError,
 )
 from lmshare.local_files import ensure_private_dir
-from lmshare.pool import Entry, KVPool
+from lmshare.pool import Entry, KVPool, PoolExport
 from lmshare.shm import NameLock, remove_stale_regions
 from lmshare.stats import WorkerCounters
 from lmshare.transports.base import PeerInfo, Transport
@@ -400,9 +400,7 @@ class WorkerAgent:
                                        hashlib.sha256).digest(), "tenant": key.tenant}
         return protocol.ok(m["id"], **proof, worker_id=self.worker_id,
                            incarnation=self.incarnation,
-                           region_path=str(self.pool.region.path),
-                           generation_path=str(self.pool.generation_region.path),
-                           region_bytes=self.pool.capacity_bytes, slab_bytes=self.pool.slab_bytes,
+                           pool=self.pool.export().to_wire(),
                            registered=self.link.registered.is_set(),
                            register_ms=round(self.link.last_register_s * 1000, 3))
 
@@ -512,10 +510,9 @@ class WorkerAgent:
                 continue  # its chunks are missing: the hit stops before the first of them
             releases.append(release)
             region = len(regions)
-            where = reply["region"]  # from the holder itself, never from its registration
-            regions.append({"worker": holder, "path": where["path"],
-                            "bytes": int(where["bytes"]), "gen_path": where["gen_path"],
-                            "slab_bytes": int(where["slab_bytes"])})
+            # the holder's pool as the holder itself names it, never as its registration says
+            where = PoolExport.from_wire(reply["region"])
+            regions.append({"worker": holder, **where.to_wire()})
             for index, (slabs, nbytes), gens in zip(indexes, reply["chunks"], reply["gens"]):
                 located[index] = (region, list(slabs), int(nbytes), list(gens))
         entries: list[Entry] = []
@@ -550,10 +547,7 @@ class WorkerAgent:
     def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
         """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself:
         the slabs, and the pool they are in (what the peer maps comes from here, the holder)."""
-        region = {"path": str(self.pool.region.path), "bytes": self.pool.capacity_bytes,
-                  "gen_path": str(self.pool.generation_region.path),
-                  "slab_bytes": self.pool.slab_bytes}
-        return protocol.ok(m["id"], region=region,
+        return protocol.ok(m["id"], region=self.pool.export().to_wire(),
                            **self._locate(m["keys"], float(m["lease_s"]),
                                           owner=m.get(CLIENT_FIELD, b"")))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmshare.control import RpcClient
 from lmshare.errors import LMShareError
-from lmshare.pool import slab_views
+from lmshare.pool import PoolExport, slab_views
 from lmshare.protocol import READ_LEASE_S
 from lmshare.shm import SharedRegion
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
@@ -30,20 +30,13 @@ log = logging.getLogger(__name__)
 class PeerRegion:
     """A same-host peer's pool region and generation table, mapped read-only."""
 
-    def __init__(self, region_path: str, region_bytes: int, generation_path: str,
-                 slab_bytes: int) -> None:
-        self.slab_bytes = slab_bytes
-        self.region = SharedRegion.attach(region_path, region_bytes, writable=False)
-        num_slabs = region_bytes // slab_bytes
-        self.generation_region = SharedRegion.attach(generation_path, num_slabs * 8,
-                                                     writable=False)
+    def __init__(self, export: PoolExport) -> None:
+        self.export = export
+        self.slab_bytes = export.slab_bytes
+        self.region = SharedRegion.attach(export.path, export.nbytes, writable=False)
+        self.generation_region = SharedRegion.attach(export.generation_path,
+                                                     export.num_slabs * 8, writable=False)
         self.generations = self.generation_region.buffer.cast("Q")
-
-    @classmethod
-    def of(cls, where: dict) -> PeerRegion:
-        """The region a holder's ``locate`` answer names."""
-        return cls(str(where["path"]), int(where["bytes"]), str(where["gen_path"]),
-                   int(where["slab_bytes"]))
 
     def slab_views(self, slabs: list[int], nbytes: int) -> list[memoryview]:
         return slab_views(self.region.buffer, self.slab_bytes, slabs, nbytes)
@@ -77,6 +70,48 @@ def copy_views(source: list[memoryview], destination: list[memoryview]) -> None:
             di, d_off = di + 1, 0
 
 
+class PeerRegions:
+    """Same-host peers' pools, each mapped once (read-only) and shared by all threads. A peer
+    that restarted names a new pool: its old mapping is dropped (it goes once nothing reading
+    it holds a view) and ``on_unmap``, if set, is called with its buffer first."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, PeerRegion] = {}  # pool path -> its mapping
+        self._paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
+        self._lock = threading.Lock()
+        self.on_unmap: Callable[[memoryview], None] | None = None
+
+    def get(self, worker: str, export: PoolExport) -> PeerRegion:
+        """The mapping of ``worker``'s pool as ``export`` (from the worker itself) names it."""
+        stale = None
+        with self._lock:
+            old_path = self._paths.get(worker)
+            if old_path is not None and old_path != export.path:
+                stale = self._regions.pop(old_path, None)
+            self._paths[worker] = export.path
+            region = self._regions.get(export.path)
+            if region is None:
+                region = self._regions[export.path] = PeerRegion(export)
+        if stale is not None and self.on_unmap is not None:
+            self.on_unmap(stale.region.buffer)
+        return region
+
+    def path_of(self, worker: str) -> str | None:
+        """The path of ``worker``'s pool as mapped now (None: none is)."""
+        with self._lock:
+            return self._paths.get(worker)
+
+    def close(self) -> None:
+        """Unmap every pool (one still viewed somewhere goes with its last view)."""
+        with self._lock:
+            regions, self._regions, self._paths = list(self._regions.values()), {}, {}
+        for region in regions:
+            try:
+                region.close()
+            except BufferError:
+                log.debug("a peer region is still in use")
+
+
 class _PeerEndpoint(RpcClient):
     what = "same-host peer worker"
 
@@ -90,27 +125,11 @@ class ShmTransport(Transport):
         self.lease_s = lease_s
         # same-host peers are reached only through sockets in this private directory
         self._runtime = Path(runtime) if runtime is not None else None
-        self._regions: dict[str, PeerRegion] = {}
-        self._paths: dict[str, str] = {}  # peer worker -> the path of its pool mapped
+        self._regions = PeerRegions()  # the peers' pools, as each peer names its own
         self._lock = threading.Lock()
         # one connection per holder, shared by all threads (the holder binds the leases it
         # grants to the connection that asked, so the release must come on the same one)
         self._clients: dict[str, tuple[RpcClient, threading.Lock]] = {}
-
-    def _region(self, peer: PeerInfo, where: dict) -> PeerRegion:
-        """The peer's pool (as the peer itself named it in its locate answer), mapped once. A
-        peer that restarted has a new pool: the old mapping is dropped here (it goes once no
-        read in flight uses it)."""
-        path = str(where["path"])
-        with self._lock:
-            old_path = self._paths.get(peer.worker_id)
-            if old_path is not None and old_path != path:
-                self._regions.pop(old_path, None)
-            self._paths[peer.worker_id] = path
-            region = self._regions.get(path)
-            if region is None:
-                region = self._regions[path] = PeerRegion.of(where)
-            return region
 
     def _endpoint(self, peer: PeerInfo) -> tuple[RpcClient, threading.Lock]:
         endpoint = str(peer.extra["endpoint"])
@@ -143,7 +162,8 @@ class ShmTransport(Transport):
             log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
             return 0
         try:
-            region = self._region(peer, reply["region"])
+            # the pool as the holder itself names it, never as its registration says
+            region = self._regions.get(peer.worker_id, PoolExport.from_wire(reply["region"]))
         except (LMShareError, OSError, KeyError, TypeError, ValueError) as exc:
             release()
             log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
@@ -203,13 +223,8 @@ class ShmTransport(Transport):
         return reply, release
 
     def close(self) -> None:
+        self._regions.close()
         with self._lock:
-            for region in self._regions.values():
-                try:
-                    region.close()
-                except BufferError:
-                    pass
-            self._regions.clear()
             clients, self._clients = list(self._clients.values()), {}
         for client, lock in clients:
             with lock:

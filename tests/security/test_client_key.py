@@ -61,8 +61,8 @@ def test_an_impostor_endpoint_is_refused(tmp_path):
                 request = protocol.decode_raw(payload)
                 sock.send_multipart([*envelope, protocol.encode(protocol.ok(
                     request["id"], proof=bytes(32), tenant="", worker_id="fake",
-                    incarnation="x", region_path="/etc/passwd", region_bytes=4096,
-                    slab_bytes=4096))])
+                    incarnation="x", pool={"path": "/etc/passwd", "bytes": 4096,
+                                           "gen_path": "/etc/passwd", "slab_bytes": 4096}))])
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
