@@ -141,15 +141,6 @@ def _recv_body(sock: socket.socket, length: int, deadline: float) -> bytes:
     return bytes(body)
 
 
-def _recv_message(sock: socket.socket, deadline: float) -> dict:
-    head = bytearray(REQUEST_LENGTH.size)
-    _recv_exact_into(sock, memoryview(head), deadline)
-    (length,) = REQUEST_LENGTH.unpack(head)
-    if length > MAX_REQUEST_BYTES:
-        raise ConnectionError(f"message of {length} bytes is too large")
-    return _decode_message(_recv_body(sock, length, deadline))
-
-
 def _decode_message(body: bytes) -> dict:
     try:
         message = msgpack.unpackb(body, raw=False)
@@ -204,13 +195,33 @@ class Connection:
         self.session.receive.open_into(sealed, memoryview(plain), REQUEST_LENGTH.pack(length))
         return bytes(plain)
 
-    def recv_message(self, deadline: float) -> dict:
-        head = bytearray(REQUEST_LENGTH.size)
-        _recv_exact_into(self.sock, memoryview(head), deadline)
+    def _read_framed(self, head: bytearray, deadline: float) -> bytes:
+        """The body of the message whose length prefix is ``head`` (bounded, then read)."""
         (length,) = REQUEST_LENGTH.unpack(head)
         if length > MAX_REQUEST_BYTES:
             raise ConnectionError(f"message of {length} bytes is too large")
-        return _decode_message(self.read_body(length, deadline))
+        return self.read_body(length, deadline)
+
+    def recv_message(self, deadline: float) -> dict:
+        """The next message (a map), all of it before ``deadline``."""
+        head = bytearray(REQUEST_LENGTH.size)
+        _recv_exact_into(self.sock, memoryview(head), deadline)
+        return _decode_message(self._read_framed(head, deadline))
+
+    def wait_message(self, idle_timeout_s: float, body_timeout_s: float) -> bytes | None:
+        """The body of the next message once one starts within ``idle_timeout_s`` (read within
+        ``body_timeout_s`` of its start); None when the peer closed or stayed idle."""
+        head = bytearray(REQUEST_LENGTH.size)
+        self.sock.settimeout(idle_timeout_s)
+        try:
+            count = self.sock.recv_into(head, len(head), socket.MSG_WAITALL)
+        except TimeoutError:
+            return None
+        if count == 0:
+            return None
+        if count != len(head):
+            raise ConnectionError("short message header")
+        return self._read_framed(head, time.monotonic() + body_timeout_s)
 
     def send_chunk(self, header: bytes, views: list[memoryview], deadline: float) -> None:
         """A chunk header and its body (``views``, none for a missing chunk)."""
@@ -504,22 +515,11 @@ class TcpPeerServer:
                              daemon=True).start()
 
     def _read_request(self, channel: Connection | socket.socket) -> dict | None:
-        channel = _as_connection(channel)
-        conn = channel.sock
-        head = bytearray(REQUEST_LENGTH.size)
-        conn.settimeout(self.idle_timeout_s)  # an idle peer connection is closed after this
-        try:
-            count = conn.recv_into(head, len(head), socket.MSG_WAITALL)
-        except TimeoutError:
+        """The next request, validated; None when the peer closed or stayed idle past
+        ``idle_timeout_s`` (an idle peer connection is closed after it)."""
+        body = _as_connection(channel).wait_message(self.idle_timeout_s, self.send_timeout_s)
+        if body is None:
             return None
-        if count == 0:
-            return None
-        if count != len(head):
-            raise ConnectionError("short request header")
-        (length,) = REQUEST_LENGTH.unpack(head)
-        if length > MAX_REQUEST_BYTES:
-            raise ConnectionError(f"request of {length} bytes is too large")
-        body = channel.read_body(length, time.monotonic() + self.send_timeout_s)
         try:
             return protocol.decode_request(body, PEER_TYPES, MAX_REQUEST_BYTES)
         except ProtocolError as exc:

@@ -139,7 +139,7 @@ def check_locate_reply(_, data: bytes) -> None:
         theirs.sendall(data)
         theirs.shutdown(socket.SHUT_WR)
         try:
-            assert isinstance(tcp._recv_message(ours, time.monotonic() + 0.5), dict)
+            assert isinstance(tcp.Connection(ours).recv_message(time.monotonic() + 0.5), dict)
         except (ConnectionError, OSError):
             pass
     finally:
