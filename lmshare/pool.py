@@ -46,12 +46,11 @@ DEFAULT_BUCKETS = 64
 PoolListener = Callable[[str, bytes, bytes], None]
 
 
-def slab_views(buffer: memoryview, slab_bytes: int, slabs: list[int],
-               nbytes: int) -> list[memoryview]:
-    """Views of an entry's ``nbytes`` in a pool region ``buffer``, one per run of adjacent
-    slabs (in entry order). Every process that maps a pool (owner, local clients, same-host
-    peers) finds entry bytes this way."""
-    views = []
+def slab_runs(slabs: list[int], slab_bytes: int, nbytes: int) -> list[tuple[int, int]]:
+    """Where an entry's ``nbytes`` lie in its pool region: ``(offset, length)`` per run of
+    adjacent slabs, in entry order. Every reader of a pool (owner, local clients, same-host
+    peers, UCX readers) finds entry bytes this way."""
+    runs = []
     remaining = nbytes
     index = 0
     while index < len(slabs) and remaining > 0:
@@ -59,11 +58,16 @@ def slab_views(buffer: memoryview, slab_bytes: int, slabs: list[int],
         while index + run < len(slabs) and slabs[index + run] == slabs[index] + run:
             run += 1
         size = min(remaining, run * slab_bytes)
-        start = slabs[index] * slab_bytes
-        views.append(buffer[start : start + size])
+        runs.append((slabs[index] * slab_bytes, size))
         remaining -= size
         index += run
-    return views
+    return runs
+
+
+def slab_views(buffer: memoryview, slab_bytes: int, slabs: list[int],
+               nbytes: int) -> list[memoryview]:
+    """Views of an entry's bytes in a pool region ``buffer``, one per run of adjacent slabs."""
+    return [buffer[start : start + size] for start, size in slab_runs(slabs, slab_bytes, nbytes)]
 
 
 def fill_views(views: list[memoryview] | tuple[memoryview, ...], data: memoryview) -> None:

@@ -5,12 +5,12 @@ import threading
 import time
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from lmshare.errors import ConfigError, EntryTooLarge, PoolFullError
-from lmshare.pool import KVPool
+from lmshare.pool import KVPool, slab_runs, slab_views
 
 NS = b"n" * 16
 SLAB = 1024
@@ -235,3 +235,31 @@ def test_views_are_one_per_run_of_adjacent_slabs(pool):
     assert [v.nbytes for v in parts] == [200, 300, 30]
     assert b"".join(parts) == bytes(region[400:600]) + bytes(region[100:400]) + \
         bytes(region[900:930])
+
+
+@given(st.lists(st.integers(0, 63), min_size=1, max_size=12, unique=True), st.data())
+def test_slab_runs_cover_an_entry_in_order_for_every_reader(slabs, data):
+    """One slab-run computation serves the pool's views and UCX's GET pieces: both cover
+    exactly the entry's bytes, slab by slab, in entry order."""
+    from lmshare.transports.ucx import _pieces
+
+    slab = 16
+    nbytes = data.draw(st.integers(1, len(slabs) * slab))
+    region = bytes(range(256)) * 4  # 64 slabs of 16 bytes, each byte telling its offset
+    expected = b"".join(region[s * slab:(s + 1) * slab] for s in slabs)[:nbytes]
+    runs = slab_runs(slabs, slab, nbytes)
+    assert sum(size for _, size in runs) == nbytes
+    assert b"".join(slab_views(memoryview(region), slab, slabs, nbytes)) == expected
+    destination = [memoryview(bytearray(n)) for n in _split(nbytes, data)]
+    base = 1 << 20
+    pieces = _pieces(slabs, slab, base, nbytes, destination)
+    for view, address in pieces:
+        view[:] = region[address - base:address - base + view.nbytes]
+    assert b"".join(bytes(d) for d in destination) == expected
+
+
+def _split(total: int, data) -> list[int]:
+    cuts = sorted(data.draw(st.lists(st.integers(1, max(1, total - 1)), max_size=3,
+                                     unique=True))) if total > 1 else []
+    edges = [0, *cuts, total]
+    return [b - a for a, b in zip(edges, edges[1:]) if b > a]

@@ -18,6 +18,7 @@ import threading
 import time
 
 from lmshare.errors import LMShareError
+from lmshare.pool import slab_runs
 from lmshare.protocol import READ_LEASE_S
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
 from lmshare.transports.tcp import TcpTransport
@@ -68,20 +69,10 @@ def _pieces(slabs: list[int], slab_bytes: int, base: int, nbytes: int,
             destination: list[memoryview]) -> list[tuple[memoryview, int]]:
     """(destination piece, remote address) pairs covering an entry's slabs in order: one per
     run of adjacent slabs that lands in one destination buffer."""
-    runs: list[tuple[int, int]] = []  # (remote address, bytes)
-    remaining = nbytes
-    for slab in slabs:
-        size = min(remaining, slab_bytes)
-        remaining -= size
-        address = base + slab * slab_bytes
-        if runs and runs[-1][0] + runs[-1][1] == address:
-            runs[-1] = (runs[-1][0], runs[-1][1] + size)
-        else:
-            runs.append((address, size))
     pieces = []
     di = d_off = 0
-    for address, size in runs:
-        offset = 0
+    for start, size in slab_runs(slabs, slab_bytes, nbytes):
+        address, offset = base + start, 0
         while offset < size:
             dst = destination[di]
             count = min(size - offset, dst.nbytes - d_off)
