@@ -74,6 +74,9 @@ class ChunkIndex:
         self._work: deque[_Work] = deque()
         self.dropped: dict[str, int] = {}  # worker → keys refused over its cap
         self.on_capped: Callable[[str], None] | None = None  # a worker's first refused key
+        # a key's last holder let it go: (key, that worker, True if the worker left or died,
+        # False if it evicted the key) — what tells a miss "holder gone" from "evicted"
+        self.on_orphaned: Callable[[bytes, str, bool], None] | None = None
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -124,7 +127,7 @@ class ChunkIndex:
                 self._remove_now(work.worker_id, part)  # type: ignore[arg-type]
             else:
                 for key, namespace in part:  # type: ignore[misc]
-                    self._forget(work.worker_id, namespace, key)
+                    self._forget(work.worker_id, namespace, key, gone=True)
             applied += end - work.done
             work.done = end
             if work.done >= len(work.keys):
@@ -169,7 +172,7 @@ class ChunkIndex:
             if namespace is not None:
                 self._forget(worker_id, namespace, key)
 
-    def _forget(self, worker_id: str, namespace: bytes, key: bytes) -> None:
+    def _forget(self, worker_id: str, namespace: bytes, key: bytes, gone: bool = False) -> None:
         count = self._namespaces.get(namespace, 0) - 1
         if count <= 0:
             self._namespaces.pop(namespace, None)
@@ -181,6 +184,8 @@ class ChunkIndex:
         if type(holders) is str:
             if holders == worker_id:
                 self._holders.pop(key)
+                if self.on_orphaned is not None:
+                    self.on_orphaned(key, worker_id, gone)
             return
         rest = tuple(h for h in holders if h != worker_id)
         if len(rest) == 1:
@@ -202,6 +207,13 @@ class ChunkIndex:
 
     def multi_holder_chunks(self) -> int:
         return self._multi
+
+    def holders(self, key: bytes) -> list[str]:
+        """The workers holding ``key`` ([] if none)."""
+        holders = self._holders.get(key)
+        if holders is None:
+            return []
+        return [holders] if type(holders) is str else sorted(holders)
 
     def longest_prefix(self, keys: Iterable[bytes]) -> list[list[str]]:
         """Holders of each chunk of the longest prefix of ``keys`` that some worker holds."""

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from lmshare.control import ControllerClient
 from lmshare.controller.service import ControllerService
 from lmshare.errors import LMShareError
-from lmshare.metrics_server import MetricsServer, serve_metrics
+from lmshare.metrics_server import MetricsServer, lookup_chunks_family, serve_metrics
 from lmshare.stats import ClusterStats, fetch_cluster_stats
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,11 @@ def _per_worker(stats: ClusterStats) -> Iterator[Metric]:
         served.add_metric([w.worker_id], c.bytes_served)
         fetched.add_metric([w.worker_id], c.bytes_fetched)
     yield from (state, age, chunks, used, capacity, asked, served, fetched)
+    yield lookup_chunks_family(
+        "lmshare_controller_lookup_chunks", "Chunks of the workers' lookups by result (hit, "
+        "miss) and reason (local, peer; why each missed chunk was missed), from heartbeats",
+        ["worker"], [(w.counters.to_dict(), [w.worker_id]) for w in stats.workers
+                     if w.state not in ("dead", "left")])
 
 
 def start_controller_metrics(service: ControllerService, port: int,

@@ -13,14 +13,14 @@ import secrets
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import zmq
 
-from lmshare import protocol, serving
+from lmshare import misses, protocol, serving
 from lmshare.controller.digests import DigestRecords
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
@@ -37,12 +37,17 @@ log = logging.getLogger(__name__)
 
 DEPARTED_SHOWN_S = 120.0  # how long stats keep showing a worker that left or died
 # what only the leader answers when controllers elect one (a standby refuses with not_leader)
-LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup"}
+LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "explain"}
 TENANT_FIELD = "_tenant"
-CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "stats",
-                    "ping"}
+CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "explain",
+                    "stats", "ping"}
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
 MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
+# chunks whose last holder let them go (left, died or evicted them), remembered for miss
+# reasons; and namespaces (per tenant) that ever had chunks, to tell "never seen" from "empty"
+ORPHANS_KEPT = 131072
+NAMESPACES_KEPT = 4096
+MAX_EXPLAIN_KEYS = 4096
 
 
 @dataclass
@@ -94,8 +99,8 @@ _NOT_COUNTED = {ErrorCode.UNKNOWN_WORKER, ErrorCode.UNKNOWN_NAMESPACE, ErrorCode
 
 
 def _unknown_namespace() -> LMShareError:
-    return LMShareError("no worker holds chunks of this namespace (model signature); nothing "
-                        "was stored under it yet, or the signature differs from the writer's",
+    return LMShareError("no worker ever held chunks of this namespace (model signature): "
+                        "nothing was stored under it, or the signature differs from the writer's",
                         code=ErrorCode.UNKNOWN_NAMESPACE)
 
 
@@ -117,6 +122,9 @@ class ControllerService:
         self.tenants = ClusterTenants(self.registry, config.tenant_quotas, config.tenant_ttls)
         self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
         self.index.on_capped = self._on_capped
+        self.index.on_orphaned = self._on_orphaned
+        self.orphans = misses.RecentKeys(ORPHANS_KEPT)  # key → (worker, gone, tenant)
+        self.seen_namespaces: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self.events: deque[ClusterEvent] = deque(maxlen=200)
         self.lookup_us: deque[float] = deque(maxlen=20000)
         self.lookups = 0
@@ -130,6 +138,9 @@ class ControllerService:
         self.departed: dict[str, tuple[WorkerRecord, str, float]] = {}
         self._hit_history: deque[tuple[int, int, int]] = deque(maxlen=60)
         self._last_hit_totals: tuple[int, int, int] | None = None
+        # chunks missed per second, by reason, over the same window
+        self._miss_history: deque[dict[str, int]] = deque(maxlen=60)
+        self._last_misses: dict[str, dict[str, int]] = {}  # worker → its counts last second
         self._last_sample = 0.0
         self.slowest_step_cpu_s = 0.0  # CPU time of the longest message or index slice
         self._stop = threading.Event()
@@ -163,7 +174,8 @@ class ControllerService:
         self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "register": self._on_register, "heartbeat": self._on_heartbeat,
             "batch": self._on_batch, "sync": self._on_sync, "deregister": self._on_deregister,
-            "lookup": self._on_lookup, "stats": self._on_stats, "ping": self._on_ping,
+            "lookup": self._on_lookup, "explain": self._on_explain, "stats": self._on_stats,
+            "ping": self._on_ping,
         }
         self.event("restart", f"controller {self.controller_id} started (pid {os.getpid()})")
 
@@ -220,6 +232,9 @@ class ControllerService:
         self.registry.workers.clear()
         self.index = ChunkIndex(self.config.max_keys_per_worker)
         self.index.on_capped = self._on_capped
+        self.index.on_orphaned = self._on_orphaned
+        self.orphans = misses.RecentKeys(ORPHANS_KEPT)
+        self.seen_namespaces.clear()
         self.departed.clear()
         self.epoch = max(self._next_epoch + 1, int(time.time() * 1000))
         self._next_epoch = self.epoch
@@ -287,6 +302,8 @@ class ControllerService:
         conflicts = records.conflicts
         for namespace, keys in entries.items():
             self.index.add(record.worker_id, namespace, records.admit(keys, digests or {}))
+            if keys:
+                self._saw_namespace(record.tenant, namespace)
         if records.conflicts > conflicts:
             self.refused += records.conflicts - conflicts
             self.event("refused", f"{record.worker_id} announced "
@@ -301,16 +318,41 @@ class ControllerService:
             records = self.tenant_digests[tenant] = DigestRecords()
         return records
 
+    def _saw_namespace(self, tenant: str, namespace: bytes) -> None:
+        seen = self.seen_namespaces
+        seen[(tenant, namespace)] = None
+        seen.move_to_end((tenant, namespace))
+        if len(seen) > NAMESPACES_KEPT:
+            seen.popitem(last=False)
+
+    def _on_orphaned(self, key: bytes, worker_id: str, gone: bool) -> None:
+        record = self.registry.workers.get(worker_id)
+        if record is None and worker_id in self.departed:
+            record = self.departed[worker_id][0]
+        self.orphans.add(key, (worker_id, gone, record.tenant if record is not None else ""))
+
+    def _miss_code(self, key: bytes, tenant: str) -> int:
+        """What the controller knows of a chunk past a lookup's held prefix (misses.HELD,
+        NEW, GONE, EVICTED_CODE), counting only ``tenant``'s own workers when tenants run."""
+        holders = self.index.holders(key)
+        if holders and (not self._any_tenant and not tenant or self._same_tenant([holders],
+                                                                                  tenant)):
+            return misses.HELD
+        orphan = self.orphans.get(key)
+        if orphan is None or orphan[2] != tenant:
+            return misses.NEW
+        return misses.GONE if orphan[1] else misses.EVICTED_CODE
+
     def _on_capped(self, worker_id: str) -> None:
         self.event("refused", f"{worker_id} holds more than {self.config.max_keys_per_worker} "
                               "keys; the index keeps that many (raise --max-keys-per-worker)")
 
     def _drop_worker(self, worker_id: str, kind: str, detail: str) -> None:
         record = self.registry.remove(worker_id)
+        if record is not None:  # first: its chunks' orphan records name its tenant
+            self.departed[worker_id] = (record, "left" if kind == "leave" else "dead", time.time())
         chunks = self.index.drop_worker(worker_id)
         self.signatures.remove(worker_id)
-        if record is not None:
-            self.departed[worker_id] = (record, "left" if kind == "leave" else "dead", time.time())
         self.event(kind, f"{worker_id} {detail}; {chunks} chunks left the index")
 
     # ------------------------------------------------------------------ handlers
@@ -394,12 +436,15 @@ class ControllerService:
             raise LMShareError(f"lookup of {len(keys)} keys exceeds "
                                f"{self.config.max_lookup_keys}; split it", code=ErrorCode.TOO_LARGE)
         namespace = m["namespace"]
-        if not self.index.knows_namespace(namespace):
-            raise _unknown_namespace()
         tenant = m.get(TENANT_FIELD, "")
-        holders = self._same_tenant(self.index.longest_prefix(keys), tenant)
-        if tenant and not holders:  # what other tenants hold is not even hinted at
+        seen = (tenant, namespace) in self.seen_namespaces  # it had chunks once
+        if not self.index.knows_namespace(namespace) and not seen:
             raise _unknown_namespace()
+        holders = self._same_tenant(self.index.longest_prefix(keys), tenant)
+        if tenant and not holders and not seen:  # what other tenants hold is not even hinted at
+            raise _unknown_namespace()
+        # past the held prefix, one byte per chunk: held behind the stop, new, gone, evicted
+        codes = bytes(self._miss_code(key, tenant) for key in keys[len(holders):])
         involved = {w for chunk in holders for w in chunk}
         workers = {w: self.registry.workers[w].peer_info() for w in involved
                    if w in self.registry.workers}
@@ -411,7 +456,44 @@ class ControllerService:
         records = self._digests_of(m.get(TENANT_FIELD, ""))
         digests = [records.get(key) for key in keys[:len(holders)]]
         return protocol.ok(m["id"], matched=len(holders), holders=holders, workers=workers,
-                           digests=digests)
+                           digests=digests, misses=codes)
+
+    def _on_explain(self, m: dict[str, Any]) -> dict[str, Any]:
+        """Everything the controller knows of each chunk of ``keys`` (``lmshare explain``):
+        its holders (any chunk, not only the held prefix), or who let it go and how."""
+        keys = m["keys"]
+        if len(keys) > MAX_EXPLAIN_KEYS:
+            raise LMShareError(f"explain of {len(keys)} keys exceeds {MAX_EXPLAIN_KEYS}; "
+                               "explain a shorter prompt", code=ErrorCode.TOO_LARGE)
+        tenant = m.get(TENANT_FIELD, "")
+        filtering = self._any_tenant or bool(tenant)
+        chunks: list[list[Any]] = []
+        involved: set[str] = set()
+        for key in keys:
+            holders = self.index.holders(key)
+            if filtering:
+                holders = (self._same_tenant([holders], tenant) or [[]])[0]
+            alive = [w for w in holders if w in self.registry.workers][:protocol.MAX_HOLDERS]
+            orphan = self.orphans.get(key)
+            if orphan is not None and orphan[2] != tenant:
+                orphan = None
+            how = "" if orphan is None else ("gone" if orphan[1] else "evicted")
+            who = "" if orphan is None else orphan[0]
+            if holders and not alive:  # its holders' keys are still leaving the index
+                how, who = "gone", holders[0]
+            holders = alive
+            chunks.append([holders, how, who])
+            involved.update(holders)
+            if who:
+                involved.add(who)
+        workers = {w: self.registry.workers[w].peer_info() for w in involved
+                   if w in self.registry.workers}
+        departed = {w: self.departed[w][1] for w in involved if w in self.departed}
+        namespace = m["namespace"]
+        known = (tenant, namespace) in self.seen_namespaces or (
+            not tenant and self.index.knows_namespace(namespace))
+        return protocol.ok(m["id"], known=known, chunks=chunks, workers=workers,
+                           departed=departed)
 
     def _same_tenant(self, holders: list[list[str]], tenant: str) -> list[list[str]]:
         """The holders of ``tenant``'s own workers, up to the first chunk none of them holds:
@@ -475,6 +557,28 @@ class ControllerService:
                           for a, b in zip(totals, self._last_hit_totals))
             self._hit_history.append(delta)  # type: ignore[arg-type]
         self._last_hit_totals = totals
+        # per worker, so that a worker leaving (or re-registering) hides nobody's misses; a
+        # worker first seen counts from zero, as in the hit history
+        second = dict.fromkeys(misses.MISS_REASONS, 0)
+        for w in self.registry.workers.values():
+            now_counts = w.counters.misses_by_reason()
+            last = self._last_misses.get(w.worker_id, {})
+            for reason, count in now_counts.items():
+                second[reason] += min(protocol.MAX_COUNTER, max(0, count - last.get(reason, 0)))
+            self._last_misses[w.worker_id] = now_counts
+        for worker_id in [w for w in self._last_misses
+                          if w not in self.registry.workers and w not in self.departed]:
+            del self._last_misses[worker_id]
+        self._miss_history.append(second)
+
+    def _recent_misses(self) -> dict[str, int]:
+        """Chunks missed over the hit-history window, by reason (only reasons seen)."""
+        out: dict[str, int] = {}
+        for second in self._miss_history:
+            for reason, count in second.items():
+                if count:
+                    out[reason] = out.get(reason, 0) + count
+        return out
 
     def _fill_peer_transports(self, views: list[WorkerView]) -> None:
         """Which transport each worker uses towards the others: counted per (host, transports)
@@ -542,6 +646,7 @@ class ControllerService:
             namespaces=self.index.namespaces, lookups=self.lookups,
             lookup_p50_us=round(p50, 1), lookup_p99_us=round(p99, 1),
             hit_history=list(self._hit_history), events=list(self.events),
+            miss_reasons=self._recent_misses(),
             refused_messages=self.refused, role=self.role,
             refused_connections=self.guard.counts() if self.guard is not None else {},
             secure=self.guard is not None,

@@ -25,6 +25,7 @@ from lmshare.credentials import KEY_ENV, ClusterKey, load_key_file
 from lmshare.errors import ConfigError, RemoteError, WorkerRestarted, WorkerUnavailable
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_files import check_private_dir
+from lmshare.misses import parse_runs
 from lmshare.pool import PoolExport, fill_views, slab_views
 from lmshare.protocol import DEFAULT_LEASE_S, ErrorCode
 from lmshare.shm import SharedRegion
@@ -110,6 +111,8 @@ class LookupResult:
     local_tokens: int
     peer_tokens: int
     chunk_tokens: int
+    #: why the chunks after the prefix are missed, in order: ((reason, chunks), ...)
+    misses: tuple[tuple[str, int], ...] = ()
 
     @property
     def chunks(self) -> int:
@@ -128,21 +131,25 @@ class PrefixPlan:
     holders: tuple[tuple[str, ...], ...] = ()
     # why no other worker shares this namespace, as the controller diagnosed it ('' if none)
     mismatch: str = ""
+    #: why the chunks after the prefix are missed, in order: ((reason, chunks), ...), see
+    #: lmshare/misses.py (a partial last chunk is the last run, "partial_chunk")
+    misses: tuple[tuple[str, int], ...] = ()
 
     def __len__(self) -> int:
         return self.local + self.peer
 
 
-def _plan_from_reply(reply: dict) -> PrefixPlan:
+def _plan_from_reply(reply: dict, keys: int) -> PrefixPlan:
     local, peer = int(reply["local"]), int(reply["peer"])
     mismatch = reply.get("mismatch")
     mismatch = printable(mismatch, MAX_DIAGNOSIS_CHARS) if isinstance(mismatch, str) else ""
+    why = parse_runs(reply.get("misses"), keys + 1 - local - peer)
     holders = reply.get("holders")
     if not isinstance(holders, (list, tuple)) or len(holders) != local + peer or not all(
             isinstance(h, (list, tuple)) and all(isinstance(w, str) for w in h)
             for h in holders):
-        return PrefixPlan(local, peer, mismatch=mismatch)  # no plan: acquire asks the controller
-    return PrefixPlan(local, peer, tuple(tuple(h) for h in holders), mismatch)
+        return PrefixPlan(local, peer, mismatch=mismatch, misses=why)  # acquire asks again
+    return PrefixPlan(local, peer, tuple(tuple(h) for h in holders), mismatch, why)
 
 
 @dataclass(frozen=True)
@@ -359,8 +366,8 @@ class Client:
     def lookup_plan(self, namespace: bytes, keys: Sequence[bytes], peers: bool = True,
                     count: bool = True, chunk_tokens: int = 0,
                     recompute_tokens_per_s: float | None = None, chunk_bytes: int = 0,
-                    direct: bool = False, signature: ModelSignature | None = None
-                    ) -> PrefixPlan:
+                    direct: bool = False, signature: ModelSignature | None = None,
+                    tail_tokens: int = 0) -> PrefixPlan:
         """Where each chunk of the longest available prefix of ``keys`` is (one controller
         round trip at most, made by the worker). ``count=False``: a repeated lookup (e.g. a
         request vLLM could not schedule yet) that the worker's hit/miss statistics should not
@@ -370,19 +377,25 @@ class Client:
         recomputing them (``direct``: the asker reads same-host peers in place).
         ``signature``: the one behind ``namespace``, sent to the worker now and then so that the
         controller can say what differs when no other worker shares the namespace (the plan's
-        ``mismatch``)."""
+        ``mismatch``). ``tail_tokens``: the prompt's tokens after its last full chunk (a partial
+        chunk, which the worker counts as missed for that reason). The plan's ``misses`` say
+        why each chunk after the prefix is not in it."""
         if not keys:
             return PrefixPlan(0, 0)
         extra: dict[str, object] = {"chunk_tokens": int(chunk_tokens)} if chunk_tokens else {}
         if signature is not None:
             extra.update(self._signature_field(namespace, signature))
+        if tail_tokens > 0:
+            extra["tail_tokens"] = int(tail_tokens)
+        # the worker counts a reply it makes after this client gave up as a missed lookup
+        extra["deadline_ms"] = max(1, min(86_400_000, int(self._rpc.timeout_s * 1000)))
         if recompute_tokens_per_s and chunk_bytes and chunk_tokens:
             # peer chunks that would be fetched are offered only if that beats recomputing
             extra.update(recompute_tokens_per_s=float(recompute_tokens_per_s),
                          chunk_bytes=int(chunk_bytes), direct=bool(direct))
         return _plan_from_reply(self._call("local_lookup", namespace=namespace,
                                            keys=list(keys), peers=peers, count=bool(count),
-                                           **extra))
+                                           **extra), len(keys))
 
     def _signature_field(self, namespace: bytes, signature: ModelSignature) -> dict:
         now = time.monotonic()
@@ -450,12 +463,17 @@ class Client:
 
     def lookup(self, signature: ModelSignature, token_ids: Sequence[int],
                peers: bool = True) -> LookupResult:
-        """How many prefix tokens of ``token_ids`` are available, locally and from peers."""
-        plan = self.lookup_plan(signature.namespace(), signature_keys(signature, token_ids),
-                                peers, chunk_tokens=signature.chunk_tokens, signature=signature)
-        local, peer = plan.local, plan.peer
+        """How many prefix tokens of ``token_ids`` are available, locally and from peers
+        (and why the rest is not: ``misses``)."""
         size = signature.chunk_tokens
-        return LookupResult((local + peer) * size, local * size, peer * size, size)
+        keys = signature_keys(signature, token_ids)
+        if not keys:  # no full chunk: the whole prompt is a partial chunk
+            return LookupResult(0, 0, 0, size, (("partial_chunk", 1),) if token_ids else ())
+        plan = self.lookup_plan(signature.namespace(), keys, peers, chunk_tokens=size,
+                                signature=signature,
+                                tail_tokens=len(token_ids) - len(keys) * size)
+        return LookupResult(len(plan) * size, plan.local * size, plan.peer * size, size,
+                            plan.misses)
 
     def acquire(self, signature: ModelSignature, token_ids: Sequence[int], peers: bool = True,
                 lease_s: float = DEFAULT_LEASE_S, direct: bool = False) -> Hit:

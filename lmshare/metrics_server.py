@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from lmshare.errors import ConfigError
+from lmshare.misses import LOCAL, MISS_REASONS, PEER, counter_name
 
 
 @dataclass
@@ -38,3 +40,16 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsS
         raise ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror}); choose "
                           "another --metrics-port or stop the process using it") from None
     return MetricsServer(host, server.server_port, registry, server, thread)
+
+
+def lookup_chunks_family(name: str, documentation: str, labels: list[str],
+                         rows: list[tuple[dict[str, int], list[str]]]) -> CounterMetricFamily:
+    """``name_total{*labels, result, reason}`` from counter dicts (``WorkerCounters``'
+    fields): hits by where (local, peer), misses by reason (lmshare/misses.py)."""
+    family = CounterMetricFamily(name, documentation, labels=[*labels, "result", "reason"])
+    for counters, values in rows:
+        family.add_metric([*values, "hit", LOCAL], counters.get("local_hit_chunks", 0))
+        family.add_metric([*values, "hit", PEER], counters.get("peer_hit_chunks", 0))
+        for reason in MISS_REASONS:
+            family.add_metric([*values, "miss", reason], counters.get(counter_name(reason), 0))
+    return family

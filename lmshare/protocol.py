@@ -81,6 +81,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "deregister": {"worker_id": _WORKER, "epoch": _EPOCH},
     # anyone -> controller
     "lookup": {"namespace": _KEY, "keys": _KEYS},
+    "explain": {"namespace": _KEY, "keys": _KEYS},  # what is known of each chunk (read-only)
     "stats": {"offset": Optional(Int(0, I64_MAX)), "limit": Optional(Int(1, 100_000))},
     "ping": {},
     # client -> worker
@@ -91,7 +92,11 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                      "recompute_tokens_per_s": Optional(Float(1e-3, 1e12)),
                      "chunk_bytes": Optional(Int(1, 1 << 40)), "direct": Optional(Bool()),
                      # the signature behind the namespace (reported to the controller)
-                     "signature": Optional(_SIGNATURE)},
+                     "signature": Optional(_SIGNATURE),
+                     # tokens after the last full chunk (counted as one partial_chunk miss),
+                     # and how long the asker waits: a reply later than that counts as missed
+                     "tail_tokens": Optional(Int(0, 1 << 20)),
+                     "deadline_ms": Optional(Int(1, 86_400_000))},
     "reserve": {"namespace": _KEY, "keys": _KEYS, "sizes": List(Int(0, 1 << 40), MAX_KEYS),
                 "incarnation": Optional(Str(64)), "tenant": _TENANT},
     "commit": {"handles": List(_HANDLE, MAX_KEYS), "incarnation": Optional(Str(64))},

@@ -7,6 +7,8 @@ import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+from lmshare.misses import MISS_REASONS, counter_name
+
 MAX_NAME_CHARS = 200
 MAX_MISMATCHES = 200  # signature mismatches one stats reply lists
 
@@ -44,6 +46,17 @@ class WorkerCounters:
     refused_connections: int = 0  # data-plane connections that failed the key handshake
     refused_chunks: int = 0  # fetched chunks refused for the size their holder announced
     digest_mismatches: int = 0  # fetched chunks whose bytes differed from the writer's digest
+    # chunks missed, by reason (lmshare/misses.py; their sum but partial_chunk is miss_chunks)
+    miss_new_prefix: int = 0
+    miss_evicted: int = 0
+    miss_holder_gone: int = 0
+    miss_fetch_failed: int = 0
+    miss_deadline: int = 0
+    miss_recompute_faster: int = 0
+    miss_partial_chunk: int = 0
+    miss_unknown_namespace: int = 0
+    miss_controller_unreachable: int = 0
+    miss_peers_off: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerCounters:
@@ -52,6 +65,10 @@ class WorkerCounters:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def misses_by_reason(self) -> dict[str, int]:
+        """{reason: chunks} of every miss reason (lmshare/misses.py)."""
+        return {reason: getattr(self, counter_name(reason)) for reason in MISS_REASONS}
 
 
 @dataclass
@@ -113,6 +130,8 @@ class ClusterStats:
     # "namespace", "model", "peer", "peer_namespace", "fields": [{"field", "mine", "theirs"}],
     # "differs", "text"} (controller/signatures.py)
     mismatches: list[dict] = field(default_factory=list)
+    # chunks missed over the hit-history window, by reason (lmshare/misses.py)
+    miss_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_cached(self) -> int:
@@ -155,13 +174,15 @@ class ClusterStats:
         history = [tuple(h) for h in data.get("hit_history", [])]
         mismatches = [_mismatch(m) for m in list(data.get("mismatches") or [])[:MAX_MISMATCHES]
                       if isinstance(m, dict)]
+        reasons = {r: int(n) for r, n in dict(data.get("miss_reasons") or {}).items()
+                   if r in MISS_REASONS and isinstance(n, (int, float))}
         rest = {k: v for k, v in data.items()
-                if k not in ("workers", "events", "hit_history", "mismatches")}
+                if k not in ("workers", "events", "hit_history", "mismatches", "miss_reasons")}
         for name in ("controller_id", "role", "leader"):
             if name in rest:
                 rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, mismatches=mismatches,
-                   **rest)
+                   miss_reasons=reasons, **rest)
 
 
 def _mismatch(data: dict[str, Any]) -> dict[str, Any]:

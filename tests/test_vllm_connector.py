@@ -114,7 +114,8 @@ class FakeClient:
         return local, peer
 
     def lookup_plan(self, namespace, keys, peers=True, count=True, chunk_tokens=0,
-                    recompute_tokens_per_s=None, chunk_bytes=0, direct=False, signature=None):
+                    recompute_tokens_per_s=None, chunk_bytes=0, direct=False, signature=None,
+                    tail_tokens=0):
         self.cluster.calls.append("lookup" if count else "lookup again")
         self.cluster.lookup_rates.append(recompute_tokens_per_s)
         self.cluster.signatures.append(signature)

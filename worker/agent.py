@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lmshare import protocol
+from lmshare import misses, protocol
 from lmshare.client import worker_endpoint
 from lmshare.control import FailoverControllerClient
 from lmshare.errors import (
@@ -51,7 +51,7 @@ from lmshare.worker.control_link import ControlLink
 from lmshare.worker.digests import DIGEST_BYTES, DigestStore, chunk_digest
 from lmshare.worker.fetch_policy import FetchPolicy
 from lmshare.worker.leases import LeaseTable
-from lmshare.worker.local_server import CLIENT_FIELD, LocalServer
+from lmshare.worker.local_server import CLIENT_FIELD, RECEIVED_FIELD, LocalServer
 from lmshare.worker.namespaces import NamespaceLog
 from lmshare.worker.peer_cache import PeerCache
 from lmshare.worker.peer_fetch import PeerFetcher
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 Remote = list[tuple[int, list[str]]]  # (index of a chunk not held here, the workers holding it)
 EXPECTED_DIGESTS = 16384  # peer chunks' digests kept from lookups for acquires that carry a plan
+EVICTED_KEPT = 65536  # keys this worker evicted recently (a lookup's "evicted" miss reason)
 
 
 def _hint(m: dict[str, Any], count: int) -> list[list[str]] | None:
@@ -127,6 +128,8 @@ class WorkerAgent:
         self._hashers = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)),
                                            thread_name_prefix="lmshare-digest")
         self.pool.add_listener(self.digests.on_pool_event)
+        self.evicted = misses.RecentKeys(EVICTED_KEPT)  # what tells "evicted" from "new"
+        self.pool.add_listener(self._on_pool_event)
         self.fetcher = PeerFetcher(
             self.pool, transports, config.fetch_timeout_s, config.checksum,
             choose=lambda peer: choose_transport(self.host_id, self.transports, peer),
@@ -247,6 +250,22 @@ class WorkerAgent:
             for name, delta in deltas.items():
                 setattr(self.counters, name, getattr(self.counters, name) + delta)
 
+    def _count_misses(self, reasons: list[str]) -> None:
+        """Count missed chunks by reason (a partial chunk is not a chunk asked for: it
+        counts under its reason only, not in ``miss_chunks``)."""
+        deltas: dict[str, int] = {}
+        for reason in reasons:
+            name = misses.counter_name(reason)
+            deltas[name] = deltas.get(name, 0) + 1
+        full = len(reasons) - deltas.get(misses.counter_name(misses.PARTIAL_CHUNK), 0)
+        self._count(miss_chunks=full, **deltas)
+
+    def _on_pool_event(self, event: str, namespace: bytes, key: bytes) -> None:
+        if event == "evict":
+            self.evicted.add(key)
+        elif event == "admit":
+            self.evicted.discard(key)
+
     def counter_snapshot(self) -> dict[str, int]:
         pool = self.pool.stats()
         with self._counter_lock:
@@ -281,33 +300,55 @@ class WorkerAgent:
             self._lookup_clients.client = client
         return client
 
-    def plan(self, namespace: bytes, keys: list[bytes], peers: bool
+    def plan(self, namespace: bytes, keys: list[bytes], peers: bool,
+             why: list[str | None] | None = None
              ) -> tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]]:
         """The available prefix: (its length, [(index, other holders) of chunks not held here],
         peer infos, the digests their writers recorded). Local chunks come first; the controller
         is asked only when needed. With digests on, a peer chunk without a recorded digest ends
-        the prefix (its bytes could not be checked)."""
+        the prefix (its bytes could not be checked). ``why`` gets, for each chunk from the end
+        of the prefix on, its own miss reason, or None for one held somewhere (behind the
+        stop)."""
         local_prefix = self.pool.prefix_length(keys)
-        if not peers or local_prefix == len(keys) or not self.link.registered.is_set():
-            return local_prefix, [], {}, {}
+        found: tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]] = (
+            local_prefix, [], {}, {})
+        if local_prefix == len(keys):
+            return found
+        if not peers:
+            return self._why_local(keys, local_prefix, misses.PEERS_OFF, why, found)
+        if not self.link.registered.is_set():
+            return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
         self._count(controller_lookups=1)
         try:
             reply = self._controller().call("lookup", namespace=namespace, keys=keys)
         except RemoteError as exc:
-            if exc.code != ErrorCode.UNKNOWN_NAMESPACE:
-                log.warning("controller lookup refused: %s", exc)
-            return local_prefix, [], {}, {}
+            if exc.code == ErrorCode.UNKNOWN_NAMESPACE:
+                return self._why_local(keys, local_prefix, misses.UNKNOWN_NAMESPACE, why, found)
+            log.warning("controller lookup refused: %s", exc)
+            return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
         except ControllerUnavailable as exc:
             log.warning("controller lookup failed (%s); using local hits only", exc)
-            return local_prefix, [], {}, {}
+            return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
         try:
-            return self._plan_remote(keys, local_prefix, reply)
+            return self._plan_remote(keys, local_prefix, reply, why)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             log.warning("malformed lookup reply from the controller (%s); using local hits "
                         "only", exc)
-            return local_prefix, [], {}, {}
+            if why is not None:
+                why.clear()
+            return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
 
-    def _plan_remote(self, keys: list[bytes], local_prefix: int, reply: dict[str, Any]
+    def _why_local(self, keys: list[bytes], start: int, otherwise: str,
+                   why: list[str | None] | None, found: Any) -> Any:
+        """Fill ``why`` from this worker's own knowledge only: held here (None), evicted
+        here, else ``otherwise``; returns ``found``."""
+        if why is not None:
+            why.extend(None if self.pool.contains(k) else
+                       misses.EVICTED if k in self.evicted else otherwise for k in keys[start:])
+        return found
+
+    def _plan_remote(self, keys: list[bytes], local_prefix: int, reply: dict[str, Any],
+                     why: list[str | None] | None = None
                      ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo],
                                 dict[bytes, bytes]]:
         recorded = reply.get("digests") or []
@@ -337,7 +378,39 @@ class WorkerAgent:
             remote.append((index, others))
             length += 1
         self.expected_digests.learn(digests)
+        if why is not None:
+            why.extend(self._why_remote(keys, length, holders, infos, reply.get("misses")))
         return length, remote, infos, digests
+
+    def _why_remote(self, keys: list[bytes], start: int, holders: list[list[str]],
+                    infos: dict[str, PeerInfo], codes: Any) -> list[str | None]:
+        """Each chunk's own miss reason from ``start`` on (None: held somewhere), from this
+        worker's pool and evictions and the controller's lookup reply (``holders`` of its
+        held prefix, then one code per chunk past it)."""
+        matched = len(holders)
+        if not isinstance(codes, bytes) or len(codes) > len(keys) - matched:
+            codes = b""
+        out: list[str | None] = []
+        for index in range(start, len(keys)):
+            key = keys[index]
+            if self.pool.contains(key):
+                out.append(None)
+            elif key in self.evicted:
+                out.append(misses.EVICTED)
+            elif index < matched:
+                named = holders[index]
+                if any(w != self.worker_id and w in infos for w in named):
+                    out.append(None)
+                else:  # the controller still lists it here, or only holders it cannot reach
+                    out.append(misses.EVICTED if named == [self.worker_id]
+                               else misses.HOLDER_GONE)
+            else:
+                code = codes[index - matched] if index - matched < len(codes) else misses.NEW
+                out.append(None if code == misses.HELD else
+                           misses.HOLDER_GONE if code == misses.GONE else
+                           misses.EVICTED if code == misses.EVICTED_CODE else
+                           misses.NEW_PREFIX)
+        return out
 
     def _may_wait_on_peers(self, m: dict[str, Any]) -> bool:
         """Whether a local request may wait on the controller or a peer (then it runs on the
@@ -406,11 +479,23 @@ class WorkerAgent:
 
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
         namespace, keys = m["namespace"], m["keys"]  # checked by the schema
-        length, remote, infos, _ = self.plan(namespace, keys, m["peers"])
-        length, remote = self._fetches_that_win(m, length, remote, infos)
+        why: list[str | None] = []
+        planned, remote, infos, _ = self.plan(namespace, keys, m["peers"], why)
+        length, remote = self._fetches_that_win(m, planned, remote, infos)
+        stop = misses.RECOMPUTE_FASTER if length < planned else \
+            (why[0] if why and why[0] is not None else misses.FETCH_FAILED)
+        reasons = [misses.RECOMPUTE_FASTER] * (planned - length) + \
+            [own or stop for own in why]
+        tail = [misses.PARTIAL_CHUNK] if m.get("tail_tokens") else []
+        received, deadline_ms = m.get(RECEIVED_FIELD), m.get("deadline_ms")
+        late = received is not None and deadline_ms is not None and \
+            (time.monotonic() - received) * 1000 > deadline_ms
         if m.get("count", True):  # repeated lookups of one request count once
-            self._count(lookups=1, miss_chunks=len(keys) - length)
+            self._count(lookups=1)
+            # a reply past the asker's deadline is a miss of every chunk: it computes them
+            self._count_misses(([misses.DEADLINE] * len(keys) if late else reasons) + tail)
             self.namespaces.record(namespace, m.get("chunk_tokens"))
+        reasons += tail
         if m.get("signature") is not None:
             self.namespaces.describe(namespace, m["signature"])
         mismatch = self.namespaces.mismatch(namespace)  # why nobody shares it, if known
@@ -418,7 +503,8 @@ class WorkerAgent:
         for index, others in remote:
             holders[index] = others
         return protocol.ok(m["id"], local=length - len(remote), peer=len(remote),
-                           holders=holders, **({"mismatch": mismatch} if mismatch else {}))
+                           holders=holders, misses=misses.runs(reasons),
+                           **({"mismatch": mismatch} if mismatch else {}))
 
     def _fetches_that_win(self, m: dict[str, Any], length: int, remote: list, infos: dict
                           ) -> tuple[int, list]:
@@ -455,8 +541,11 @@ class WorkerAgent:
         planned = self.plan_from_hint(keys, hint) if hint is not None and m["peers"] else None
         length, remote, infos, digests = planned or self.plan(namespace, keys, m["peers"])
         owner = m.get(CLIENT_FIELD, b"")
+        # the client expects the chunks its plan named: those not delivered are missed
+        expected = max(length, len(hint) if hint is not None else 0)
         if remote and m.get("direct"):
-            granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s, owner)
+            granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s, owner,
+                                         expected)
             if granted is not None:
                 return granted
         if remote:
@@ -473,14 +562,27 @@ class WorkerAgent:
         fetched_keys = {keys[i] for i, _ in remote}
         peer_hits = sum(1 for e in entries if e.key in fetched_keys)
         self._count(local_hit_chunks=len(entries) - peer_hits, peer_hit_chunks=peer_hits)
+        self._count_undelivered(len(entries), length, expected,
+                                len(entries) < length and keys[len(entries)] in fetched_keys)
         handle = self.leases.add(lease_s, entries=entries, owner=owner) if entries else 0
         return protocol.ok(m["id"], handle=handle, local=len(entries) - peer_hits,
                            peer=peer_hits, chunks=[[e.slabs, e.nbytes] for e in entries],
                            local_gens=[self.pool.generations(e.slabs) for e in entries])
 
+    def _count_undelivered(self, delivered: int, length: int, expected: int,
+                           fetch_failed: bool) -> None:
+        """Count the chunks an acquire was expected to deliver but did not: a peer chunk
+        that did not arrive (and a chunk planned but no longer where the plan said) is a
+        failed fetch; a local chunk evicted between plan and pin, an eviction."""
+        if expected > delivered:
+            reason = misses.EVICTED if delivered < length and not fetch_failed \
+                else misses.FETCH_FAILED
+            self._count_misses([reason] * (expected - delivered))
+
     def _grant_direct(self, request_id: Any, keys: list[bytes], length: int,
                       remote: Remote, infos: dict[str, PeerInfo],
-                      lease_s: float, owner: bytes = b"") -> dict[str, Any] | None:
+                      lease_s: float, owner: bytes = b"", expected: int = 0
+                      ) -> dict[str, Any] | None:
         """Acquire for a client that reads same-host peers' regions itself: the chunks other
         workers hold stay where they are, pinned by their holders under a lease that ends with
         the client's. None (fetch instead) unless every such chunk has a same-host holder."""
@@ -535,6 +637,8 @@ class WorkerAgent:
         direct = len(chunks) - len(entries)
         self._count(local_hit_chunks=len(entries), peer_hit_chunks=direct,
                     direct_peer_chunks=direct)
+        self._count_undelivered(len(chunks), length, max(expected, length),
+                                len(chunks) < length and len(chunks) in holder_of)
         if chunks:
             handle = self.leases.add(lease_s, entries=entries, on_end=releases, owner=owner)
         else:  # nothing to read: end the holders' leases now

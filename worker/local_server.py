@@ -25,6 +25,7 @@ LOCAL_TYPES = {"hello", "local_lookup", "reserve", "commit", "abort", "acquire",
 
 Handler = serving.Handler
 CLIENT_FIELD = "_client"
+RECEIVED_FIELD = "_received"  # time.monotonic() when the request arrived
 
 
 class LocalServer:
@@ -131,6 +132,7 @@ class LocalServer:
         # who sent it (the connection's routing id), for leases bound to their client; set
         # here, after decoding, so no client can name another
         message[CLIENT_FIELD] = bytes(envelope[0]) if envelope else b"?"
+        message[RECEIVED_FIELD] = time.monotonic()
         try:
             lane = "slow" if self._may_wait(message) else "fast"
         except Exception as exc:  # a classifier bug must not stop the loop

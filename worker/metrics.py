@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from lmshare.errors import ConfigError
-from lmshare.metrics_server import MetricsServer, serve_metrics
+from lmshare.metrics_server import MetricsServer, lookup_chunks_family, serve_metrics
 from lmshare.worker.agent import WorkerAgent
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ class WorkerCollector(Collector):
                             ("miss", "miss_chunks")):
             chunks.add_metric([result], c[key])
         yield chunks
+        yield lookup_chunks_family(
+            "lmshare_worker_lookup_chunks", "Chunks of local clients' lookups by result (hit, "
+            "miss) and reason (local, peer; why each missed chunk was missed)", [], [(c, [])])
         for name, key, doc in (
                 ("lookups", "lookups", "Lookups by local clients"),
                 ("controller_lookups", "controller_lookups",

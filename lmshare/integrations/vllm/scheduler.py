@@ -26,6 +26,7 @@ from lmshare.integrations.vllm.metadata import (
 from lmshare.integrations.vllm.settings import ConnectorSettings
 from lmshare.integrations.vllm.signature import lora_identity
 from lmshare.keys import ModelSignature, chunk_keys
+from lmshare.misses import describe_runs
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -116,7 +117,9 @@ class LMShareConnectorScheduler:
         try:
             return self._matched_tokens(request, num_computed_tokens), False
         except WorkerUnavailable as exc:  # WorkerLink logs once per outage
-            log.debug("lmshare lookup for %s skipped: %s", request.request_id, exc)
+            log.debug("lmshare lookup for %s skipped (no answer within the %.3gs lookup "
+                      "deadline, or the worker is down): %s", request.request_id,
+                      self.settings.lookup_timeout_s, exc)
             return 0, False
         except Exception as exc:  # a lookup problem is a miss, never a crash
             log.warning("lmshare lookup for request %s failed (%s); computing it",
@@ -149,7 +152,8 @@ class LMShareConnectorScheduler:
                      recompute_tokens_per_s=self.recompute_tokens_per_s,
                      chunk_bytes=self.geometry.chunk_nbytes(self.blocks_per_chunk),
                      direct=self.settings.same_host_direct,
-                     signature=self._signature_of.get(ns)))
+                     signature=self._signature_of.get(ns),
+                     tail_tokens=len(state.tokens) - len(k) * self.chunk_tokens))
                  for namespace, keys in zip(state.namespaces, state.keys)]
         for namespace, plan in zip(state.namespaces, plans):
             if plan.mismatch and namespace not in self._mismatches_logged:
@@ -164,11 +168,14 @@ class LMShareConnectorScheduler:
             state.holders = [[list(h) for h in plan.holders[:present]] for plan in plans]
         state.saved_upto = max(state.saved_upto, first_chunk + present)
         hit = min((first_chunk + present) * self.chunk_tokens, limit)
+        if log.isEnabledFor(logging.DEBUG):  # one line per lookup: the hit, and why not more
+            log.debug("lmshare %s for %s: tokens %d..%d of %d (%d local + %d peer chunks); "
+                      "chunks missed: %s", "hit" if hit > num_computed_tokens else "miss",
+                      request.request_id, num_computed_tokens, max(hit, num_computed_tokens),
+                      len(state.tokens), local, peer, describe_runs(shortest.misses))
         if hit <= num_computed_tokens:
             return 0
         state.hit_tokens = hit
-        log.debug("lmshare hit for %s: tokens %d..%d (%d local + %d peer chunks)",
-                  request.request_id, num_computed_tokens, hit, local, peer)
         return hit - num_computed_tokens
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int
