@@ -28,6 +28,10 @@ STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "di
 EVENT_STYLE = {"join": "green", "leave": "cyan", "dead": "bold red", "restart": "magenta",
                "refused": "yellow", "resync": "blue"}
 _STATE_ORDER = {"dead": 0, "suspect": 1, "alive": 2, "left": 3}
+# why chunks were missed: grey for what is expected (new documents, prompt tails), red for
+# what an operator can fix
+MISS_STYLE = {"new_prefix": "grey62", "partial_chunk": "grey62", "recompute_faster": "cyan",
+              "peers_off": "grey62"}
 TALL = 40  # from this height on, the hit history gets one sparkline per kind
 
 
@@ -141,7 +145,7 @@ def budget(stats: ClusterStats | None, height: int | None, state: ViewState) -> 
     events = len(stats.events) if stats else 0
     if height is None:
         return Budget(max(1, workers), min(events, 10), 1)
-    hits = 5 if height >= TALL else 2
+    hits = 6 if height >= TALL else 3
     fixed = 1 + 2 + hits + 2 + 1 + 1 + (1 if state.footer else 0)  # title..footer
     fixed += router_lines(state)
     fixed += mismatch_lines(stats)
@@ -219,9 +223,9 @@ def _hits(stats: ClusterStats, width: int, tall: bool) -> list[Text]:
     spark_width = max(10, width - 16)
     ratio = [((h[0] + h[1]) / sum(h)) if sum(h) else 0.0 for h in history]
     now = f" {ratio[-1]:.0%}" if ratio else ""
-    lines = [_line(head, width), Text.assemble(("hit%  ", "bold"),
-                                 (sparkline(ratio, spark_width - len(now), top=1.0), "green"),
-                                 now)]
+    lines = [_line(head, width), _line(_miss_reasons(stats, window), width),
+             Text.assemble(("hit%  ", "bold"),
+                           (sparkline(ratio, spark_width - len(now), top=1.0), "green"), now)]
     if tall:
         top = max((max(h) for h in history), default=0)
         for index, (name, style) in enumerate((("local", "green"), ("peer", "cyan"),
@@ -232,6 +236,23 @@ def _hits(stats: ClusterStats, width: int, tall: bool) -> list[Text]:
                                        (sparkline(series, spark_width - 7, top=top), style),
                                        rate))
     return lines
+
+
+def _miss_reasons(stats: ClusterStats, window: int) -> Text:
+    """``missed 60s  new_prefix 61% · evicted 30% · holder_gone 9%``: why the window's missed
+    chunks were missed, most first (docs/operations.md says what to do about each)."""
+    reasons = {r: n for r, n in stats.miss_reasons.items() if n > 0}
+    line = Text.assemble((f"missed {window}s ", "bold"))
+    total = sum(reasons.values())
+    if not total:
+        line.append("nothing", style="dim")
+        return line
+    for index, (reason, count) in enumerate(sorted(reasons.items(), key=lambda i: -i[1])):
+        if index:
+            line.append(" · ")
+        line.append(f"{reason} ", style=MISS_STYLE.get(reason, "red"))
+        line.append(percent(count, total), style="bold")
+    return line
 
 
 MAX_ROUTER_BACKENDS = 8

@@ -36,7 +36,8 @@ def known_stats(workers: int = 3) -> ClusterStats:
         controller_id="c0ffee123456", controller_epoch=1700000000123, uptime_s=3725.0,
         workers=views, chunks_indexed=1234, multi_holder_chunks=321, namespaces=2,
         lookups=98765, lookup_p50_us=123.0, lookup_p99_us=876.0,
-        hit_history=[(40, 30, 30)] * 60, events=events)
+        hit_history=[(40, 30, 30)] * 60, events=events,
+        miss_reasons={"new_prefix": 1200, "evicted": 450, "holder_gone": 150})
     # the dashboard reads what came over the wire
     return ClusterStats.from_dict(stats.to_dict())
 
@@ -59,6 +60,8 @@ def test_frame_shows_the_cluster_numbers(width, height):
                      "2 alive", "0 suspect", "1 dead", "1,234 indexed", "321 on >1 worker",
                      "256.0 MiB of 512.0 MiB (50%)",  # cache of alive+suspect workers
                      "local 40%", "peer 30%", "miss 30%", "p50 123µs", "p99 876µs",
+                     # why the last minute's misses were missed, most first
+                     "missed 60s new_prefix 67% · evicted 25% · holder_gone 8%",
                      "worker-1", "worker-2", "worker-3", "dead", "60%", "12M", "3.0M",
                      "worker-2 missed heartbeats", "demo traffic · 10.0 req/s", "q quit"):
         assert expected in text, f"{expected!r} missing at {width}x{height}:\n{text}"
@@ -81,8 +84,8 @@ def test_hundreds_of_workers_page_instead_of_overflowing():
     assert len(first) <= 24
     text = "\n".join(first)
     assert "of 300" in text and f"page 1/{fit.pages}" in text
-    assert first[7].split()[:2] == ["worker-2", "dead"]  # problems sort first
-    assert first[8].split()[:2] == ["worker-251", "suspect"]
+    assert first[8].split()[:2] == ["worker-2", "dead"]  # problems sort first
+    assert first[9].split()[:2] == ["worker-251", "suspect"]
     second = "\n".join(frame(stats, 80, 24, page=1))
     assert f"page 2/{fit.pages}" in second
     assert [w.worker_id for w in sort_workers(stats.workers, "name")][:3] == \
