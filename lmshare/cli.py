@@ -1,4 +1,4 @@
-"""The ``lmshare`` command: controller | worker | router | status | dashboard | demo | bench | keygen.
+"""The ``lmshare`` command: controller | worker | router | status | explain | dashboard | demo | bench | keygen.
 
 The only module that knows every part; the parts are imported lazily so that, for example,
 ``lmshare controller`` never imports torch or the dashboard.
@@ -201,6 +201,100 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_tokens(args: argparse.Namespace) -> list[int]:
+    """The prompt of ``lmshare explain``: token ids, or text through ``--tokenizer``."""
+    if args.tokens is not None:
+        text = args.tokens
+        if text.startswith("@"):
+            try:
+                text = open(text[1:], encoding="utf-8").read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the token ids in {text[1:]} "
+                                  f"({exc.strerror})") from None
+        try:
+            tokens = [int(t) for t in text.replace(",", " ").replace("[", " ").replace(
+                "]", " ").split()]
+        except ValueError:
+            raise ConfigError("--tokens takes token ids separated by commas or spaces (or "
+                              "@FILE holding them, e.g. a JSON list)") from None
+        if any(t < 0 for t in tokens):
+            raise ConfigError("--tokens: token ids are not negative")
+        return tokens
+    text = args.text
+    if args.text_file is not None:
+        try:
+            text = open(args.text_file, encoding="utf-8").read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.text_file} ({exc.strerror})") from None
+    if not args.tokenizer:
+        raise ConfigError("a text prompt needs --tokenizer DIR (the tokenizer the engine "
+                          "serves), or give token ids with --tokens")
+    from lmshare.router.tokens import Tokenizer
+
+    tokens = Tokenizer(args.tokenizer).completion_tokens(
+        {"prompt": text, "add_special_tokens": not args.no_special_tokens})
+    return list(tokens or [])
+
+
+def _explain_signature(args: argparse.Namespace, stats) -> tuple[bytes, int]:
+    """(namespace, chunk tokens) of ``lmshare explain``."""
+    from lmshare.explain import signature_of_worker
+    from lmshare.keys import KEY_BYTES, ModelSignature
+
+    if args.like_worker:
+        return signature_of_worker(stats, args.like_worker, args.namespace or "")
+    if args.signature:
+        text = args.signature
+        if text.startswith("@"):
+            try:
+                text = open(text[1:], encoding="utf-8").read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the signature in {text[1:]} "
+                                  f"({exc.strerror})") from None
+        try:
+            fields = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--signature is not JSON ({exc})") from None
+        if not isinstance(fields, dict):
+            raise ConfigError("--signature takes a JSON object of ModelSignature fields, e.g. "
+                              '\'{"model": "meta-llama/Llama-3.1-8B", "chunk_tokens": 256}\'')
+        try:
+            signature = ModelSignature.from_dict(fields)
+        except TypeError as exc:
+            raise ConfigError(f"--signature: {exc}") from None
+        return signature.namespace(), signature.chunk_tokens
+    if args.namespace:
+        try:
+            namespace = bytes.fromhex(args.namespace)
+        except ValueError:
+            namespace = b""
+        if len(namespace) != KEY_BYTES or not args.chunk_tokens:
+            raise ConfigError(f"--namespace takes {2 * KEY_BYTES} hex digits (as `lmshare "
+                              "status --json` shows them) and needs --chunk-tokens")
+        return namespace, args.chunk_tokens
+    raise ConfigError("say whose model signature to explain the prompt under: --like-worker "
+                      "NAME, --signature JSON, or --namespace HEX with --chunk-tokens")
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from lmshare.control import FailoverControllerClient, parse_controllers
+    from lmshare.explain import explain, render
+    from lmshare.stats import fetch_cluster_stats
+
+    tokens = _prompt_tokens(args)
+    client = FailoverControllerClient(parse_controllers(args.controller), args.timeout,
+                                      key=_key(args))
+    try:
+        stats = fetch_cluster_stats(client)
+        namespace, chunk_tokens = _explain_signature(args, stats)
+        result = explain(client, stats, namespace, chunk_tokens, tokens,
+                         args.worker or args.like_worker or "")
+    finally:
+        client.close()
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from lmshare.dashboard import print_once, run_dashboard
 
@@ -358,6 +452,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive, default=3.0, metavar="S")
     _add_key_options(p)
     p.set_defaults(func=_cmd_status)
+
+    p = commands.add_parser("explain", help="where a prompt's prefix is held, chunk by chunk, "
+                                            "and why it stops where it stops")
+    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--tokens", metavar="IDS", help="the prompt as token ids (1,2,3 or "
+                                                        "@FILE)")
+    prompt.add_argument("--text", metavar="TEXT", help="the prompt as text (needs --tokenizer)")
+    prompt.add_argument("--text-file", metavar="FILE", help="the prompt's text in a file")
+    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer the engine serves")
+    p.add_argument("--no-special-tokens", action="store_true",
+                   help="tokenize without adding special tokens (BOS...)")
+    p.add_argument("--like-worker", metavar="NAME",
+                   help="the model signature worker NAME's clients use (and its view)")
+    p.add_argument("--signature", metavar="JSON", help="the model signature as ModelSignature "
+                                                       "fields in JSON (or @FILE)")
+    p.add_argument("--namespace", metavar="HEX", help="a namespace (with --chunk-tokens), or "
+                                                      "which of --like-worker's")
+    p.add_argument("--chunk-tokens", type=int, default=0, metavar="N")
+    p.add_argument("--worker", metavar="NAME", help="explain as this worker would look it up "
+                                                    "(default: --like-worker's)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=_positive, default=3.0, metavar="S")
+    _add_key_options(p)
+    p.set_defaults(func=_cmd_explain)
 
     p = commands.add_parser("dashboard", help="live terminal dashboard of a cluster")
     p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
