@@ -99,7 +99,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for segs, b in zip(segments, ids):
             copier.load(segs, 0, b)
-        copier.loads_done()
+        copier.start_loads()
         sync()
         load_times.append(time.perf_counter() - t0)
     total = chunk_bytes * args.chunks
@@ -139,11 +139,11 @@ def overlap(args, copier, segments, ids, sync) -> dict:
     def queue_loads() -> None:
         for segs, b in zip(segments, ids):
             copier.load(segs, 0, b)
-        copier.loads_done()
+        copier.start_loads()
 
     def copies_only() -> None:
         queue_loads()
-        copier.loads_finished()
+        copier.wait_loads()
 
     def forward_only() -> None:
         for layer in range(args.layers):
@@ -151,7 +151,7 @@ def overlap(args, copier, segments, ids, sync) -> dict:
 
     def serial() -> None:
         queue_loads()
-        copier.loads_finished()  # the forward waits for every layer
+        copier.wait_loads()  # the forward waits for every layer
         forward_only()
 
     def layered() -> None:
@@ -159,7 +159,7 @@ def overlap(args, copier, segments, ids, sync) -> dict:
         for layer in range(args.layers):
             copier.wait_layer(layer)
             layer_compute(layer)
-        copier.loads_finished()
+        copier.wait_loads()
 
     results = {}
     for name, fn in (("copies_ms", copies_only), ("forward_ms", forward_only),

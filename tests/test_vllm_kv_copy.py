@@ -122,7 +122,7 @@ def test_device_copier_host_logic(setup):
     pending.release()
     for _ in range(3):
         copier.load([memoryview(data)[:100], memoryview(data)[100:]], 0, [14, 15])
-        copier.loads_done()
+        copier.start_loads()
     for layer in range(LAYERS):
         assert block_bytes(caches, layer, 14) == block_bytes(caches, layer, 6)
     copier.close()
@@ -173,8 +173,8 @@ def test_cuda_copier_roundtrip(layer_outermost):
     half = len(data) // 2
     for _ in range(2):
         copier.load([memoryview(data)[:half], memoryview(data)[half:]], 1, [20, 21])
-        copier.loads_done()
-    copier.loads_finished()  # the compute (current) stream now waits for the copies
+        copier.start_loads()
+    copier.wait_loads()  # the compute (current) stream now waits for the copies
     torch.cuda.current_stream().synchronize()
     for layer in range(LAYERS):
         assert block_bytes(gpu, layer, 20) == block_bytes(host, layer, 9)
@@ -200,13 +200,13 @@ def test_device_copier_reads_registered_pool_directly(setup):
     pool, segments = _pool_with(data)
     assert copier.register_host(pool)
     copier.load(segments, 0, [40, 41])
-    copier.loads_done()
+    copier.start_loads()
     assert copier.loads_registered == 1  # straight from the registered pool
     assert block_bytes(caches, 1, 41) == block_bytes(caches, 1, 3)
     copier.load([memoryview(bytes(data))], 0, [42, 43])  # outside the pool
     assert copier.loads_unregistered == 1
-    copier.loads_done()
-    copier.loads_finished()
+    copier.start_loads()
+    copier.wait_loads()
     assert block_bytes(caches, 2, 42) == block_bytes(caches, 2, 2)
     copier.unregister_host(pool)
     copier.close()
@@ -246,8 +246,8 @@ def _shm_mapping(tmp_path, data, offset: int, read_only: bool):
 def _finish_and_check(copier, gpu, host, loaded: dict[int, int]) -> None:
     """Start and finish the queued loads; GPU block ``dst`` must equal host block ``src`` for
     each ``dst: src`` of ``loaded``, every chunk read straight from the page-locked mapping."""
-    copier.loads_done()
-    copier.loads_finished()  # the compute (current) stream now waits for the copies
+    copier.start_loads()
+    copier.wait_loads()  # the compute (current) stream now waits for the copies
     torch.cuda.current_stream().synchronize()
     assert copier.loads_unregistered == 0
     for layer in range(LAYERS):
@@ -339,7 +339,7 @@ def test_device_copier_loads_layer_by_layer(setup, group):
     copier.load(segments, 0, [60, 61])
     copier.load([memoryview(second)], 1, [62])  # only the chunk's second block
     assert ops.snapshots == [] and block_bytes(caches, 0, 60) == before[0][0]  # queued
-    copier.loads_done()
+    copier.start_loads()
     expected = [[block_bytes(caches, layer, b) for b in (2, 3, 8)] for layer in range(LAYERS)]
     assert len(ops.snapshots) == LAYERS
     for event, snapshot in enumerate(ops.snapshots):
@@ -347,7 +347,7 @@ def test_device_copier_loads_layer_by_layer(setup, group):
             assert snapshot[layer] == (expected[layer] if layer <= event else before[layer])
     copier.wait_layer(2)
     assert ops.waited == [2]
-    copier.loads_finished()  # the compute stream also waits for the last layer
+    copier.wait_loads()  # the compute stream also waits for the last layer
     assert ops.waited == [2, LAYERS - 1]
     copier.wait_layer(0)  # nothing in flight any more
     assert ops.waited == [2, LAYERS - 1]

@@ -423,7 +423,7 @@ class DevicePendingSave(PendingSave):
 class BlockCopier(ABC):
     """Copies chunk bytes into vLLM's blocks (loads) and blocks out into host bytes (saves)."""
 
-    #: True where :meth:`loads_done` returns before the copies finish (they overlap other work)
+    #: True where :meth:`start_loads` returns before the copies finish (they overlap other work)
     asynchronous: bool = False
 
     def __init__(self, blocks: PagedBlocks) -> None:
@@ -510,18 +510,18 @@ class BlockCopier(ABC):
     def load(self, segments: Sequence[Buffer], first: int, block_ids: Sequence[int]) -> None:
         """Copy blocks ``first .. first+len(block_ids)`` of a chunk (its bytes in
         ``segments``) into vLLM's blocks ``block_ids`` (or queue the copy until
-        :meth:`loads_done`). The segments may be read until :meth:`loads_finished` returns:
+        :meth:`start_loads`). The segments may be read until :meth:`wait_loads` returns:
         release the chunk's lease after that."""
 
-    def loads_done(self) -> None:  # noqa: B027 - optional hook
+    def start_loads(self) -> None:  # noqa: B027 - optional hook
         """Every load of this step is queued: start them. Layer ``i`` of the loaded blocks
         may be read once :meth:`wait_layer` ``(i)`` returns (for the CPU copier: at once)."""
 
     def wait_layer(self, layer: int) -> None:  # noqa: B027 - optional hook
         """Make the compute that follows see layer ``layer`` (chunk order) of every load
-        started by :meth:`loads_done`."""
+        started by :meth:`start_loads`."""
 
-    def loads_finished(self) -> None:  # noqa: B027 - optional hook
+    def wait_loads(self) -> None:  # noqa: B027 - optional hook
         """Make the compute that follows see every load, and wait until no load reads its
         source bytes any more (the chunks' leases may be released after this)."""
 
@@ -751,7 +751,7 @@ class HostBufferPool:
 
 @dataclass
 class _QueuedLoad:
-    """A chunk's load, queued until :meth:`AsyncDeviceCopier.loads_done`."""
+    """A chunk's load, queued until :meth:`AsyncDeviceCopier.start_loads`."""
 
     runs: list[torch.Tensor]  # the chunk's bytes in order, where they lie (pool or peer pool)
     per_chunk: int  # blocks in the chunk
@@ -767,13 +767,13 @@ class AsyncDeviceCopier(BlockCopier):
     registered with :meth:`register_host` (the worker's shared pool, page-locked with
     cudaHostRegister: measured on an H100 at 54 GB/s vs 7 GB/s unregistered), else copied
     from where they lie through the driver (slower; a pool whose registration is still under
-    way). :meth:`loads_done` issues, on the side stream and after
+    way). :meth:`start_loads` issues, on the side stream and after
     the compute stream's pending work (such as block zeroing), the step's copies layer group by
     layer group: the group's layers of every queued chunk go host → device in one copy a chunk
     (a chunk is layer-major, so a run of its layers is contiguous) into a temporary device
     buffer of at most ``max_temp_bytes`` (which sets the group size), each layer is scattered
     into its blocks (one kernel a layer), and an event marks layer ``i`` ready. :meth:`wait_layer` makes the compute stream wait for that event only,
-    so attention of layer 0 runs while later layers are still copying. :meth:`loads_finished`
+    so attention of layer 0 runs while later layers are still copying. :meth:`wait_loads`
     waits until the copies no longer read the pool (then leases may go).
 
     Saves (:meth:`save_chunks`): a save stream waits for the compute stream (the forward that
@@ -801,7 +801,7 @@ class AsyncDeviceCopier(BlockCopier):
         self.saves_dropped = 0
         self._in_flight: list[tuple[Any, list[torch.Tensor]]] = []  # (event, keep alive)
         self._queued: list[_QueuedLoad] = []
-        self._layer_events: list[Any] = []  # of the loads started by loads_done
+        self._layer_events: list[Any] = []  # of the loads started by start_loads
         self._reads_pool = False  # started loads read registered (leased) memory
         self.loads_registered = 0  # chunks DMA'd from page-locked memory
         self.loads_unregistered = 0  # chunks copied from memory not page-locked (yet)
@@ -810,7 +810,7 @@ class AsyncDeviceCopier(BlockCopier):
         return self.ops.host_register(address, nbytes, read_only)
 
     def _unpin(self, address: int) -> None:
-        self.loads_finished()
+        self.wait_loads()
         self._reclaim(wait=True)
         self.ops.host_unregister(address)
 
@@ -837,7 +837,7 @@ class AsyncDeviceCopier(BlockCopier):
         self._reclaim()
         self._queued.append(_QueuedLoad(runs, per_chunk, first, list(block_ids)))
 
-    def loads_done(self) -> None:
+    def start_loads(self) -> None:
         if not self._queued:
             return
         # Called again in a step (batches), the new events come after the earlier loads on the
@@ -891,9 +891,9 @@ class AsyncDeviceCopier(BlockCopier):
         if layer < len(self._layer_events):
             self.ops.current_waits_event(self._layer_events[layer])
 
-    def loads_finished(self) -> None:
+    def wait_loads(self) -> None:
         if self._queued:
-            self.loads_done()
+            self.start_loads()
         if not self._layer_events:
             return
         last = self._layer_events[-1]
@@ -982,7 +982,7 @@ class AsyncDeviceCopier(BlockCopier):
             self._save_bytes -= nbytes
 
     def close(self) -> None:
-        self.loads_finished()
+        self.wait_loads()
         self._reclaim(wait=True)
         for address in list(self._registered):
             self.ops.host_unregister(address)

@@ -207,7 +207,7 @@ class LMShareConnectorWorker:
         if self._copier is None:
             return
         try:
-            self._copier.loads_done()  # on GPU: copies start, layer by layer
+            self._copier.start_loads()  # on GPU: copies start, layer by layer
         except Exception:  # the blocks may be half written: recompute them
             log.exception("lmshare: starting this step's KV copies failed; vLLM recomputes")
             for spec in metadata.loads:
@@ -221,7 +221,7 @@ class LMShareConnectorWorker:
         forward loop."""
         if self._copier is not None:
             try:
-                self._copier.loads_finished()
+                self._copier.wait_loads()
             except Exception:  # leases expire on their own
                 log.exception("lmshare: waiting for KV copies failed")
         reads, self._peer_reads = self._peer_reads, []
@@ -299,7 +299,7 @@ class LMShareConnectorWorker:
                     # overlap the forward layer by layer with the others
                     batches = [(end, len(keys))]
                 else:
-                    copier.loads_done()  # this batch copies while the next one is fetched
+                    copier.start_loads()  # this batch copies while the next one is fetched
         self.stats.loaded_chunks += loaded
         self.stats.peer_chunks += min(peer, loaded)
         if loaded < len(keys):
