@@ -198,6 +198,16 @@ class ChunkIndex:
     def worker_chunks(self, worker_id: str) -> int:
         return len(self._by_worker.get(worker_id, ()))
 
+    def holders_of(self, key: bytes) -> tuple[str, ...]:
+        """The workers holding ``key``."""
+        holders = self._holders.get(key)
+        return () if holders is None else (holders,) if type(holders) is str else holders
+
+    def namespace_of(self, worker_id: str, key: bytes) -> bytes | None:
+        """The namespace of ``key`` as ``worker_id`` announced it (None: it does not hold it)."""
+        held = self._by_worker.get(worker_id)
+        return held.get(key) if held is not None else None
+
     def knows_namespace(self, namespace: bytes) -> bool:
         return namespace in self._namespaces
 

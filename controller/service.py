@@ -22,6 +22,7 @@ import zmq
 
 from lmshare import misses, protocol, serving
 from lmshare.controller.digests import DigestRecords
+from lmshare.controller.handoff import Handoffs, Target
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.controller.signatures import SignatureBook
@@ -37,10 +38,11 @@ log = logging.getLogger(__name__)
 
 DEPARTED_SHOWN_S = 120.0  # how long stats keep showing a worker that left or died
 # what only the leader answers when controllers elect one (a standby refuses with not_leader)
-LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "explain"}
+LEADER_ONLY = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "explain",
+               "handoff"}
 TENANT_FIELD = "_tenant"
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "explain",
-                    "stats", "ping"}
+                    "stats", "ping", "handoff"}
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
 MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
 # chunks whose last holder let them go (left, died or evicted them), remembered for miss
@@ -104,6 +106,12 @@ def _unknown_namespace() -> LMShareError:
                         code=ErrorCode.UNKNOWN_NAMESPACE)
 
 
+def _slab_bytes(record: WorkerRecord) -> int:
+    """A worker's slab size as it registered it (1 when it did not say)."""
+    slab = record.extra.get("slab_bytes")
+    return slab if type(slab) is int and 0 < slab <= 1 << 40 else 1
+
+
 class ControllerService:
     """Owns the registry and the index; serves requests until :meth:`stop`."""
 
@@ -118,6 +126,8 @@ class ControllerService:
         self.index = ChunkIndex(config.max_keys_per_worker)
         self.digests = DigestRecords()  # chunk digests as their writers recorded them
         self.signatures = SignatureBook()  # what the workers' clients use, and mismatches
+        self.handoffs = Handoffs()  # leaving workers' chunks on their way to peers
+        self.draining: set[str] = set()  # workers handing their chunks off before they leave
         self.tenant_digests: dict[str, DigestRecords] = {}  # the same, per tenant
         self.tenants = ClusterTenants(self.registry, config.tenant_quotas, config.tenant_ttls)
         self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
@@ -175,7 +185,7 @@ class ControllerService:
             "register": self._on_register, "heartbeat": self._on_heartbeat,
             "batch": self._on_batch, "sync": self._on_sync, "deregister": self._on_deregister,
             "lookup": self._on_lookup, "explain": self._on_explain, "stats": self._on_stats,
-            "ping": self._on_ping,
+            "ping": self._on_ping, "handoff": self._on_handoff,
         }
         self.event("restart", f"controller {self.controller_id} started (pid {os.getpid()})")
 
@@ -235,6 +245,9 @@ class ControllerService:
         self.index.on_orphaned = self._on_orphaned
         self.orphans = misses.RecentKeys(ORPHANS_KEPT)
         self.seen_namespaces.clear()
+        self.signatures = SignatureBook()
+        self.handoffs.clear()
+        self.draining.clear()
         self.departed.clear()
         self.epoch = max(self._next_epoch + 1, int(time.time() * 1000))
         self._next_epoch = self.epoch
@@ -353,6 +366,8 @@ class ControllerService:
             self.departed[worker_id] = (record, "left" if kind == "leave" else "dead", time.time())
         chunks = self.index.drop_worker(worker_id)
         self.signatures.remove(worker_id)
+        self.handoffs.forget(worker_id)
+        self.draining.discard(worker_id)
         self.event(kind, f"{worker_id} {detail}; {chunks} chunks left the index")
 
     # ------------------------------------------------------------------ handlers
@@ -374,6 +389,8 @@ class ControllerService:
         if previous is not None:
             self.index.drop_worker(worker_id)
             self.signatures.remove(worker_id)
+            self.handoffs.forget(worker_id)
+            self.draining.discard(worker_id)
             self.event("join", f"{worker_id} re-registered at {record.address} (replaces epoch "
                                f"{previous.epoch})")
         else:
@@ -395,8 +412,11 @@ class ControllerService:
                       for x in self.signatures.mismatches(record.worker_id)}
         record.tenant_bytes = self.tenants.attribute(record, m.get("tenant_bytes"))
         resync = record.syncing or record.last_seq != m["seq"]
+        orders = [] if record.worker_id in self.draining else \
+            self.handoffs.orders_for(record.worker_id)
         return protocol.ok(m["id"], resync=resync, mismatches=mismatches,
-                           **self.tenants.reply_fields(record))
+                           **self.tenants.reply_fields(record),
+                           **({"replicate": orders} if orders else {}))
 
     def _on_batch(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
@@ -428,6 +448,39 @@ class ControllerService:
         record = self._worker(m)
         self._drop_worker(record.worker_id, "leave", "left gracefully")
         return protocol.ok(m["id"])
+
+    def _on_handoff(self, m: dict[str, Any]) -> dict[str, Any]:
+        """A leaving worker's chunks that only it holds go to peers with free space (``keys``,
+        most recently used first, with their ``sizes``); without keys: how far that got."""
+        record = self._worker(m)
+        source = record.worker_id
+        self.draining.add(source)
+        keys = m.get("keys")
+        if keys is None:
+            unique, copied, failed, pending = self.handoffs.status(
+                source, self.index.holders_of, self._can_take)
+            return protocol.ok(m["id"], unique=unique, copied=copied, failed=failed,
+                               pending=pending)
+        sizes = m.get("sizes") or []
+        if len(sizes) != len(keys):
+            raise LMShareError(f"handoff names {len(keys)} keys but {len(sizes)} sizes; give "
+                               "one size per key", code=ErrorCode.BAD_MESSAGE)
+        targets = [Target(w.worker_id, w.counters.free_bytes, _slab_bytes(w))
+                   for w in self.registry.workers.values() if self._can_take(w.worker_id)
+                   and w.worker_id != source and w.tenant == record.tenant]
+        job = self.handoffs.start(source, keys, sizes, targets, self.index.holders_of,
+                                  lambda key: self.index.namespace_of(source, key))
+        peers = len({target for target, _, _ in job.assigned.values()})
+        self.event("handoff", f"{source} is leaving: {job.unique} chunks only it holds, "
+                              f"{len(job.assigned)} handed to {peers} peer{'s' * (peers != 1)} "
+                              "with free space")
+        return protocol.ok(m["id"], unique=job.unique, assigned=len(job.assigned), peers=peers)
+
+    def _can_take(self, worker_id: str) -> bool:
+        """Whether ``worker_id`` is alive and staying (may be handed chunks)."""
+        record = self.registry.workers.get(worker_id)
+        return record is not None and worker_id not in self.draining and \
+            self.registry.state(record) == "alive"
 
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The ``lmshare`` command: controller | worker | router | status | explain | dashboard | demo | bench | keygen.
+"""The ``lmshare`` command: controller | worker | drain | router | status | explain | dashboard | demo | bench | keygen.
 
 The only module that knows every part; the parts are imported lazily so that, for example,
 ``lmshare controller`` never imports torch or the dashboard.
@@ -29,6 +29,17 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """A number of seconds, 0 allowed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
     return value
 
 
@@ -155,6 +166,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         slab_bytes=args.slab_size, host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
         fetch_timeout_s=args.fetch_timeout, checksum=args.checksum,
+        drain_timeout_s=args.drain_timeout,
         transports=resolve_transports(args.transports), digests=not args.no_digests,
         encrypt=args.encrypt, **_tenant_limits(args), **({"name": args.name} if args.name else {}))
     agent = WorkerAgent(config).start()
@@ -295,6 +307,24 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_drain(args: argparse.Namespace) -> int:
+    from lmshare.client import Client
+
+    # the worker answers once its chunks are handed off (at most its --drain-timeout)
+    with Client(worker=args.worker, endpoint=args.endpoint or None, timeout_s=args.timeout,
+                key_file=args.key_file or None) as client:
+        report = client.drain()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"worker {report['worker_id']} drained in {report['seconds']:.2f} s: "
+          f"{report['chunks']} chunks, {report['unique']} held only there, "
+          f"{report['copied']} of {report['assigned']} handed to {report['peers']} peers"
+          + (f" ({report['note']})" if report.get("note") else "")
+          + "; it deregisters and exits", flush=True)
+    return 0
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from lmshare.dashboard import print_once, run_dashboard
 
@@ -405,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-timeout", type=_positive, default=5.0, metavar="S",
                    help="deadline of one peer fetch (default 5)")
     p.add_argument("--checksum", action="store_true", help="verify a CRC32 of every peer chunk")
+    p.add_argument("--drain-timeout", type=_non_negative, default=10.0, metavar="S",
+                   help="on SIGTERM or `lmshare drain`, hand the chunks only this worker holds "
+                        "to peers with free space for at most this long, then leave "
+                        "(default 10; 0 = leave at once)")
     p.add_argument("--no-digests", action="store_true",
                    help="do not record chunk digests as chunks are stored, nor check fetched "
                         "chunks against them (checking is on by default)")
@@ -445,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other backends tried after one fails (default: all)")
     _add_key_options(p)
     p.set_defaults(func=_cmd_router)
+
+    p = commands.add_parser("drain", help="make a worker on this host hand the chunks only it "
+                                          "holds to peers, then leave (as on SIGTERM)")
+    p.add_argument("--worker", required=True, metavar="NAME", help="the worker's --name")
+    p.add_argument("--endpoint", default="", help="its local endpoint (default: from the name)")
+    p.add_argument("--timeout", type=_positive, default=60.0, metavar="S",
+                   help="how long to wait for its answer (default 60; the worker stops "
+                        "handing off after its own --drain-timeout)")
+    p.add_argument("--json", action="store_true", help="print the drain report as JSON")
+    p.add_argument("--key-file", default="", help="the cluster key (default $LMSHARE_KEY_FILE): "
+                                                  "the worker must prove it holds it")
+    p.set_defaults(func=_cmd_drain)
 
     p = commands.add_parser("status", help="print the cluster's workers and numbers")
     p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")

@@ -491,6 +491,12 @@ class Client:
         """The worker's counters and pool state."""
         return self._call("worker_stats")
 
+    def drain(self) -> dict:
+        """Make the worker hand the chunks only it holds to peers and leave (as on SIGTERM);
+        returns its drain report once the hand-off ended (``chunks``, ``unique``,
+        ``assigned``, ``copied``, ``peers``, ``seconds``, ``note``)."""
+        return self._call("drain")
+
     def close(self) -> None:
         self._rpc.close()
         self._region.close()

@@ -572,6 +572,15 @@ class KVPool:
                     result.setdefault(entry.namespace, []).append(entry.key)
         return result
 
+    def entries_by_recency(self) -> list[tuple[bytes, int]]:
+        """(key, bytes) of every committed entry, most recently used first."""
+        found: list[tuple[float, bytes, int]] = []
+        for bucket in self._buckets:
+            with bucket.lock:
+                found.extend((e.last_used, e.key, e.nbytes) for e in bucket.entries.values())
+        found.sort(reverse=True)
+        return [(key, nbytes) for _, key, nbytes in found]
+
     def stats(self) -> PoolStats:
         with self._free_lock:
             free = len(self._free)

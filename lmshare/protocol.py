@@ -79,6 +79,10 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
              "part": Int(0, 1 << 24), "final": Bool(), "entries": KeyMap(KEY_BYTES, MAX_KEYS),
              "digests": _DIGESTS},
     "deregister": {"worker_id": _WORKER, "epoch": _EPOCH},
+    # a leaving worker's chunks (most recently used first) and their sizes, to hand to peers;
+    # without keys: how far the hand-off got
+    "handoff": {"worker_id": _WORKER, "epoch": _EPOCH, "keys": Optional(_KEYS),
+                "sizes": Optional(List(Int(0, 1 << 40), MAX_KEYS))},
     # anyone -> controller
     "lookup": {"namespace": _KEY, "keys": _KEYS},
     "explain": {"namespace": _KEY, "keys": _KEYS},  # what is known of each chunk (read-only)
@@ -109,6 +113,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "release": {"handle": _HANDLE, "incarnation": Optional(Str(64))},
     "locate": {"keys": _KEYS, "lease_s": _LEASE},
     "worker_stats": {},
+    "drain": {},  # hand this worker's chunks to peers, then leave (lmshare drain)
     # peer -> worker, on the TCP data port (``locate`` and ``release`` as above)
     "fetch": {"keys": _KEYS, "checksum": Optional(Bool())},
 }

@@ -28,6 +28,7 @@ class WorkerCounters:
 
     capacity_bytes: int = 0
     used_bytes: int = 0
+    free_bytes: int = 0  # free slabs × slab size: what more chunks can take without evicting
     entries: int = 0
     pinned_entries: int = 0
     local_hit_chunks: int = 0
@@ -57,6 +58,8 @@ class WorkerCounters:
     miss_unknown_namespace: int = 0
     miss_controller_unreachable: int = 0
     miss_peers_off: int = 0
+    handed_off_chunks: int = 0  # chunks only it held that peers took over when it drained
+    taken_over_chunks: int = 0  # chunks it fetched from draining peers
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerCounters:

@@ -50,6 +50,7 @@ from lmshare.worker.config import WorkerConfig, host_identity
 from lmshare.worker.control_link import ControlLink
 from lmshare.worker.digests import DIGEST_BYTES, DigestStore, chunk_digest
 from lmshare.worker.fetch_policy import FetchPolicy
+from lmshare.worker.handoff import Handoff
 from lmshare.worker.leases import LeaseTable
 from lmshare.worker.local_server import CLIENT_FIELD, RECEIVED_FIELD, LocalServer
 from lmshare.worker.namespaces import NamespaceLog
@@ -158,6 +159,7 @@ class WorkerAgent:
             lambda: {**self.namespaces.heartbeat_fields(), **self.tenants.heartbeat_fields()},
             digest_of=self.digests.get if config.digests else None,
             on_heartbeat_reply=self._on_heartbeat_reply)
+        self.handoff = Handoff(self)  # graceful drain: chunks only it holds go to peers
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
             try:
@@ -171,7 +173,7 @@ class WorkerAgent:
             "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
             "commit": self._on_commit, "abort": self._on_abort, "acquire": self._on_acquire,
             "release": self._on_release, "locate": self._on_locate,
-            "worker_stats": self._on_stats,
+            "worker_stats": self._on_stats, "drain": self._on_drain,
             "ping": lambda m: protocol.ok(m["id"]),
         }
         try:
@@ -217,8 +219,9 @@ class WorkerAgent:
         if self._closed:
             return
         self._stopped.set()
+        self.handoff.drain(self.config.drain_timeout_s)  # the peers keep its unique chunks
         self.link.stop(deregister=True)
-        self.peer_server.stop(self.config.drain_timeout_s)
+        self.peer_server.stop(max(1.0, self.config.drain_timeout_s))  # in-flight reads
         self.local_server.stop()
         self.close()
 
@@ -271,6 +274,7 @@ class WorkerAgent:
         with self._counter_lock:
             c = self.counters
             c.used_bytes, c.entries, c.pinned_entries = pool.used_bytes, pool.entries, pool.pinned_entries
+            c.free_bytes = pool.slabs_free * pool.slab_bytes
             c.admits, c.evictions = pool.admits, pool.evictions
             c.bytes_served = self.peer_server.bytes_served + self._one_sided_bytes_served
             c.bytes_fetched = self.fetcher.bytes_fetched
@@ -291,6 +295,8 @@ class WorkerAgent:
     def _on_heartbeat_reply(self, reply: dict[str, Any]) -> None:
         self.namespaces.on_heartbeat_reply(reply)  # signature mismatches
         self.tenants.on_heartbeat_reply(reply)  # the controller's tenant caps and TTLs
+        if reply.get("replicate"):  # chunks to take over from a draining peer
+            self.handoff.receive(reply["replicate"])
 
     def _controller(self) -> FailoverControllerClient:
         client = getattr(self._lookup_clients, "client", None)
@@ -416,6 +422,8 @@ class WorkerAgent:
         """Whether a local request may wait on the controller or a peer (then it runs on the
         lane of such requests; local lookups and acquires of local chunks never queue behind
         them)."""
+        if m["type"] == "drain":
+            return True  # it waits on the hand-off
         if m["type"] not in ("acquire", "local_lookup") or not m["peers"]:
             return False
         return self.pool.prefix_length(m["keys"]) < len(m["keys"])
@@ -729,6 +737,13 @@ class WorkerAgent:
         self._check_incarnation(m)
         self._finish(m, commit=False)
         return protocol.ok(m["id"])
+
+    def _on_drain(self, m: dict[str, Any]) -> dict[str, Any]:
+        """``lmshare drain``: leave as on SIGTERM (hand off, deregister, exit); answers once
+        the hand-off ended."""
+        self.stop()
+        self.handoff.done.wait(self.config.drain_timeout_s + 2 * self.config.rpc_timeout_s + 1)
+        return protocol.ok(m["id"], worker_id=self.worker_id, **self.handoff.report.to_dict())
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], worker_id=self.worker_id, counters=self.counter_snapshot(),

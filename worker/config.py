@@ -64,7 +64,7 @@ class WorkerConfig:
     fetch_timeout_s: float = 5.0
     checksum: bool = False
     max_lease_s: float = 300.0
-    drain_timeout_s: float = 10.0
+    drain_timeout_s: float = 10.0  # leaving: hand chunks only it holds to peers this long (0: no)
     client_threads: int = 4
     transports: tuple[str, ...] = ("shm", "tcp")  # what this worker offers and uses, best first
     # more controllers (etcd-elected leader and standbys), tried in order after the first
@@ -86,8 +86,11 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or len(self.name) > 100:
             raise ConfigError(f"worker name {self.name!r} must be 1-100 characters without '/'")
-        for option in ("connect_timeout_s", "rpc_timeout_s", "fetch_timeout_s", "max_lease_s",
-                       "drain_timeout_s"):
+        drain = self.drain_timeout_s
+        if not (isinstance(drain, (int, float)) and math.isfinite(drain) and drain >= 0):
+            raise ConfigError(f"drain timeout must be a finite number of seconds, 0 or more "
+                              f"(0: leave without handing chunks to peers), not {drain!r}")
+        for option in ("connect_timeout_s", "rpc_timeout_s", "fetch_timeout_s", "max_lease_s"):
             value = getattr(self, option)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{option.removesuffix('_s').replace('_', ' ')} must be a "

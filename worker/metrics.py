@@ -85,6 +85,10 @@ class WorkerCollector(Collector):
                 ("digest_mismatches", "digest_mismatches",
                  "Fetched chunks dropped because their bytes did not match the digest their "
                  "writer recorded (a corrupt or lying holder)"),
+                ("handed_off_chunks", "handed_off_chunks",
+                 "Chunks only this worker held that peers took over when it drained"),
+                ("taken_over_chunks", "taken_over_chunks",
+                 "Chunks this worker fetched from draining peers (within its free space)"),
                 ("refused_chunks", "refused_chunks",
                  "Fetched chunks refused before any reservation: their holder announced a size "
                  "other than asked (or more than the namespace's chunks)")):
