@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmshare import misses, protocol
@@ -63,6 +64,18 @@ log = logging.getLogger(__name__)
 Remote = list[tuple[int, list[str]]]  # (index of a chunk not held here, the workers holding it)
 EXPECTED_DIGESTS = 16384  # peer chunks' digests kept from lookups for acquires that carry a plan
 EVICTED_KEPT = 65536  # keys this worker evicted recently (a lookup's "evicted" miss reason)
+
+
+@dataclass
+class AcquirePlan:
+    """Where the available prefix of an acquire's keys is: its ``length``, the chunks of it not
+    held here with the workers holding each (``remote``), those workers' data-plane ``infos``,
+    and the digests their writers recorded for those chunks."""
+
+    length: int
+    remote: Remote = field(default_factory=list)
+    infos: dict[str, PeerInfo] = field(default_factory=dict)
+    digests: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def _hint(m: dict[str, Any], count: int) -> list[list[str]] | None:
@@ -307,17 +320,14 @@ class WorkerAgent:
         return client
 
     def plan(self, namespace: bytes, keys: list[bytes], peers: bool,
-             why: list[str | None] | None = None
-             ) -> tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]]:
-        """The available prefix: (its length, [(index, other holders) of chunks not held here],
-        peer infos, the digests their writers recorded). Local chunks come first; the controller
+             why: list[str | None] | None = None) -> AcquirePlan:
+        """Where the available prefix of ``keys`` is. Local chunks come first; the controller
         is asked only when needed. With digests on, a peer chunk without a recorded digest ends
         the prefix (its bytes could not be checked). ``why`` gets, for each chunk from the end
         of the prefix on, its own miss reason, or None for one held somewhere (behind the
         stop)."""
         local_prefix = self.pool.prefix_length(keys)
-        found: tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]] = (
-            local_prefix, [], {}, {})
+        found = AcquirePlan(local_prefix)
         if local_prefix == len(keys):
             return found
         if not peers:
@@ -345,7 +355,7 @@ class WorkerAgent:
             return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
 
     def _why_local(self, keys: list[bytes], start: int, otherwise: str,
-                   why: list[str | None] | None, found: Any) -> Any:
+                   why: list[str | None] | None, found: AcquirePlan) -> AcquirePlan:
         """Fill ``why`` from this worker's own knowledge only: held here (None), evicted
         here, else ``otherwise``; returns ``found``."""
         if why is not None:
@@ -354,9 +364,7 @@ class WorkerAgent:
         return found
 
     def _plan_remote(self, keys: list[bytes], local_prefix: int, reply: dict[str, Any],
-                     why: list[str | None] | None = None
-                     ) -> tuple[int, list[tuple[int, list[str]]], dict[str, PeerInfo],
-                                dict[bytes, bytes]]:
+                     why: list[str | None] | None = None) -> AcquirePlan:
         recorded = reply.get("digests") or []
         digests: dict[bytes, bytes] = {}
         infos = {w: PeerInfo(info["worker_id"], info["host"], info["data_port"],
@@ -386,7 +394,7 @@ class WorkerAgent:
         self.expected_digests.learn(digests)
         if why is not None:
             why.extend(self._why_remote(keys, length, holders, infos, reply.get("misses")))
-        return length, remote, infos, digests
+        return AcquirePlan(length, remote, infos, digests)
 
     def _why_remote(self, keys: list[bytes], start: int, holders: list[list[str]],
                     infos: dict[str, PeerInfo], codes: Any) -> list[str | None]:
@@ -428,8 +436,7 @@ class WorkerAgent:
             return False
         return self.pool.prefix_length(m["keys"]) < len(m["keys"])
 
-    def plan_from_hint(self, keys: list[bytes], hint: list[list[str]]
-                       ) -> tuple[int, Remote, dict[str, PeerInfo], dict[bytes, bytes]] | None:
+    def plan_from_hint(self, keys: list[bytes], hint: list[list[str]]) -> AcquirePlan | None:
         """:meth:`plan` from a client's ``hint`` (the holders of each of the first keys, as a
         ``local_lookup`` answered them; ``[]``: held here) instead of a controller lookup.
         Holders (and, with digests on, the chunks' digests) are only taken from what the
@@ -463,7 +470,7 @@ class WorkerAgent:
                 digests[key] = digest
             remote.append((index, known))
             length += 1
-        return length, remote, infos, digests
+        return AcquirePlan(length, remote, infos, digests)
 
     # ------------------------------------------------------------------ handlers
     def _check_incarnation(self, m: dict[str, Any]) -> None:
@@ -488,7 +495,8 @@ class WorkerAgent:
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
         namespace, keys = m["namespace"], m["keys"]  # checked by the schema
         why: list[str | None] = []
-        planned, remote, infos, _ = self.plan(namespace, keys, m["peers"], why)
+        plan = self.plan(namespace, keys, m["peers"], why)
+        planned, remote, infos = plan.length, plan.remote, plan.infos
         length, remote = self._fetches_that_win(m, planned, remote, infos)
         stop = misses.RECOMPUTE_FASTER if length < planned else \
             (why[0] if why and why[0] is not None else misses.FETCH_FAILED)
@@ -547,7 +555,8 @@ class WorkerAgent:
         lease_s = min(float(m["lease_s"]), self.config.max_lease_s)
         hint = _hint(m, len(keys))
         planned = self.plan_from_hint(keys, hint) if hint is not None and m["peers"] else None
-        length, remote, infos, digests = planned or self.plan(namespace, keys, m["peers"])
+        plan = planned or self.plan(namespace, keys, m["peers"])
+        length, remote, infos, digests = plan.length, plan.remote, plan.infos, plan.digests
         owner = m.get(CLIENT_FIELD, b"")
         # the client expects the chunks its plan named: those not delivered are missed
         expected = max(length, len(hint) if hint is not None else 0)
