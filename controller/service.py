@@ -204,7 +204,11 @@ class ControllerService:
                         except zmq.Again:
                             break
                         # the tenant the ZAP check found for the sender's key ("" = cluster)
-                        tenant = parts[-1].get("User-Id") if self.guard is not None else ""
+                        tenant = self.guard.member(parts[-1].get("User-Id")) \
+                            if self.guard is not None else ""
+                        if tenant is None:  # opened with a key retired since: no answer
+                            self.guard.refuse_retired()
+                            continue
                         self._timed(self._handle, [p.bytes for p in parts], tenant)
                         if self.index.pending:
                             self._timed(self.index.absorb)
@@ -223,6 +227,24 @@ class ControllerService:
         started = time.thread_time()
         step(*args)
         self.slowest_step_cpu_s = max(self.slowest_step_cpu_s, time.thread_time() - started)
+
+    def reload_key(self) -> bool:
+        """Read the key file again (SIGHUP): admit the clients of its keys from now on. False
+        (and an error logged) when the file is not a rotation of the key in use."""
+        from lmshare.credentials import describe, reload_key
+
+        if self.config.key is None or self.guard is None:
+            log.warning("SIGHUP: this controller runs without a key; nothing to reload")
+            return False
+        try:
+            key = reload_key(self.config.key)
+        except ConfigError as exc:
+            log.error("key not reloaded: %s", exc)
+            return False
+        self.config.key = key
+        self.guard.set_key(key)
+        log.warning("key reloaded from %s: admitting %s", key.path, describe(key))
+        return True
 
     def stop(self) -> None:
         self._stop.set()

@@ -92,15 +92,29 @@ def _tenant_limits(args: argparse.Namespace) -> dict:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from lmshare.credentials import generate_key_file
+    from lmshare.credentials import describe, generate_key_file
 
+    if args.rotate:
+        from lmshare.credentials import rotate_key_file
+
+        if not args.key_file or args.tenant or args.out:
+            raise ConfigError("keygen --rotate STEP rewrites the cluster key file given with "
+                              "--key-file (no --out, no --tenant)")
+        key = rotate_key_file(args.key_file, args.rotate)
+        print(f"{args.key_file}: {args.rotate} done; it now holds {describe(key)}. Copy it to "
+              "every host, remake the tenants' credentials (keygen --tenant NAME --replace), "
+              "then send SIGHUP to every controller and worker", flush=True)
+        return 0
+    if not args.out:
+        raise ConfigError("keygen needs --out FILE (or --rotate STEP --key-file FILE)")
     if args.tenant:
         from lmshare.credentials import generate_tenant_file, load_key_file
 
         if not args.key_file:
             raise ConfigError("keygen --tenant NAME derives the tenant's credential from the "
                               "cluster key: pass --key-file CLUSTER_KEY")
-        key = generate_tenant_file(load_key_file(args.key_file), args.tenant, args.out)
+        key = generate_tenant_file(load_key_file(args.key_file), args.tenant, args.out,
+                                   replace=args.replace)
         print(f"credential of tenant {args.tenant} ({key.fingerprint}) written to {args.out} "
               "(mode 600); give it to that tenant's workers (--key-file), and name the tenant "
               "in the controller's --tenants", flush=True)
@@ -141,6 +155,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         election.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
+    signal.signal(signal.SIGHUP, lambda *_: service.reload_key())  # a key rotation step
     role = f" (etcd election at {args.etcd})" if election else ""
     security = f"cluster key {key.fingerprint}" if key else "INSECURE: no cluster key"
     print(f"lmshare controller listening on {args.host}:{service.port}{role}; {security}",
@@ -551,12 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = commands.add_parser("keygen", help="make a cluster key (give it to every process)")
-    p.add_argument("--out", required=True, metavar="FILE",
+    p.add_argument("--out", default=None, metavar="FILE",
                    help="where to write it (created with mode 600; never overwritten)")
     p.add_argument("--tenant", default=None, metavar="NAME",
                    help="make tenant NAME's credential instead, from the cluster key given "
                         "with --key-file: its workers reach only each other")
-    p.add_argument("--key-file", default=None, metavar="FILE", help="the cluster key (--tenant)")
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="the cluster key (--tenant, --rotate)")
+    p.add_argument("--rotate", default=None, choices=["add-next", "promote", "retire"],
+                   help="one step of a key rotation, written over --key-file at once: add-next "
+                        "(a new key, accepted but not used yet), promote (use it; the old one "
+                        "stays accepted), retire (drop the old one); after each step copy the "
+                        "file everywhere and send SIGHUP to every process (docs/security.md)")
+    p.add_argument("--replace", action="store_true",
+                   help="with --tenant: replace --out (remaking a tenant's credential after a "
+                        "rotation step)")
     p.set_defaults(func=_cmd_keygen)
 
     p = commands.add_parser("bench", help="run the benchmarks of a source checkout "

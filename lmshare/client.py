@@ -92,8 +92,9 @@ def _check_worker_proof(key: ClusterKey, info: dict, challenge: bytes, endpoint:
         expected = key if tenant == key.tenant else key.for_tenant(tenant)
     except ConfigError:
         expected = None  # a tenant's client and a worker of another tenant (or the cluster)
-    if expected is None or not hmac.compare_digest(info["proof"], hmac.new(
-            expected.local_key(), b"worker" + challenge, hashlib.sha256).digest()):
+    if expected is None or not any(hmac.compare_digest(info["proof"], hmac.new(
+            local, b"worker" + challenge, hashlib.sha256).digest())
+            for local in expected.local_keys()):  # (during a rotation, either key)
         raise ConfigError(f"the worker at {endpoint} does not hold this client's key "
                           f"({key.path or 'given'}): another cluster's or tenant's worker")
 

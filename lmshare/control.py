@@ -130,6 +130,11 @@ class ControllerClient(RpcClient):
         self.host, self.port = host, port
 
 
+def _set_key(client: RpcClient, key: ClusterKey | None) -> None:
+    client.curve = key.curve_client() if key is not None else None
+    client.reset()  # the next call connects with the new client key
+
+
 class FailoverControllerClient:
     """Talks to whichever of several controllers leads (controllers elected through etcd).
 
@@ -148,6 +153,13 @@ class FailoverControllerClient:
         self._clients = [ControllerClient(h, p, timeout_s, context, key)
                          for h, p in self.addresses]
         self._current = 0
+        self.key = key
+        self._using = key
+
+    def set_key(self, key: ClusterKey | None) -> None:
+        """Connect with ``key`` from the next call on (a reloaded key file). Any thread may
+        call it; the thread that makes the calls applies it."""
+        self.key = key
 
     @property
     def endpoint(self) -> str:
@@ -160,6 +172,10 @@ class FailoverControllerClient:
         return None
 
     def call(self, type_: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        if self.key is not self._using:
+            self._using = self.key
+            for client in self._clients:
+                _set_key(client, self._using)
         last: LMShareError | None = None
         fallback: dict[str, Any] | None = None
         for _ in range(len(self._clients)):

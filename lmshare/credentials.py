@@ -9,10 +9,18 @@
 - the data-plane key of the HMAC challenge/response that opens every peer connection.
 
 Without a key a process runs only with an explicit ``--insecure`` (see :func:`resolve_key`).
+
+Rotation without a restart: a key file may hold, beside its ``secret`` (the key a process uses
+for what it sends), the ``next`` or ``previous`` secret, which a process accepts from others
+but does not use itself; processes reload the file on SIGHUP (``lmshare keygen --add-next``,
+``--promote``, ``--retire`` step a file through a rotation, see docs/security.md). The
+controller's CurveZMQ identity (``identity``) stays the same through rotations, so clients
+never need to learn a new server key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,28 +67,51 @@ class ClusterKey:
     path: str = ""
     tenant: str = ""  # "" = the cluster key
     server_public: bytes = b""  # the controller's CurveZMQ public key (tenant credentials)
+    # secrets accepted from others but not used (a rotation's next or previous key)
+    accepted: tuple[bytes, ...] = field(default=(), repr=False)
+    # the controller's CurveZMQ secret key ("" = derived from the secret); a rotated cluster
+    # key keeps its first key's, so clients keep the server key they know
+    identity: bytes = field(default=b"", repr=False)
+    rotation: str = ""  # what ``accepted`` holds: "next", "previous" or "" (nothing)
 
     def __post_init__(self) -> None:
-        if len(self.secret) != SECRET_BYTES:
-            raise ConfigError(f"a cluster key is {SECRET_BYTES} bytes, not {len(self.secret)}")
+        for secret in (self.secret, *self.accepted):
+            if len(secret) != SECRET_BYTES:
+                raise ConfigError(f"a cluster key is {SECRET_BYTES} bytes, not {len(secret)}")
+        if self.identity and len(self.identity) != SECRET_BYTES:
+            raise ConfigError(f"a key identity is {SECRET_BYTES} bytes")
+
+    @property
+    def secrets(self) -> tuple[bytes, ...]:
+        """Every secret this key accepts: the one it uses first."""
+        return (self.secret, *self.accepted)
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        return tuple(_derive(s, "fingerprint").hex()[:12] for s in self.secrets)
+
+    def _with_secret(self, secret: bytes) -> ClusterKey:
+        return ClusterKey(secret, self.path, self.tenant, self.server_public, (), self.identity)
 
     @property
     def fingerprint(self) -> str:
         """A short public name of the key (safe to log; tells which key a process uses)."""
         return _derive(self.secret, "fingerprint").hex()[:12]
 
-    def _curve_pair(self, label: str) -> tuple[bytes, bytes]:
+    def _curve_pair(self, label: str, raw: bytes | None = None) -> tuple[bytes, bytes]:
         import zmq
         from zmq.utils import z85
 
-        secret = z85.encode(_derive(self.secret, label))
+        secret = z85.encode(raw or _derive(self.secret, label))
         return zmq.curve_public(secret), secret
 
     def curve_server(self) -> tuple[bytes, bytes]:
         """The controller's CurveZMQ (public, secret) pair (the cluster key only)."""
         if self.tenant:
             raise ConfigError("a controller needs the cluster key, not a tenant's credential")
-        return self._curve_pair("curve-server")
+        return self._curve_pair("curve-server", self.identity or None)
+
+
 
     def curve_client(self) -> CurveKeys:
         """What every member uses to connect to the controller."""
@@ -95,10 +126,30 @@ class ClusterKey:
             raise ConfigError(f"tenant name {tenant!r}: use 1-64 letters, digits, '.', '_' or "
                               "'-', starting with a letter or digit")
         return ClusterKey(_derive(self.secret, f"tenant:{tenant}"), tenant=tenant,
-                          server_public=self.curve_server()[0])
+                          server_public=self.curve_server()[0],
+                          accepted=tuple(_derive(s, f"tenant:{tenant}") for s in self.accepted),
+                          rotation=self.rotation)
 
     def curve_client_public(self) -> bytes:
         return self._curve_pair("curve-client")[0]
+
+    def curve_client_publics(self) -> list[bytes]:
+        """The client public keys of every secret this key accepts (the controller's ZAP)."""
+        return [self._with_secret(s).curve_client_public() for s in self.secrets]
+
+    def data_keys(self) -> list[bytes]:
+        """The data-plane keys of every secret this key accepts, the one it uses first."""
+        return [_derive(s, "data-plane") for s in self.secrets]
+
+    def local_keys(self) -> list[bytes]:
+        return [_derive(s, "local-endpoint") for s in self.secrets]
+
+    def same_cluster(self, other: ClusterKey) -> bool:
+        """Whether ``other`` (a reloaded file) may replace this key in a running process: the
+        same tenant and controller identity, and a secret in common (a rotation step)."""
+        return (other.tenant == self.tenant and other.server_public == self.server_public
+                and (self.tenant or self.curve_server()[0] == other.curve_server()[0])
+                and bool(set(self.secrets) & set(other.secrets)))
 
     def local_key(self) -> bytes:
         """The key a worker proves itself with to its local clients (lmshare.Client)."""
@@ -109,41 +160,87 @@ class ClusterKey:
         return _derive(self.secret, "data-plane")
 
 
+def _body(key: ClusterKey) -> str:
+    """A key file's text: the secret it uses, the others it accepts, its identity."""
+    data: dict = {"kind": TENANT_KIND if key.tenant else KEY_KIND, "version": KEY_VERSION}
+    if key.tenant:
+        data["tenant"] = key.tenant
+        data["server_public"] = key.server_public.decode()
+    data["secret"] = key.secret.hex()
+    if key.accepted:
+        data[key.rotation or "previous"] = key.accepted[0].hex()
+    if key.identity and not key.tenant:
+        data["identity"] = key.identity.hex()
+    return json.dumps(data) + "\n"
+
+
+def _write_new(path: Path, body: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; keygen never overwrites a key (remove it first, or "
+                          "choose another --out)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+
+
+def _replace(path: Path, body: str) -> None:
+    """Write ``body`` over ``path`` at once (a reader sees the old file or the new one)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    _write_new(temporary, body)
+    try:
+        os.replace(temporary, path)
+    except OSError as exc:
+        os.unlink(temporary)
+        raise ConfigError(f"cannot replace key file {path}: {exc.strerror}") from None
+
+
 def generate_key_file(path: str | Path) -> ClusterKey:
     """Write a new cluster key to ``path`` (created 0600; an existing file is never replaced)."""
-    path = Path(path)
-    secret = secrets.token_bytes(SECRET_BYTES)
-    body = json.dumps({"kind": KEY_KIND, "version": KEY_VERSION, "secret": secret.hex()}) + "\n"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path} exists; keygen never overwrites a key (remove it first, or "
-                          "choose another --out)") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(body)
-    return ClusterKey(secret, str(path))
+    key = ClusterKey(secrets.token_bytes(SECRET_BYTES), str(path))
+    _write_new(Path(path), _body(key))
+    return key
 
 
-def generate_tenant_file(cluster: ClusterKey, tenant: str, path: str | Path) -> ClusterKey:
-    """Write ``tenant``'s credential (derived from the cluster key) to ``path`` (0600, never
-    overwritten)."""
-    key = cluster.for_tenant(tenant)
-    path = Path(path)
-    body = json.dumps({"kind": TENANT_KIND, "version": KEY_VERSION, "tenant": tenant,
-                       "secret": key.secret.hex(),
-                       "server_public": key.server_public.decode()}) + "\n"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path} exists; keygen never overwrites a key (remove it first, or "
-                          "choose another --out)") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(body)
-    return ClusterKey(key.secret, str(path), tenant, key.server_public)
+def generate_tenant_file(cluster: ClusterKey, tenant: str, path: str | Path,
+                         replace: bool = False) -> ClusterKey:
+    """Write ``tenant``'s credential (derived from the cluster key, with the same rotation
+    step) to ``path`` (0600; an existing file only with ``replace``, at once)."""
+    key = dataclasses.replace(cluster.for_tenant(tenant), path=str(path))
+    (_replace if replace else _write_new)(Path(path), _body(key))
+    return key
+
+
+def rotate_key_file(path: str | Path, step: str) -> ClusterKey:
+    """One step of a rotation, written over the cluster key file ``path`` at once:
+    ``add-next`` (a new secret, accepted but not used yet), ``promote`` (use the next secret;
+    the old one stays accepted as previous), ``retire`` (stop accepting the previous one)."""
+    key = load_key_file(path)
+    if key.tenant:
+        raise ConfigError(f"{path} is tenant {key.tenant}'s credential: rotate the cluster key, "
+                          "then remake the tenants' files (keygen --tenant ... --replace)")
+    identity = key.identity or _derive(key.secret, "curve-server")  # the controller's, kept
+    if step == "add-next":
+        if key.rotation == "next":
+            raise ConfigError(f"{path} already has a next key: --promote it first")
+        new = ClusterKey(key.secret, key.path, accepted=(secrets.token_bytes(SECRET_BYTES),),
+                         identity=identity, rotation="next")
+    elif step == "promote":
+        if key.rotation != "next":
+            raise ConfigError(f"{path} has no next key to promote: --add-next first")
+        new = ClusterKey(key.accepted[0], key.path, accepted=(key.secret,), identity=identity,
+                         rotation="previous")
+    elif step == "retire":
+        if key.rotation != "previous":
+            raise ConfigError(f"{path} has no previous key to retire (--add-next, then "
+                              "--promote, come first)")
+        new = ClusterKey(key.secret, key.path, identity=identity)
+    else:
+        raise ConfigError(f"unknown rotation step {step!r}: add-next, promote or retire")
+    _replace(Path(path), _body(new))
+    return new
 
 
 def load_key_file(path: str | Path) -> ClusterKey:
@@ -178,10 +275,37 @@ def load_key_file(path: str | Path) -> ClusterKey:
         if data["kind"] == TENANT_KIND and (not TENANT_NAME.match(tenant)
                                              or len(server_public) != 40):
             raise ValueError("a tenant credential needs a tenant name and the controller's key")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if "next" in data and "previous" in data:
+            raise ValueError("a key file holds a next or a previous key, not both")
+        rotation = "next" if "next" in data else "previous" if "previous" in data else ""
+        accepted = (bytes.fromhex(data[rotation]),) if rotation else ()
+        identity = bytes.fromhex(data["identity"]) if "identity" in data and not tenant else b""
+        return ClusterKey(secret, str(path), tenant, server_public, accepted, identity, rotation)
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
         raise ConfigError(f"key file {path} is not an lmshare cluster key ({exc}); make one "
                           "with `lmshare keygen --out FILE`") from None
-    return ClusterKey(secret, str(path), tenant, server_public)
+
+
+def reload_key(current: ClusterKey) -> ClusterKey:
+    """The key file ``current`` came from, read again (on SIGHUP): the new key if it is a step
+    of a rotation of ``current`` (same cluster, tenant and controller identity, a secret in
+    common), else ConfigError (the running key stays)."""
+    if not current.path:
+        raise ConfigError("this process's key did not come from a file: nothing to reload")
+    new = load_key_file(current.path)
+    if not current.same_cluster(new):
+        raise ConfigError(f"{current.path} now holds a key that shares no secret with the one "
+                          "in use (or another tenant's, or another controller identity); kept "
+                          "the running key. Rotate with `lmshare keygen --rotate STEP`")
+    return new
+
+
+def describe(key: ClusterKey) -> str:
+    """What a process logs of its key: fingerprints, never secrets."""
+    text = f"key {key.fingerprint}" + (f" (tenant {key.tenant})" if key.tenant else "")
+    if key.accepted:
+        text += f", also accepting {key.rotation} key {key.fingerprints[1]}"
+    return text
 
 
 def resolve_key(key_file: str | None, insecure: bool) -> ClusterKey | None:

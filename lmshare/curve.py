@@ -26,6 +26,7 @@ ZAP_DOMAIN = "lmshare"
 MAX_LOGGED_ADDRESSES = 1024
 
 REASON_WRONG_KEY = "wrong_key"  # spoke CURVE, but not with the cluster's client key
+REASON_RETIRED = "retired_key"  # a connection opened with a key retired since (rotation)
 REASON_NO_CURVE = "handshake"  # no CURVE (no key / --insecure), a wrong server key, garbage
 
 
@@ -43,10 +44,9 @@ class CurveGuard:
                  tenants: tuple[str, ...] | list[str] = ()) -> None:
         self.what = what
         self.refused: Counter[str] = Counter()
-        # client public key → the tenant it authenticates ("" = the cluster key itself)
-        self._allowed = {key.curve_client_public(): ""}
-        for tenant in tenants:
-            self._allowed[key.for_tenant(tenant).curve_client_public()] = tenant
+        self._tenants = tuple(tenants)
+        self._allowed: dict[bytes, str] = {}
+        self.set_key(key)
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,6 +59,27 @@ class CurveGuard:
         self._pending_failure: str | None = None
         self._thread = threading.Thread(target=self._loop, name=f"lmshare-{what}-auth",
                                         daemon=True)
+
+    def set_key(self, key: ClusterKey) -> None:
+        """Admit the client keys of every secret ``key`` accepts (during a rotation, the key in
+        use and the next or previous one), and of its tenants; messages on connections that
+        a key no longer admitted opened are refused from now on (:meth:`member`)."""
+        allowed = {public: "" for public in key.curve_client_publics()}
+        for tenant in self._tenants:
+            for public in key.for_tenant(tenant).curve_client_publics():
+                allowed[public] = tenant
+        self._allowed = allowed
+
+    def member(self, user_id: str | None) -> str | None:
+        """The tenant a message is served as, from the user id its connection's ZAP check
+        gave; None when the key that opened the connection is no longer admitted."""
+        tenant, _, public = (user_id or "").partition("/")  # (tenant names have no "/")
+        found = self._allowed.get(public.encode())
+        return found if found == tenant else None
+
+    def refuse_retired(self) -> None:
+        """Count (and log once) a message on a connection whose key was retired."""
+        self._refuse(REASON_RETIRED, "a connection opened before the key rotation")
 
     def secure_server(self, sock: zmq.Socket, key: ClusterKey) -> None:
         """Make ``sock`` (before bind) a CURVE server checked by this guard; start watching."""
@@ -91,6 +112,8 @@ class CurveGuard:
             log.warning("%s refused a connection from %s (%s): %s; logged once per address",
                         self.what, address, reason,
                         "it does not hold this cluster's key" if reason == REASON_WRONG_KEY
+                        else "its key was retired by a key rotation; it must reconnect with "
+                             "the cluster's current key" if reason == REASON_RETIRED
                         else "no CURVE handshake with this cluster's key (a process without "
                              "--key-file, another cluster's key, or not lmshare)")
 
@@ -119,15 +142,16 @@ class CurveGuard:
         if len(frames) < 6:
             return
         version, request_id, _domain, address, _identity, mechanism = frames[:6]
-        tenant = self._allowed.get(_z85(frames[6])) \
-            if mechanism == b"CURVE" and len(frames) >= 7 else None
+        public = _z85(frames[6]) if mechanism == b"CURVE" and len(frames) >= 7 else b""
+        tenant = self._allowed.get(public) if public else None
         if tenant is None:
             self._refuse(REASON_WRONG_KEY, address.decode(errors="replace"))
         status, text = (b"200", b"OK") if tenant is not None else \
             (b"400", b"not a member of this cluster")
-        # the user id travels with each message: the tenant the controller serves it as
-        self._zap.send_multipart([version, request_id, status, text,
-                                  (tenant or "").encode(), b""])
+        # the user id travels with each message: the tenant the controller serves it as, and
+        # the client key it proved (checked again on each message: see member)
+        user_id = f"{tenant}/{public.decode()}".encode() if tenant is not None else b""
+        self._zap.send_multipart([version, request_id, status, text, user_id, b""])
 
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]

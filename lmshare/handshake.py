@@ -105,19 +105,29 @@ def server_handshake(sock: socket.socket, key: bytes, deadline: float,
     """Run the server's side; raises HandshakeRefused (reason: bad_mac, timeout, closed).
     Returns the record keys when the connection is encrypted (``encrypt`` here, or the
     client asked for it), else None."""
+    return server_handshake_any(sock, [key], deadline, encrypt)[0]
+
+
+def server_handshake_any(sock: socket.socket, keys: list[bytes], deadline: float,
+                         encrypt: bool = False) -> tuple[Session | None, bytes]:
+    """:func:`server_handshake` accepting a client that proves any of ``keys`` (during a key
+    rotation: the key in use and the next or previous one); also returns the key it proved."""
     server_nonce = secrets.token_bytes(NONCE_BYTES)
     _send(sock, MAGIC + server_nonce, deadline)
     answer = _recv_exact(sock, NONCE_BYTES + MAC_BYTES, deadline)
     client_nonce, mac = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
-    if hmac.compare_digest(mac, _mac(key, b"client", server_nonce, client_nonce)):
-        asked = False
-    elif hmac.compare_digest(mac, _mac(key, b"client+enc", server_nonce, client_nonce)):
-        asked = True
+    for key in keys:
+        if hmac.compare_digest(mac, _mac(key, b"client", server_nonce, client_nonce)):
+            asked = False
+            break
+        if hmac.compare_digest(mac, _mac(key, b"client+enc", server_nonce, client_nonce)):
+            asked = True
+            break
     else:
         raise HandshakeRefused("bad_mac", "the peer does not hold this cluster's key")
     encrypted = encrypt or asked
     _send(sock, _mac(key, _role(b"server", encrypted), client_nonce, server_nonce), deadline)
-    return _session(key, server_nonce, client_nonce, server=True) if encrypted else None
+    return (_session(key, server_nonce, client_nonce, server=True) if encrypted else None), key
 
 
 def client_handshake(sock: socket.socket, key: bytes, deadline: float,

@@ -29,6 +29,7 @@ from typing import Any
 from lmshare import misses, protocol
 from lmshare.client import worker_endpoint
 from lmshare.control import FailoverControllerClient
+from lmshare.credentials import describe, reload_key
 from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
@@ -125,7 +126,7 @@ class WorkerAgent:
                               "choose another --port or stop the process using it") from None
         self.host_id = host_identity()
         self.transports = tuple(config.transports)
-        tcp = TcpTransport(key=config.key, encrypt=config.encrypt)
+        tcp = self.tcp = TcpTransport(key=config.key, encrypt=config.encrypt)
         transports: list[Transport] = [tcp]
         self.shm: ShmTransport | None = None
         if "shm" in self.transports:
@@ -219,6 +220,7 @@ class WorkerAgent:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopped.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_key())
         while not self._stopped.wait(0.5):
             pass
         log.info("worker %s stopping", self.worker_id)
@@ -226,6 +228,24 @@ class WorkerAgent:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def reload_key(self) -> bool:
+        """Read the key file again (SIGHUP) and use it from now on: a key rotation without a
+        restart. False (and an error logged) when the file is not a rotation of the key."""
+        if self.config.key is None:
+            log.warning("SIGHUP: this worker runs without a key (--insecure); nothing to reload")
+            return False
+        try:
+            key = reload_key(self.config.key)
+        except ConfigError as exc:
+            log.error("key not reloaded: %s", exc)
+            return False
+        self.config.key = key
+        self.peer_server.set_key(key)
+        self.tcp.set_key(key)
+        self.link.set_key(key)
+        log.warning("key reloaded from %s: using %s", key.path, describe(key))
+        return True
 
     def shutdown(self) -> None:
         """Leave gracefully: deregister (no new peer reads), drain in-flight reads, free memory."""
@@ -313,6 +333,8 @@ class WorkerAgent:
 
     def _controller(self) -> FailoverControllerClient:
         client = getattr(self._lookup_clients, "client", None)
+        if client is not None and client.key is not self.config.key:
+            client.set_key(self.config.key)  # reloaded (applied by this thread's next call)
         if client is None:
             client = FailoverControllerClient(self.config.controller_addresses,
                                               self.config.rpc_timeout_s, key=self.config.key)

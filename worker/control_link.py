@@ -71,6 +71,10 @@ class ControlLink:
                  self.worker_id, self.epoch, elapsed * 1000)
         return elapsed
 
+    def set_key(self, key) -> None:
+        """Talk to the controller with ``key`` from the next message on (a reloaded file)."""
+        self._client.set_key(key)
+
     def start(self) -> None:
         self._thread.start()
 

@@ -38,7 +38,7 @@ from lmshare.handshake import (
     Session,
     client_handshake,
     data_key,
-    server_handshake,
+    server_handshake_any,
 )
 from lmshare.protocol import PROTOCOL_VERSION
 from lmshare.transports import records
@@ -301,6 +301,15 @@ class TcpTransport(Transport):
             raise
         return Connection(sock, session)
 
+    def set_key(self, key: ClusterKey | None) -> None:
+        """Open new connections with ``key`` (a reloaded key file); idle ones are closed."""
+        self._key = data_key(key)
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for sockets in idle.values():
+            for sock in sockets:
+                sock.close()
+
     def _reusable(self, peer: PeerInfo) -> bool:
         with self._lock:
             return bool(self._idle.get((peer.host, peer.data_port)))
@@ -448,7 +457,7 @@ class TcpPeerServer:
                  key: ClusterKey | None = None, handshake_timeout_s: float = 5.0,
                  encrypt: bool = False) -> None:
         self.source = source
-        self._key = data_key(key)
+        self._keys = key.data_keys() if key is not None else [data_key(None)]
         self.encrypt = encrypt  # encrypt every connection (a client may ask for it anyway)
         self.handshake_timeout_s = handshake_timeout_s
         #: connections refused before any request, by reason (bad_mac, timeout, closed)
@@ -525,6 +534,11 @@ class TcpPeerServer:
         except ProtocolError as exc:
             raise ConnectionError(f"malformed request: {exc}") from None
 
+    def set_key(self, key: ClusterKey | None) -> None:
+        """Accept the keys of ``key`` from now on (a reloaded key file); connections opened
+        with a key it no longer holds are closed at their next request."""
+        self._keys = key.data_keys() if key is not None else [data_key(None)]
+
     def refused_total(self) -> int:
         with self._state:
             return sum(self.refused.values())
@@ -568,17 +582,16 @@ class TcpPeerServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             try:
-                session = server_handshake(conn, self._key,
-                                           time.monotonic() + self.handshake_timeout_s,
-                                           self.encrypt)
+                session, proved = server_handshake_any(
+                    conn, self._keys, time.monotonic() + self.handshake_timeout_s, self.encrypt)
             except HandshakeRefused as exc:
                 self._refuse(conn, exc)
                 return
             channel = Connection(conn, session)
             while not self._stopping.is_set():
                 request = self._read_request(channel)
-                if request is None:
-                    break
+                if request is None or proved not in self._keys:
+                    break  # (a key retired since the handshake: the peer must reconnect)
                 if request["type"] == "release":
                     self._release(request.get("handle"))
                     continue
