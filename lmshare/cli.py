@@ -1,6 +1,7 @@
 """The ``lmshare`` command: controller | worker | drain | router | status | explain | dashboard | demo | bench | keygen.
 
-The only module that knows every part; the parts are imported lazily so that, for example,
+With the demo (lmshare/demo.py) and LocalCluster (lmshare/local_cluster.py), the only code that
+knows every part (the composition root); the parts are imported lazily so that, for example,
 ``lmshare controller`` never imports torch or the dashboard.
 """
 

@@ -1,4 +1,5 @@
-"""The table ``lmshare status`` prints (the dashboard reuses its formatting helpers)."""
+"""What ``lmshare status`` prints: the workers' table, then each signature mismatch (the
+dashboard shows mismatches with :func:`mismatch_line` too)."""
 
 from __future__ import annotations
 

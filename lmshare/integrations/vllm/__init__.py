@@ -11,51 +11,8 @@ Loaded by configuration only (vLLM's KV connector v1 API)::
 or ``--kv-transfer-config '{"kv_connector":"LMShareConnector","kv_connector_module_path":
 "lmshare.integrations.vllm","kv_role":"kv_both","kv_connector_extra_config":{"worker":"node-a"}}'``.
 
-``kv_connector_extra_config`` keys (defaults in brackets):
-
-``worker`` [$LMSHARE_WORKER]
-    Name of the lmshare worker on this host (``lmshare worker --name``). Required unless
-    ``endpoint`` is given.
-``endpoint`` [""]
-    The worker's local endpoint (e.g. ``ipc:///run/lmshare/worker-a.sock``) instead of a name.
-``peers`` [true]
-    Fetch chunks that only other workers hold. ``false`` keeps the cache siloed (local hits only,
-    the baseline to compare against).
-``chunk_tokens`` [256]
-    Tokens per chunk; a multiple of vLLM's ``block_size``. Part of the key namespace: engines
-    share KV only with the same chunk size.
-``timeout_s`` [10.0]
-    Deadline of one call to the worker from the model worker (acquire with peer fetches,
-    stores). Should exceed the worker's ``--fetch-timeout``.
-``lookup_timeout_s`` [2.0]
-    Deadline of one lookup from the scheduler; a late worker means "no hit", never a stall.
-``retry_s`` [5.0]
-    After the worker failed to answer, how long to skip calls (treat as miss) before trying
-    again, so that a dead worker costs at most one deadline per ``retry_s``.
-``lease_s`` [30.0]
-    How long the worker keeps chunks pinned for a load if the engine dies mid-copy.
-``load`` / ``save`` [true / true]
-    Load hits / store new chunks. ``save: false`` makes a read-only consumer (as does
-    ``kv_role: kv_consumer``; ``kv_producer`` only stores).
-``async_save`` [true]
-    Hand stores to a background thread after the KV is copied out (the forward loop does not
-    wait for the worker's RPCs). ``false`` stores inline.
-``same_host_direct`` [true]
-    Read chunks that workers on this host hold straight from their pools (mapped read-only;
-    page-locked on GPU) instead of having the local worker copy them first. Each such chunk's
-    slab generations are checked after the copy and before the forward uses it.
-``fetch_batch_chunks`` [8]
-    On GPU, chunks beyond the local pool's prefix are acquired in batches of this many: the
-    copies of one batch run while the worker fetches the next from peers. 0: one acquire.
-``max_pending_saves`` [64]
-    Stores queued for the background thread before new ones are dropped (a dropped store is
-    only a future miss).
-``tenant`` [""]
-    Extra namespace: engines with different tenants never share KV. A request's ``cache_salt``
-    is added to it, so salted requests only share with the same salt.
-``key_file`` [""]
-    The cluster key, or the tenant credential the worker runs with (default
-    ``$LMSHARE_KEY_FILE``): the worker must prove it holds it before its pool is used.
+``kv_connector_extra_config`` keys: the table in README.md ("Attach vLLM"), their defaults
+those of :class:`~lmshare.integrations.vllm.settings.ConnectorSettings`.
 
 How it works (scheduler side, then worker side):
 

@@ -1,5 +1,5 @@
 """The connector's settings: ``kv_connector_extra_config``, validated (the keys are described in
-:mod:`lmshare.integrations.vllm`)."""
+README.md's table of them, which a test checks against these defaults)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lmshare.keys import DEFAULT_CHUNK_TOKENS
 
 @dataclass(frozen=True)
 class ConnectorSettings:
-    """``kv_connector_extra_config``, validated (see :mod:`lmshare.integrations.vllm`)."""
+    """``kv_connector_extra_config``, validated (see README.md)."""
 
     worker: str = ""
     endpoint: str = ""
