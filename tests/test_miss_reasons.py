@@ -89,6 +89,10 @@ def test_each_miss_says_why_and_is_counted_by_reason(cluster):
     small.put(SIG, doc_c, payloads(2))
     small.put(SIG, doc(5, 3), payloads(3))  # 5 chunks in a pool of 4: the oldest goes
     assert small.lookup(SIG, doc_c).misses == (("evicted", 2),)
+    # another worker asking learns it from the controller: its last holder evicted it
+    keys_c = signature_keys(SIG, doc_c)
+    wait_until(lambda: reader.lookup_plan(ns, keys_c, count=False).misses == (("evicted", 2),),
+               5, "the eviction reported to the controller")
 
     # the only holder dies: the fetch a plan promised fails at once; once the controller has
     # declared it dead, its chunks are missed because their holder is gone

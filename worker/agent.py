@@ -429,23 +429,20 @@ class WorkerAgent:
         out: list[str | None] = []
         for index in range(start, len(keys)):
             key = keys[index]
-            if self.pool.contains(key):
-                out.append(None)
-            elif key in self.evicted:
-                out.append(misses.EVICTED)
-            elif index < matched:
+            if index < matched:
                 named = holders[index]
-                if any(w != self.worker_id and w in infos for w in named):
-                    out.append(None)
-                else:  # the controller still lists it here, or only holders it cannot reach
-                    out.append(misses.EVICTED if named == [self.worker_id]
-                               else misses.HOLDER_GONE)
+                held = any(w != self.worker_id and w in infos for w in named)
+                # not held: the controller still lists it here, or only holders gone
+                gone = misses.EVICTED if named == [self.worker_id] else misses.HOLDER_GONE
             else:
                 code = codes[index - matched] if index - matched < len(codes) else misses.NEW
-                out.append(None if code == misses.HELD else
-                           misses.HOLDER_GONE if code == misses.GONE else
-                           misses.EVICTED if code == misses.EVICTED_CODE else
-                           misses.NEW_PREFIX)
+                held = code == misses.HELD
+                gone = misses.HOLDER_GONE if code == misses.GONE else \
+                    misses.EVICTED if code == misses.EVICTED_CODE else misses.NEW_PREFIX
+            if held or self.pool.contains(key):
+                out.append(None)  # held somewhere, behind the stop
+            else:
+                out.append(misses.EVICTED if key in self.evicted else gone)
         return out
 
     def _may_wait_on_peers(self, m: dict[str, Any]) -> bool:
