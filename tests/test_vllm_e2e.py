@@ -75,7 +75,9 @@ class Engines:
 
     def start(self, name: str, worker: str = "", model: str = "main", multiprocess=False,
               extra=()) -> EngineProcess:
-        engine = EngineProcess(self.models[model], worker=worker, env=self.cluster.env(),
+        # lmshare's DEBUG lines (one per request: its hit and why the rest missed) in vLLM's log
+        env = {**self.cluster.env(), "LMSHARE_LOG_LEVEL": "DEBUG"}
+        engine = EngineProcess(self.models[model], worker=worker, env=env,
                                log_path=self.logs / f"engine-{name}.log", extra_args=extra,
                                multiprocess=multiprocess)
         self.started.append(engine)
@@ -128,6 +130,21 @@ def test_peer_hit_gives_the_same_output(engines, cluster):
     assert after["direct_peer_chunks"] - before["direct_peer_chunks"] == 3
     assert after["entries"] == before["entries"]
     assert second["num_cached_tokens"] == 3 * CHUNK
+
+
+def test_each_request_says_in_vllms_log_why_it_missed(engines, cluster):
+    """At DEBUG the connector logs each request's hit and, chunk by chunk, why the rest was
+    missed: A computed prompt 1 first (no engine had stored anything of this model yet), B
+    found its 3 full chunks at A's worker and computes only the partial last chunk."""
+    def lines(engine) -> list[str]:
+        return [line for line in engine.log_path.read_text(errors="replace").splitlines()
+                if "lmshare hit for" in line or "lmshare miss for" in line]
+
+    first = [line for line in lines(engines.a) if "of 1000 (" in line]
+    assert first and "lmshare miss for" in first[0] and \
+        "chunks missed: unknown_namespace ×3, partial_chunk ×1" in first[0], first
+    hits = [line for line in lines(engines.b) if "tokens 0..768 of 1000 (0 local + 3 peer" in line]
+    assert hits and hits[0].endswith("chunks missed: partial_chunk ×1"), lines(engines.b)
 
 
 def test_partial_last_chunk_leaves_the_last_token(engines, cluster):
