@@ -218,6 +218,10 @@ class ChunkIndex:
     def multi_holder_chunks(self) -> int:
         return self._multi
 
+    def holds(self, key: bytes) -> bool:
+        """Whether any worker holds ``key``."""
+        return key in self._holders
+
     def holders(self, key: bytes) -> list[str]:
         """The workers holding ``key`` ([] if none)."""
         holders = self._holders.get(key)

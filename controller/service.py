@@ -50,6 +50,7 @@ MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the messa
 ORPHANS_KEPT = 131072
 NAMESPACES_KEPT = 4096
 MAX_EXPLAIN_KEYS = 4096
+MISS_CODES = 1024  # chunks past a lookup's held prefix that get a code (the rest: the stop's)
 
 
 @dataclass
@@ -369,9 +370,10 @@ class ControllerService:
     def _miss_code(self, key: bytes, tenant: str) -> int:
         """What the controller knows of a chunk past a lookup's held prefix (misses.HELD,
         NEW, GONE, EVICTED_CODE), counting only ``tenant``'s own workers when tenants run."""
-        holders = self.index.holders(key)
-        if holders and (not self._any_tenant and not tenant or self._same_tenant([holders],
-                                                                                  tenant)):
+        if not self._any_tenant and not tenant:
+            if self.index.holds(key):
+                return misses.HELD
+        elif self._same_tenant([self.index.holders(key)], tenant):
             return misses.HELD
         orphan = self.orphans.get(key)
         if orphan is None or orphan[2] != tenant:
@@ -518,8 +520,10 @@ class ControllerService:
         holders = self._same_tenant(self.index.longest_prefix(keys), tenant)
         if tenant and not holders and not seen:  # what other tenants hold is not even hinted at
             raise _unknown_namespace()
-        # past the held prefix, one byte per chunk: held behind the stop, new, gone, evicted
-        codes = bytes(self._miss_code(key, tenant) for key in keys[len(holders):])
+        # past the held prefix, one byte per chunk (the first MISS_CODES of them): held behind
+        # the stop, new, gone, evicted
+        codes = bytes(self._miss_code(key, tenant)
+                      for key in keys[len(holders):len(holders) + MISS_CODES])
         involved = {w for chunk in holders for w in chunk}
         workers = {w: self.registry.workers[w].peer_info() for w in involved
                    if w in self.registry.workers}

@@ -141,3 +141,29 @@ def test_stats_reflect_workers_and_lookups(client):
     assert stats["lookups"] == 1 and stats["chunks_indexed"] == 1 and stats["namespaces"] == 1
     (worker,) = stats["workers"]
     assert worker["counters"]["used_bytes"] == 40 and worker["state"] == "alive"
+
+
+def test_lookup_codes_each_chunk_past_its_prefix_within_a_bound(client):
+    """Past the held prefix, one code per chunk: held (behind the stop), new, gone (its last
+    holder left), evicted (its last holder evicted it); at most MISS_CODES of them."""
+    from lmshare import misses
+    from lmshare.controller.service import MISS_CODES
+
+    e1, e2 = register(client, "w1"), register(client, "w2", 9001)
+    client.call("batch", worker_id="w1", epoch=e1, seq=1, admit={NS: [k(0), k(2), k(3)]},
+                evict=[])
+    client.call("batch", worker_id="w2", epoch=e2, seq=1, admit={NS: [k(4)]}, evict=[])
+    client.call("batch", worker_id="w1", epoch=e1, seq=2, admit={}, evict=[k(3)])
+    client.call("deregister", worker_id="w2", epoch=e2)
+    keys = [k(0), k(1), k(2), k(3), k(4)] + [k(100 + i) for i in range(2 * MISS_CODES)]
+    reply = client.call("lookup", namespace=NS, keys=keys)
+    assert reply["matched"] == 1
+    assert reply["misses"][:4] == bytes([misses.NEW, misses.HELD, misses.EVICTED_CODE,
+                                         misses.GONE])
+    assert len(reply["misses"]) == MISS_CODES
+    # a namespace whose chunks are all gone is still known: an answer, not unknown_namespace
+    client.call("batch", worker_id="w1", epoch=e1, seq=3, admit={}, evict=[k(0), k(2)])
+    reply = client.call("lookup", namespace=NS, keys=[k(0), k(9)])
+    assert reply["matched"] == 0 and reply["misses"] == bytes([misses.EVICTED_CODE, misses.NEW])
+    with pytest.raises(RemoteError, match="unknown_namespace"):
+        client.call("lookup", namespace=b"y" * 16, keys=[k(0)])

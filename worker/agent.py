@@ -424,6 +424,9 @@ class WorkerAgent:
         worker's pool and evictions and the controller's lookup reply (``holders`` of its
         held prefix, then one code per chunk past it)."""
         matched = len(holders)
+        # the controller codes the first chunks past its prefix; one that codes none (an older
+        # one) leaves them new, and a chunk past its codes takes the stop's reason
+        past_codes = misses.HELD if isinstance(codes, bytes) else misses.NEW
         if not isinstance(codes, bytes) or len(codes) > len(keys) - matched:
             codes = b""
         out: list[str | None] = []
@@ -435,7 +438,7 @@ class WorkerAgent:
                 # not held: the controller still lists it here, or only holders gone
                 gone = misses.EVICTED if named == [self.worker_id] else misses.HOLDER_GONE
             else:
-                code = codes[index - matched] if index - matched < len(codes) else misses.NEW
+                code = codes[index - matched] if index - matched < len(codes) else past_codes
                 held = code == misses.HELD
                 gone = misses.HOLDER_GONE if code == misses.GONE else \
                     misses.EVICTED if code == misses.EVICTED_CODE else misses.NEW_PREFIX
