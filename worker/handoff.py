@@ -199,12 +199,12 @@ class Handoff:
         taken = 0
         for start in range(0, len(wanted), FETCH_BATCH):
             batch = wanted[start:start + FETCH_BATCH]
-            length, remote, infos, digests = agent.plan(namespace, batch, peers=True)
-            if remote:
-                agent.fetcher.fetch(namespace, [batch[i] for i, _ in remote],
-                                    [holders for _, holders in remote], infos,
+            plan = agent.plan(namespace, batch, peers=True)
+            if plan.remote:
+                agent.fetcher.fetch(namespace, [batch[i] for i, _ in plan.remote],
+                                    [holders for _, holders in plan.remote], plan.infos,
                                     chunk_bytes=size,
-                                    digests=digests if agent.config.digests else None)
+                                    digests=plan.digests if agent.config.digests else None)
             got = sum(1 for k in batch if pool.contains(k))
             taken += got
             if got < len(batch) and pool.stats().slabs_free < pool.slabs_for(size):
