@@ -29,7 +29,8 @@ class WorkerRecord:
     syncing: bool = False
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     namespaces: list[dict] = field(default_factory=list)  # its clients' (from heartbeats)
-    tenant_bytes: dict[str, int] = field(default_factory=dict)  # its pool's, per tenant
+    # its pool's figures per tenant (lmshare.stats.TENANT_FIGURES), from heartbeats
+    tenant_figures: dict[str, dict[str, int]] = field(default_factory=dict)
     previous_counters: WorkerCounters | None = None
     previous_heartbeat: float = 0.0
     # (time, counters) of recent heartbeats, for rates smoothed over RATE_WINDOW_S

@@ -434,7 +434,7 @@ class ControllerService:
                                    {ns: sig for ns, sig in parsed.items() if sig is not None})
         mismatches = {bytes.fromhex(x.namespace): x.text
                       for x in self.signatures.mismatches(record.worker_id)}
-        record.tenant_bytes = self.tenants.attribute(record, m.get("tenant_bytes"))
+        record.tenant_figures = self.tenants.attribute(record, m.get("tenants"))
         resync = record.syncing or record.last_seq != m["seq"]
         orders = [] if record.worker_id in self.draining else \
             self.handoffs.orders_for(record.worker_id)
@@ -613,7 +613,8 @@ class ControllerService:
                             multi_holder_chunks=0, namespaces=0, lookups=0, lookup_p50_us=0.0,
                             lookup_p99_us=0.0, role=self.role, secure=True,
                             workers_total=len(workers),
-                            mismatches=[asdict(x) for x in self.signatures.all_mismatches(tenant)])
+                            mismatches=[asdict(x) for x in self.signatures.all_mismatches(tenant)],
+                            tenants=self.tenants.views(tenant))
 
     # ------------------------------------------------------------------ timers
     def _check_liveness(self) -> None:
@@ -731,4 +732,5 @@ class ControllerService:
             secure=self.guard is not None,
             leader=self.election.leader if self.election is not None else "",
             workers_total=total, workers_offset=offset,
-            mismatches=[asdict(x) for x in self.signatures.all_mismatches()][:MAX_MISMATCHES])
+            mismatches=[asdict(x) for x in self.signatures.all_mismatches()][:MAX_MISMATCHES],
+            tenants=self.tenants.views())

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmshare.stats import ClusterEvent, ClusterStats, RouterStats, WorkerView
-from lmshare.status_view import mismatch_line
+from lmshare.status_view import mismatch_line, tenant_name
 from lmshare.units import format_size
 
 SORTS = ("state", "name", "used", "chunks", "peer", "served")
@@ -149,6 +149,7 @@ def budget(stats: ClusterStats | None, height: int | None, state: ViewState) -> 
     fixed = 1 + 2 + hits + 2 + 1 + 1 + (1 if state.footer else 0)  # title..footer
     fixed += router_lines(state)
     fixed += mismatch_lines(stats)
+    fixed += tenant_lines(stats)
     remaining = max(2, height - fixed)
     want_events = min(events, 20 if height >= TALL else 10)
     reserve = min(want_events, 3)
@@ -271,6 +272,32 @@ def _mismatch_panel(stats: ClusterStats, width: int) -> list[RenderableType]:
         f"signature mismatches: {count} namespace{'s' * (count != 1)} shared with no other "
         "worker", style="yellow", align="left")]
     parts.extend(_line(mismatch_line(m), width) for m in stats.mismatches[:MAX_MISMATCH_LINES])
+    return parts
+
+
+MAX_TENANT_LINES = 6
+
+
+def tenant_lines(stats: ClusterStats | None) -> int:
+    """Lines of the tenants' section (0 when no tenant has figures)."""
+    named = [t for t in stats.tenants if t.tenant] if stats else []
+    return min(len(stats.tenants), MAX_TENANT_LINES) + 1 if named else 0
+
+
+def _tenant_panel(stats: ClusterStats, width: int) -> list[RenderableType]:
+    """Per tenant (every tenant for the operator's key; a tenant's own for its credential):
+    what it holds against its quota, its acquires' hit rate, what its limits cost it."""
+    count = len(stats.tenants)
+    parts: list[RenderableType] = [Rule(f"tenants: {count}", style="grey37", align="left")]
+    for t in stats.tenants[:MAX_TENANT_LINES]:
+        asked = t.hit_chunks + t.miss_chunks
+        quota = f"/{short_size(t.quota_bytes)}" if t.quota_bytes else ""
+        ttl = f" ttl {format_duration(t.ttl_s)}" if t.ttl_s else ""
+        parts.append(_line(Text.assemble(
+            (f"{tenant_name(t.tenant):<12} ", "bold"),
+            f"{t.workers}w {t.entries} ch {short_size(t.used_bytes)}{quota}{ttl} · "
+            f"hit {percent(t.hit_chunks, asked)} of {asked} · evicted {t.quota_evictions} "
+            f"refused {t.quota_refusals} expired {t.expired}"), width))
     return parts
 
 
@@ -422,6 +449,8 @@ def render(stats: ClusterStats | None, width: int, height: int | None,
         parts.extend(_router_panel(state, width))
     if stats.mismatches:
         parts.extend(_mismatch_panel(stats, width))
+    if tenant_lines(stats):
+        parts.extend(_tenant_panel(stats, width))
     ordered = dataclasses.replace(stats, workers=sort_workers(stats.workers, state.sort))
     shown = len(ordered.workers[page * fit.worker_rows:(page + 1) * fit.worker_rows])
     first = page * fit.worker_rows + 1

@@ -71,8 +71,8 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                   "namespaces": Optional(Map(_KEY, List(Int(0, MAX_COUNTER), 2), 16)),
                   # the signatures behind those namespaces (read by the controller's diagnosis)
                   "signatures": Optional(Map(_KEY, _SIGNATURE, 16)),
-                  # tenant ("" = the cluster key's) → bytes it holds in the pool
-                  "tenant_bytes": Optional(Map(Str(64), Int(0, MAX_COUNTER), 64))},
+                  # tenant ("" = the cluster key's) → its figures in the pool (TENANT_FIGURES)
+                  "tenants": Optional(Map(Str(64), Map(Str(32), Int(0, MAX_COUNTER), 16), 64))},
     "batch": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
               "admit": KeyMap(KEY_BYTES, MAX_KEYS), "evict": _KEYS, "digests": _DIGESTS},
     "sync": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from lmshare.misses import MISS_REASONS, counter_name
 
 MAX_NAME_CHARS = 200
+MAX_TENANT_VIEWS = 1024
 MAX_MISMATCHES = 200  # signature mismatches one stats reply lists
 
 
@@ -96,6 +97,42 @@ class WorkerView:
     tenant: str = ""  # the tenant whose credential the worker runs with ("" = cluster key)
 
 
+TENANT_FIGURES = ("used_bytes", "entries", "admits", "hit_chunks", "miss_chunks",
+                  "quota_evictions", "quota_refusals", "expired")
+
+
+@dataclass
+class TenantView:
+    """One tenant's figures over the live workers' pools ("" = the cluster key's chunks):
+    what it holds now, its acquires' hits and misses and what its limits cost it (since the
+    workers started), and its cluster-wide limits (0 = none)."""
+
+    tenant: str
+    workers: int = 0  # pools holding its chunks, or running with its credential
+    used_bytes: int = 0
+    entries: int = 0
+    admits: int = 0
+    hit_chunks: int = 0
+    miss_chunks: int = 0
+    quota_evictions: int = 0
+    quota_refusals: int = 0
+    expired: int = 0
+    quota_bytes: int = 0
+    ttl_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TenantView | None:
+        if not isinstance(data, dict):
+            return None
+        view = cls(printable(data.get("tenant", ""), 64))
+        for name in ("workers", *TENANT_FIGURES, "quota_bytes"):
+            value = data.get(name, 0)
+            setattr(view, name, int(value) if isinstance(value, (int, float)) else 0)
+        ttl = data.get("ttl_s", 0.0)
+        view.ttl_s = float(ttl) if isinstance(ttl, (int, float)) else 0.0
+        return view
+
+
 @dataclass
 class ClusterEvent:
     time: float  # unix time
@@ -135,6 +172,9 @@ class ClusterStats:
     mismatches: list[dict] = field(default_factory=list)
     # chunks missed over the hit-history window, by reason (lmshare/misses.py)
     miss_reasons: dict[str, int] = field(default_factory=dict)
+    # per tenant (lmshare/tenancy.py): every tenant for the cluster key, a tenant's own only
+    # for its credential
+    tenants: list[TenantView] = field(default_factory=list)
 
     @property
     def bytes_cached(self) -> int:
@@ -179,13 +219,16 @@ class ClusterStats:
                       if isinstance(m, dict)]
         reasons = {r: int(n) for r, n in dict(data.get("miss_reasons") or {}).items()
                    if r in MISS_REASONS and isinstance(n, (int, float))}
+        tenants = [t for t in (TenantView.from_dict(d) for d in list(data.get("tenants") or [])
+                               [:MAX_TENANT_VIEWS]) if t is not None]
         rest = {k: v for k, v in data.items()
-                if k not in ("workers", "events", "hit_history", "mismatches", "miss_reasons")}
+                if k not in ("workers", "events", "hit_history", "mismatches", "miss_reasons",
+                             "tenants")}
         for name in ("controller_id", "role", "leader"):
             if name in rest:
                 rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, mismatches=mismatches,
-                   miss_reasons=reasons, **rest)
+                   miss_reasons=reasons, tenants=tenants, **rest)
 
 
 def _mismatch(data: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,27 @@ def status_table(stats: ClusterStats) -> Table:
     return table
 
 
+def tenant_name(tenant: str) -> str:
+    return tenant or "(cluster key)"
+
+
+def tenant_table(stats: ClusterStats) -> Table:
+    """One row per tenant (every tenant for the operator's key, a tenant's own for its
+    credential): what it holds, its acquires' hits and misses, what its limits cost it."""
+    table = Table(title="tenants")
+    for column in ("tenant", "workers", "chunks", "used", "quota", "ttl", "hits", "misses",
+                   "stored", "quota evictions", "refused", "expired"):
+        table.add_column(column)
+    for t in stats.tenants:
+        table.add_row(Text(tenant_name(t.tenant)), str(t.workers), str(t.entries),
+                      format_size(t.used_bytes),
+                      format_size(t.quota_bytes) if t.quota_bytes else "-",
+                      f"{t.ttl_s:g}s" if t.ttl_s else "-", str(t.hit_chunks),
+                      str(t.miss_chunks), str(t.admits), str(t.quota_evictions),
+                      str(t.quota_refusals), str(t.expired))
+    return table
+
+
 def mismatch_line(mismatch: dict) -> Text:
     """One signature mismatch (see lmshare/signatures.py), names already made printable."""
     return Text.assemble(("signature mismatch ", "bold yellow"),
@@ -43,5 +64,7 @@ def mismatch_line(mismatch: dict) -> Text:
 
 
 def status_report(stats: ClusterStats) -> Group:
-    """What ``lmshare status`` prints: the table, then each signature mismatch."""
-    return Group(status_table(stats), *(mismatch_line(m) for m in stats.mismatches))
+    """What ``lmshare status`` prints: the table, the tenants' (when any tenant has figures),
+    then each signature mismatch."""
+    tenants = [tenant_table(stats)] if any(t.tenant for t in stats.tenants) else []
+    return Group(status_table(stats), *tenants, *(mismatch_line(m) for m in stats.mismatches))

@@ -586,6 +586,8 @@ class WorkerAgent:
             granted = self._grant_direct(m["id"], keys, length, remote, infos, lease_s, owner,
                                          expected)
             if granted is not None:
+                hits = len(granted["chunks"])
+                self.tenants.count_acquire(namespace, hits, len(keys) - hits)
                 return granted
         if remote:
             self.fetcher.fetch(namespace, [keys[i] for i, _ in remote],
@@ -601,6 +603,7 @@ class WorkerAgent:
         fetched_keys = {keys[i] for i, _ in remote}
         peer_hits = sum(1 for e in entries if e.key in fetched_keys)
         self._count(local_hit_chunks=len(entries) - peer_hits, peer_hit_chunks=peer_hits)
+        self.tenants.count_acquire(namespace, len(entries), len(keys) - len(entries))
         self._count_undelivered(len(entries), length, expected,
                                 len(entries) < length and keys[len(entries)] in fetched_keys)
         handle = self.leases.add(lease_s, entries=entries, owner=owner) if entries else 0

@@ -50,6 +50,7 @@ class PoolTenants:
         self.tenant = tenant  # the credential's ("" = the cluster key)
         self.quotas, self.ttls = dict(quotas), dict(ttls)
         self.caps: dict[str, int] = {}  # the controller's cluster-wide caps for this pool
+        self._reads: dict[str, list[int]] = {}  # tenant → [hit chunks, miss chunks] of acquires
         self.cluster_ttls: dict[str, float] = {}
         self._lock = threading.Lock()
         pool.set_tenant_limits(merge_limits(self.quotas, self.ttls))
@@ -68,11 +69,37 @@ class PoolTenants:
             raise ProtocolError(f"this namespace's chunks belong to tenant {bound or '(cluster)'}"
                                 f" in this pool, not to {declared}")
 
+    def count_acquire(self, namespace: bytes, hits: int, misses: int) -> None:
+        """Count an acquire's hit and missed chunks for the namespace's tenant."""
+        tenant = self.pool.tenant_of(namespace)
+        with self._lock:
+            reads = self._reads.get(tenant)
+            if reads is None:
+                if len(self._reads) >= 4 * MAX_TENANTS:
+                    return
+                reads = self._reads[tenant] = [0, 0]
+            reads[0] += hits
+            reads[1] += misses
+
+    def figures(self) -> dict[str, dict[str, int]]:
+        """Per tenant: what it holds in the pool, and its acquires' and limits' counts."""
+        with self._lock:
+            reads = {t: list(r) for t, r in self._reads.items()}
+        result = {}
+        for tenant, usage in self.pool.tenant_usage().items():
+            result[tenant] = {**usage.to_dict(), "hit_chunks": 0, "miss_chunks": 0}
+        for tenant, (hits, misses) in reads.items():
+            entry = result.setdefault(tenant, {"used_bytes": 0, "entries": 0})
+            entry["hit_chunks"], entry["miss_chunks"] = hits, misses
+        return result
+
     def heartbeat_fields(self) -> dict[str, Any]:
-        """What each heartbeat reports: the bytes each tenant holds in the pool."""
-        usage = self.pool.tenant_usage()
-        held = {t: u.used_bytes for t, u in usage.items() if u.used_bytes > 0}
-        return {"tenant_bytes": dict(sorted(held.items(), key=lambda i: -i[1])[:MAX_TENANTS])}
+        """What each heartbeat reports: each tenant's figures in this pool (the largest
+        tenants first, at most MAX_TENANTS)."""
+        figures = self.figures()
+        ranked = sorted(figures.items(), key=lambda item: -item[1].get("used_bytes", 0))
+        return {"tenants": {t: {k: max(0, int(v)) for k, v in f.items()}
+                            for t, f in ranked[:MAX_TENANTS]}}
 
     def on_heartbeat_reply(self, reply: dict[str, Any]) -> None:
         """Apply the controller's caps and TTLs; trim tenants above their new cap at once."""
@@ -99,9 +126,9 @@ class PoolTenants:
         """Per tenant: its figures in this pool and the limits it is held to."""
         limits = self.pool.tenant_limits()
         result = {}
-        for tenant, usage in self.pool.tenant_usage().items():
+        for tenant, figures in self.figures().items():
             limit = limits.get(tenant)
-            result[tenant] = {**usage.to_dict(),
+            result[tenant] = {**figures,
                               "quota_bytes": limit.quota_bytes if limit else None,
                               "ttl_s": limit.ttl_s if limit else None}
         return result
