@@ -220,3 +220,54 @@ def test_encrypt_without_a_key_is_refused():
                    timeout=30)
     assert done.returncode != 0
     assert "--encrypt needs a cluster key" in done.stderr
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 7]), st.integers(0, 300_000) |
+                          st.sampled_from([2**40, 2**64 - 1])), min_size=1, max_size=4),
+       st.integers(0, 3), st.booleans(), st.binary(max_size=64))
+def test_a_member_sending_any_records_never_gets_wrong_bytes_kept(chunks, cut, garble, tail):
+    """A holder holding the key (so its records pass their tags) announcing any sizes and
+    statuses, cutting the stream or sending garbage: the reader keeps only chunks whose every
+    byte it received, and leaves no reservation behind."""
+    from lmshare.handshake import server_handshake_any
+    from lmshare.transports.tcp import CHUNK_HEADER, Connection
+
+    key = bytes(range(32))
+    keys = [(7 + i).to_bytes(16, "big") for i in range(len(chunks))]
+    bodies = [os.urandom(min(n, 300_000)) for _, n in chunks]
+    ours, theirs = socket.socketpair()
+
+    def holder():
+        try:
+            session, _ = server_handshake_any(theirs, [key], time.monotonic() + 5, True)
+            conn = Connection(theirs, session)
+            conn.recv_message(time.monotonic() + 5)
+            for index, ((status, nbytes), body) in enumerate(zip(chunks, bodies)):
+                if index == cut:
+                    theirs.sendall(tail if garble else b"")
+                    break
+                header = CHUNK_HEADER.pack(status, 0, nbytes)
+                conn.send_chunk(header, [memoryview(body)] if status == 0 else [],
+                                time.monotonic() + 5)
+        except OSError:
+            pass
+        finally:
+            theirs.close()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    pool = KVPool(4 << 20, 64 << 10, name=f"enc-fuzz-{os.getpid()}")
+    try:
+        session = client_handshake(ours, key, time.monotonic() + 5, encrypt=True)
+        delivered, _ = TcpTransport(key=None)._fetch_on(
+            Connection(ours, session), PeerInfo("p", "127.0.0.1", 1), keys,
+            PoolSink(pool, SIG.namespace()), time.monotonic() + 2, False)
+        assert pool.stats().reserved_bytes == 0
+        for index in range(delivered):  # only whole chunks, exactly as sent
+            assert pool.read(keys[index]) == bodies[index]
+        assert all(not pool.contains(k) for k in keys[delivered:])
+    finally:
+        ours.close()
+        thread.join(timeout=5)
+        pool.close()
