@@ -68,9 +68,10 @@ class ControllerCollector(Collector):
         refused = CounterMetricFamily(
             "lmshare_controller_refused_connections", "Control-plane connections refused "
             "because the peer does not hold the cluster key, by reason (wrong_key: CURVE with "
-            "another key; handshake: no CURVE or not lmshare)", labels=["reason"])
+            "another key; handshake: no CURVE or not lmshare; retired_key: a message on a "
+            "connection a key rotation retired)", labels=["reason"])
         counts = self._service.guard.counts() if self._service.guard is not None else {}
-        for reason in ("wrong_key", "handshake"):
+        for reason in ("wrong_key", "handshake", "retired_key"):
             refused.add_metric([reason], counts.get(reason, 0))
         yield refused
         if stats is None:
@@ -102,6 +103,7 @@ class ControllerCollector(Collector):
         yield _gauge("lmshare_cluster_capacity_bytes",
                      "Pool capacity of alive and suspect workers", stats.capacity_bytes)
         yield from _per_worker(stats)
+        yield from _per_tenant(stats)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -110,6 +112,30 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def _per_tenant(stats: ClusterStats) -> Iterator[Metric]:
+    """Each tenant's figures over the live pools ("" = the cluster key's chunks)."""
+    used = GaugeMetricFamily("lmshare_controller_tenant_used_bytes",
+                             "Bytes a tenant holds in the live workers' pools", labels=["tenant"])
+    entries = GaugeMetricFamily("lmshare_controller_tenant_entries",
+                                "Chunks a tenant holds in the live workers' pools",
+                                labels=["tenant"])
+    quota = GaugeMetricFamily("lmshare_controller_tenant_quota_bytes",
+                              "A tenant's cluster-wide quota (0: none)", labels=["tenant"])
+    events = CounterMetricFamily(
+        "lmshare_controller_tenant_chunks", "A tenant's chunks by event, from heartbeats: hit "
+        "and miss (its acquires), stored, quota_eviction, quota_refusal, expired",
+        labels=["tenant", "event"])
+    for t in stats.tenants:
+        used.add_metric([t.tenant], t.used_bytes)
+        entries.add_metric([t.tenant], t.entries)
+        quota.add_metric([t.tenant], t.quota_bytes)
+        for event, value in (("hit", t.hit_chunks), ("miss", t.miss_chunks),
+                             ("stored", t.admits), ("quota_eviction", t.quota_evictions),
+                             ("quota_refusal", t.quota_refusals), ("expired", t.expired)):
+            events.add_metric([t.tenant, event], value)
+    yield from (used, entries, quota, events)
 
 
 def _per_worker(stats: ClusterStats) -> Iterator[Metric]:

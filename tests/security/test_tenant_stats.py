@@ -6,9 +6,10 @@ import os
 
 from lmshare import ModelSignature
 from lmshare.credentials import generate_key_file
+from lmshare.local_cluster import free_port
 from lmshare.testing.waiting import wait_until
 
-from .conftest import run_cli
+from .conftest import run_cli, scrape
 
 CHUNK = 100_000
 MODEL = "tenant-stats-model"
@@ -35,8 +36,10 @@ def tenants_of(cluster, key_file: str) -> dict[str, dict]:
 
 def test_each_credential_sees_its_own_tenants_figures_and_the_operator_all(cluster, tmp_path):
     acme, globex = credential(cluster, tmp_path, "acme"), credential(cluster, tmp_path, "globex")
+    metrics_port = free_port()
     cluster.start_controller("--tenants", "acme,globex", "--tenant-quota", "acme=8MiB",
-                             "--tenant-ttl", "globex=3600", "--heartbeat-interval", "0.3")
+                             "--tenant-ttl", "globex=3600", "--heartbeat-interval", "0.3",
+                             "--metrics-port", str(metrics_port))
     cluster.start_worker("ts-a1", "16MiB", "--key-file", acme)
     cluster.start_worker("ts-g1", "16MiB", "--key-file", globex)
     cluster.start_worker("ts-op", "16MiB")  # the operator's, its clients naming their tenant
@@ -63,6 +66,12 @@ def test_each_credential_sees_its_own_tenants_figures_and_the_operator_all(clust
         assert seen["acme"]["quota_bytes"] == 8 << 20
         assert seen["globex"]["ttl_s"] == 3600 and seen["globex"]["used_bytes"] >= 2 * CHUNK
         assert seen["initech"]["entries"] == 1
+        metrics = scrape(metrics_port)  # the operator's scrape: the same figures per tenant
+        assert metrics[("lmshare_controller_tenant_entries", (("tenant", "acme"),))] == 3
+        assert metrics[("lmshare_controller_tenant_quota_bytes", (("tenant", "acme"),))] \
+            == 8 << 20
+        assert metrics[("lmshare_controller_tenant_chunks_total",
+                        (("event", "hit"), ("tenant", "acme")))] == 3
 
         # a tenant's credential: its own figures, and no word of the others
         done = status(cluster, acme, "--json")
