@@ -183,7 +183,8 @@ class WorkerAgent:
                 self.pool.close()
                 self._name_lock.release()
                 raise
-        handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        # the local endpoint's requests (LOCAL_TYPES) and who answers each
+        self.local_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
             "commit": self._on_commit, "abort": self._on_abort, "acquire": self._on_acquire,
             "release": self._on_release, "locate": self._on_locate,
@@ -191,7 +192,8 @@ class WorkerAgent:
             "ping": lambda m: protocol.ok(m["id"]),
         }
         try:
-            self.local_server = LocalServer(self.endpoint, handlers, config.client_threads,
+            self.local_server = LocalServer(self.endpoint, self.local_handlers,
+                                            config.client_threads,
                                             may_wait=self._may_wait_on_peers)
         except ConfigError:
             self.peer_server.stop(0)

@@ -4,8 +4,9 @@ the same strategies and checks as the property tests beside this file.
     python tests/fuzz/coverage_fuzz.py [--runs N] [TARGET ...]
 
 Runs N inputs (default 100,000) per target, each through the target's check (a crash, an
-``internal`` error or a hang past the per-input timeout fails the run), and prints inputs per
-second and the coverage reached. Exit status 0 only when every target passed. ``make fuzz``
+``internal`` error or a hang past the per-input timeout fails the run), and prints the inputs
+run. A failing input is written to LMSHARE_FUZZ_ARTIFACTS (default: the current directory) as
+TARGET-crash-HASH; libFuzzer's output of a failed target is printed. Exit status 0 only when every target passed. ``make fuzz``
 runs it; it is not part of ``make test`` (minutes per target).
 """
 
@@ -47,8 +48,9 @@ def fuzz_one(name: str, runs: int) -> None:
         def one(value) -> None:
             check(subject, value)
 
+        artifacts = os.path.join(os.environ.get("LMSHARE_FUZZ_ARTIFACTS", "."), f"{name}-")
         atheris.Setup([sys.argv[0], f"-runs={runs}", "-timeout=10", "-rss_limit_mb=4096",
-                       "-print_final_stats=1"], one.hypothesis.fuzz_one_input)
+                       "-print_final_stats=1", f"-artifact_prefix={artifacts}"], one.hypothesis.fuzz_one_input)
         atheris.Fuzz()
 
 

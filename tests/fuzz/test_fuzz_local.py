@@ -52,12 +52,9 @@ def handle(agent, payload: bytes) -> None:
     except ProtocolError as exc:
         assert exc.code in CODES, exc
         return
-    handler = {"hello": agent._on_hello, "local_lookup": agent._on_lookup,
-               "reserve": agent._on_reserve, "commit": agent._on_commit,
-               "abort": agent._on_abort, "acquire": agent._on_acquire,
-               "release": agent._on_release, "locate": agent._on_locate,
-               "worker_stats": agent._on_stats, "ping": lambda m: protocol.ok(m["id"])
-               }[message["type"]]
+    if message["type"] == "drain":  # stops the worker, as asked: not a decoder's concern
+        return
+    handler = agent.local_handlers[message["type"]]
     agent._may_wait_on_peers(message)
     try:
         reply = handler(message)
