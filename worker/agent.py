@@ -220,11 +220,15 @@ class WorkerAgent:
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        # The handler only records the signal: one that took a lock (Event.set) could deadlock
+        # against the main thread holding that lock when the signal arrived (it runs there).
+        signalled: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopped.set())
+            signal.signal(sig, lambda number, _frame: signalled.append(number))
         signal.signal(signal.SIGHUP, lambda *_: self.reload_key())
-        while not self._stopped.wait(0.5):
-            pass
+        while not signalled and not self._stopped.is_set():
+            time.sleep(0.1)  # the main thread holds no lock here, whatever a handler takes
+        self._stopped.set()
         log.info("worker %s stopping", self.worker_id)
         self.shutdown()
 
