@@ -28,6 +28,7 @@ DOCS = 48
 CHUNKS = 8  # per document
 CHUNK_BYTES = 200_000
 WINDOW_S = 60.0
+EARLY_S = 10.0  # the window's first seconds, reported on their own
 RATE = 10.0  # requests per second
 WORKERS = ("bench-leaver", "bench-b", "bench-c")
 
@@ -73,7 +74,9 @@ def one_leave(drain_timeout: str, seed: int) -> dict:
 
         counts = {"local": 0, "peer": 0, "recomputed": 0}
         leaver = {"local": 0, "peer": 0, "recomputed": 0}
-        deadline = time.monotonic() + WINDOW_S
+        early = {"local": 0, "peer": 0, "recomputed": 0}  # the first EARLY_S of the window
+        began = time.monotonic()
+        deadline = began + WINDOW_S
         next_at = time.monotonic()
         requests = 0
         stayers = WORKERS[1:]
@@ -88,7 +91,9 @@ def one_leave(drain_timeout: str, seed: int) -> dict:
             missing = CHUNKS - local - peer
             if missing:  # recompute the rest and store it, as the engine would
                 client.put(SIG, document(d), chunks(d))
-            for bucket in (counts, leaver) if d in leaver_docs else (counts,):
+            buckets = [counts] + ([leaver] if d in leaver_docs else []) + (
+                [early] if time.monotonic() - began < EARLY_S else [])
+            for bucket in buckets:
                 bucket["local"] += local
                 bucket["peer"] += peer
                 bucket["recomputed"] += missing
@@ -106,6 +111,8 @@ def one_leave(drain_timeout: str, seed: int) -> dict:
             "hit_rate": (counts["peer"] + counts["local"]) / asked if asked else 0.0,
             "recompute_rate": counts["recomputed"] / asked if asked else 0.0,
             "leaver_recompute_rate": leaver["recomputed"] / asked_leaver if asked_leaver else 0.0,
+            "early_chunks": early,
+            "early_recompute_rate": early["recomputed"] / max(1, sum(early.values())),
             "drain_log": drained[0] if drained else ""}
 
 
@@ -120,14 +127,15 @@ def run(window_s: float | None = None) -> tuple[str, dict]:
         rows.append([name, f"{r['leave_s']:.2f} s", f"{r['still_held']} / {r['leaver_chunks']} "
                      f"({r['still_held'] / max(1, r['leaver_chunks']):.0%})",
                      f"{r['peer_rate']:.1%}", f"{r['hit_rate']:.1%}", f"{r['recompute_rate']:.1%}",
-                     f"{r['leaver_recompute_rate']:.1%}"])
+                     f"{r['early_recompute_rate']:.1%}", f"{r['leaver_recompute_rate']:.1%}"])
     text = (f"3 workers (128 MiB each, TCP), {DOCS} documents × {CHUNKS} chunks × "
             f"{CHUNK_BYTES // 1000} kB, each worker computed a third; the leaver then gets "
             f"SIGTERM. Traffic: {WINDOW_S:.0f} s at {RATE:.0f} requests/s, documents drawn "
             "uniformly, on the two remaining workers (misses recomputed and stored).\n\n"
             + table(["leave", "SIGTERM → exit", "leaver's chunks still in the cluster",
                      f"peer hits, next {WINDOW_S:.0f} s", "hits (local + peer)",
-                     "chunks recomputed", "recomputed, leaver's documents"], rows)
+                     "chunks recomputed", f"recomputed, first {EARLY_S:.0f} s",
+                     "recomputed, leaver's documents"], rows)
             + f"\n\nDrained worker's log: `{results[1]['drain_log']}`")
     return text, {"runs": results, "window_s": WINDOW_S, "rate": RATE, "docs": DOCS,
                   "chunks": CHUNKS, "chunk_bytes": CHUNK_BYTES}
