@@ -482,7 +482,7 @@ class ControllerService:
         keys = m.get("keys")
         if keys is None:
             unique, copied, failed, pending = self.handoffs.status(
-                source, self.index.holders_of, self._can_take)
+                source, self._live_holders, self._can_take)
             return protocol.ok(m["id"], unique=unique, copied=copied, failed=failed,
                                pending=pending)
         sizes = m.get("sizes") or []
@@ -492,13 +492,17 @@ class ControllerService:
         targets = [Target(w.worker_id, w.counters.free_bytes, _slab_bytes(w))
                    for w in self.registry.workers.values() if self._can_take(w.worker_id)
                    and w.worker_id != source and w.tenant == record.tenant]
-        job = self.handoffs.start(source, keys, sizes, targets, self.index.holders_of,
+        job = self.handoffs.start(source, keys, sizes, targets, self._live_holders,
                                   lambda key: self.index.namespace_of(source, key))
         peers = len({target for target, _, _ in job.assigned.values()})
         self.event("handoff", f"{source} is leaving: {job.unique} chunks only it holds, "
                               f"{len(job.assigned)} handed to {peers} peer{'s' * (peers != 1)} "
                               "with free space")
         return protocol.ok(m["id"], unique=job.unique, assigned=len(job.assigned), peers=peers)
+
+    def _live_holders(self, key: bytes) -> list[str]:
+        """The registered workers holding ``key`` (the index may still list departed ones)."""
+        return [w for w in self.index.holders_of(key) if w in self.registry.workers]
 
     def _can_take(self, worker_id: str) -> bool:
         """Whether ``worker_id`` is alive and staying (may be handed chunks)."""
