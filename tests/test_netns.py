@@ -1,6 +1,7 @@
 """Network faults for real: workers on two network namespaces joined by a veth pair, with
 ``tc netem`` delaying or dropping the reader's traffic. Needs root and iproute2."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,19 @@ def tc(namespace: str, action: str, device: str, *qdisc: str) -> None:
     sh("ip", "netns", "exec", namespace, "tc", "qdisc", action, "dev", device, "root", *qdisc)
 
 
+def indexed_chunks(cluster: LocalCluster, namespace: str, worker: str) -> int:
+    """How many chunks the controller (in ``namespace``) indexes for ``worker``, as
+    ``lmshare status --json`` run there reports them (0 until it answers)."""
+    result = subprocess.run(["ip", "netns", "exec", namespace, cluster.python, "-m", "lmshare",
+                             "status", "--controller", cluster.controller_address, "--json",
+                             *cluster._security_args()], env=cluster.env(),
+                            capture_output=True, text=True, timeout=20)
+    if result.returncode != 0:
+        return 0
+    workers = json.loads(result.stdout)["workers"]
+    return next((w["chunks_indexed"] for w in workers if w["worker_id"] == worker), 0)
+
+
 
 def test_slow_or_dead_link_costs_the_deadline_never_wrong_bytes(namespaces, tmp_path):
     holder_ns, reader_ns, holder_dev, reader_dev = namespaces
@@ -57,8 +71,9 @@ def test_slow_or_dead_link_costs_the_deadline_never_wrong_bytes(namespaces, tmp_
     in_reader = ("ip", "netns", "exec", reader_ns)
     cluster = LocalCluster(controller_host=HOLDER_IP, heartbeat_timeout_s=30, runtime_dir=tmp_path)
     try:
-        cluster.start_controller(prefix=in_holder, wait=False)
-        time.sleep(0.5)
+        cluster.start_controller(prefix=in_holder, wait=False)  # not reachable from here
+        wait_until(lambda: "listening on" in cluster.controller.log_text(), 10,
+                   "the controller to listen")
         cluster.start_worker("holder", "32MiB", "--transports", "tcp", prefix=in_holder)
         cluster.start_worker("reader", "32MiB", "--transports", "tcp", "--fetch-timeout", "1",
                              prefix=in_reader)
@@ -83,8 +98,11 @@ def test_slow_or_dead_link_costs_the_deadline_never_wrong_bytes(namespaces, tmp_
             sh("ip", "-n", reader_ns, "link", "set", reader_dev, "down")
             other = list(range(5000, 5000 + 16 * 4))
             other_data = [os.urandom(100_000) for _ in range(4)]
+            indexed = indexed_chunks(cluster, holder_ns, "holder")
             holder.put(SIG, other, other_data)
-            time.sleep(0.5)  # the admit cannot reach the controller from the reader, only from the holder
+            # the admit reaches the controller from the holder, never the reader's lookup
+            wait_until(lambda: indexed_chunks(cluster, holder_ns, "holder") == indexed + 4, 10,
+                       "the holder's new chunks indexed")
             started = time.monotonic()
             assert reader.get(SIG, other) == []
             assert time.monotonic() - started < 4.0

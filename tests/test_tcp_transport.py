@@ -121,22 +121,28 @@ def test_checksum_mismatch_drops_the_chunk(pools, monkeypatch):
 def test_stop_drains_in_flight_reads(pools):
     owner, reader = pools
     owner.put(NS, k(0), b"y" * 100_000)
-    entered = threading.Event()
+    entered, go_on = threading.Event(), threading.Event()
 
     def slow_source(key):
         entered.set()
-        time.sleep(0.5)
+        assert go_on.wait(10)  # the read stays in flight until the test lets it finish
         entry = owner.pin(key)
         return owner.views(entry), lambda: owner.unpin(entry)
 
     server = TcpPeerServer(slow_source).start()
     result = []
     fetch = threading.Thread(target=lambda: result.append(TcpTransport().fetch(
-        peer(server), [k(0)], PoolSink(reader, NS), time.monotonic() + 5)))
+        peer(server), [k(0)], PoolSink(reader, NS), time.monotonic() + 10)))
     fetch.start()
-    assert entered.wait(2)
-    server.stop(drain_timeout_s=5)  # returns only after the in-flight read finished
-    fetch.join(5)
+    assert entered.wait(5)
+    stopper = threading.Thread(target=server.stop, kwargs={"drain_timeout_s": 10})
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # stop waits for the read in flight...
+    go_on.set()
+    stopper.join(10)
+    fetch.join(10)
+    assert not stopper.is_alive()  # ...and returns once it finished, served whole
     assert result == [1] and reader.read(k(0)) == b"y" * 100_000
 
 
@@ -194,7 +200,8 @@ def test_a_connection_the_peer_closed_while_idle_is_replaced(pools):
     try:
         assert transport.fetch(peer(server), [k(0)], PoolSink(reader, NS), time.monotonic() + 5) == 1
         reader.remove(k(0))
-        time.sleep(0.6)  # the server drops the idle pooled connection
+        wait_until(lambda: not server._connections, 10,
+                   "the server to drop the idle pooled connection")
         assert transport.fetch(peer(server), [k(0)], PoolSink(reader, NS), time.monotonic() + 5) == 1
         assert reader.read(k(0)) == b"z" * 50_000
     finally:

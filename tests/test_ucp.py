@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import math
 import os
 import signal
 import subprocess
@@ -226,13 +227,12 @@ def test_bad_arguments():
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_throughput_probe_prints():
-    """Not asserted: numbers for the lead's benchmarks (``python -m benchmarks.ucp_probe``)."""
-    rows = []
+def test_throughput_probe_measures_every_transport():
+    """The probe behind ``python -m benchmarks.ucp_probe`` measures a rate over each transport
+    (the figures themselves are the benchmark's, on a quiet machine)."""
     for tls in TLS:
-        for size in (4 * MiB, 32 * MiB):
-            rows.append(f"{tls:9s} {size // MiB:3d} MiB {probe.measure(size, tls, 3):6.2f} GB/s")
-    print("\nUCX one-sided GET, median of 3:\n" + "\n".join(rows))
+        rate = probe.measure(4 * MiB, tls, 1)
+        assert math.isfinite(rate) and rate > 0, (tls, rate)
 
 
 @pytest.mark.timeout(60)
