@@ -1,7 +1,7 @@
 """The ``lmshare`` command: controller | worker | drain | router | status | explain | dashboard | demo | bench | keygen.
 
-The composition root: the one module that imports every part (the demo and LocalCluster start
-the parts as processes through it). The parts are imported lazily so that, for example,
+With the demo and LocalCluster, the composition root: the only code that knows every part (the
+demo and LocalCluster start the parts as processes through this module). The parts are imported lazily so that, for example,
 ``lmshare controller`` never imports torch or the dashboard.
 """
 

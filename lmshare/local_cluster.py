@@ -31,12 +31,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+STOP_MARGIN_S = 5.0  # past a worker's own shutdown budget: the interpreter's exit
+
+
+def worker_stop_timeout(args: Sequence[str]) -> float:
+    """How long to wait for a worker started with ``args`` to leave after SIGTERM before
+    killing it: its own budget (:attr:`WorkerConfig.shutdown_budget_s` for the timeouts and
+    controllers ``args`` give) and a margin."""
+    from lmshare.worker.config import WorkerConfig
+
+    def option(name: str, default: float) -> float:
+        return float(args[args.index(name) + 1]) if name in args[:-1] else default
+
+    controllers = args[args.index("--controller") + 1].split(",") \
+        if "--controller" in args[:-1] else [""]
+    config = WorkerConfig(
+        "127.0.0.1", 1, 1 << 20, name="budget",
+        drain_timeout_s=option("--drain-timeout", WorkerConfig.drain_timeout_s),
+        fetch_timeout_s=option("--fetch-timeout", WorkerConfig.fetch_timeout_s),
+        standby_controllers=tuple(("127.0.0.1", 1) for _ in controllers[1:]))
+    return config.shutdown_budget_s + STOP_MARGIN_S
+
+
 @dataclass
 class ManagedProcess:
     name: str
     args: list[str]
     process: subprocess.Popen
     log_path: Path
+    stop_timeout_s: float = 10.0  # what stop() allows it after SIGTERM
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -157,6 +180,7 @@ class LocalCluster:
         args = ["worker", "--controller", self.controller_address, "--name", name,
                 "--cache-size", cache_size, *self._security_args(), *extra]
         worker = self._spawn(f"worker-{name}", args, prefix)
+        worker.stop_timeout_s = worker_stop_timeout(args)
         self.workers[name] = worker
         if wait:
             self.wait_for_worker(name, timeout_s)
@@ -236,7 +260,7 @@ class LocalCluster:
             if worker.alive():
                 worker.process.send_signal(signal.SIGTERM)
         for worker in self.workers.values():
-            worker.terminate(timeout_s=15)
+            worker.terminate(timeout_s=worker.stop_timeout_s)  # its own shutdown budget
         if self.controller is not None:
             self.controller.terminate(timeout_s=10)
 

@@ -260,7 +260,7 @@ class WorkerAgent:
         self._stopped.set()
         self.handoff.drain(self.config.drain_timeout_s)  # the peers keep its unique chunks
         self.link.stop(deregister=True)
-        self.peer_server.stop(max(1.0, self.config.drain_timeout_s))  # in-flight reads
+        self.peer_server.stop(self.config.peer_drain_s)  # in-flight reads
         self.local_server.stop()
         self.close()
 

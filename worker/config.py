@@ -107,6 +107,25 @@ class WorkerConfig:
         if "tcp" not in self.transports:
             self.transports = (*self.transports, "tcp")
 
+    @property
+    def peer_drain_s(self) -> float:
+        """Leaving: how long peers' reads in flight may still finish."""
+        return max(1.0, self.drain_timeout_s)
+
+    @property
+    def shutdown_budget_s(self) -> float:
+        """The longest a worker takes to leave after SIGTERM, each step at its own deadline: the
+        hand-off of chunks only it holds, deregistering, peers' reads in flight, local requests
+        in flight (an acquire's peer fetch). A supervisor (``LocalCluster``, systemd's
+        ``TimeoutStopSec``, Kubernetes' grace period) should wait this long before SIGKILL."""
+        from lmshare.worker import control_link, local_server
+
+        handoff = self.drain_timeout_s + self.rpc_timeout_s  # its last status call
+        deregister = control_link.STOP_JOIN_S + control_link.DEREGISTER_TIMEOUT_S * len(
+            self.controller_addresses)
+        local = local_server.STOP_JOIN_S + self.fetch_timeout_s + self.rpc_timeout_s
+        return handoff + deregister + self.peer_drain_s + local
+
     def advertised_host(self) -> str:
         """The address peers use: configured, or the local address that routes to the controller."""
         if self.host and self.host not in ("0.0.0.0", "::"):

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 SYNC_PART_KEYS = 16_384  # a part the controller decodes in a few ms (it absorbs it in slices)
 BATCH_INTERVAL_S = 0.02
+STOP_JOIN_S = 5.0  # stopping: how long the loop thread may take to finish its message
+DEREGISTER_TIMEOUT_S = 1.0  # stopping: the deregister call, per controller tried
 
 
 class ControlLink:
@@ -80,10 +82,11 @@ class ControlLink:
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=STOP_JOIN_S)
         if deregister and self.registered.is_set():
             try:
-                self._client.call("deregister", timeout_s=1.0, worker_id=self.worker_id,
+                self._client.call("deregister", timeout_s=DEREGISTER_TIMEOUT_S,
+                                  worker_id=self.worker_id,
                                   epoch=self.epoch)
                 log.info("deregistered from the controller")
             except LMShareError as exc:

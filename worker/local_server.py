@@ -25,6 +25,7 @@ LOCAL_TYPES = {"hello", "local_lookup", "reserve", "commit", "abort", "acquire",
 
 Handler = serving.Handler
 CLIENT_FIELD = "_client"
+STOP_JOIN_S = 2.0  # stopping: how long the socket thread may take to notice
 RECEIVED_FIELD = "_received"  # time.monotonic() when the request arrived
 
 
@@ -75,7 +76,7 @@ class LocalServer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
+        self._thread.join(timeout=STOP_JOIN_S)
         for lane in self._lanes.values():
             lane.shutdown(wait=True, cancel_futures=True)
 
