@@ -131,6 +131,7 @@ class ControllerService:
         self.draining: set[str] = set()  # workers handing their chunks off before they leave
         self.tenant_digests: dict[str, DigestRecords] = {}  # the same, per tenant
         self.tenants = ClusterTenants(self.registry, config.tenant_quotas, config.tenant_ttls)
+        self.reload_requested = False  # set by SIGHUP: read the key file again
         self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
         self.index.on_capped = self._on_capped
         self.index.on_orphaned = self._on_orphaned
@@ -217,6 +218,9 @@ class ControllerService:
                     self._timed(self.index.absorb)
                 if self._leadership_changed.is_set():
                     self._start_term()
+                if self.reload_requested:  # SIGHUP (its handler only records it)
+                    self.reload_requested = False
+                    self.reload_key()
                 self._check_liveness()
                 self._sample_hits()
         finally:

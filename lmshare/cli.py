@@ -156,7 +156,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         election.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
-    signal.signal(signal.SIGHUP, lambda *_: service.reload_key())  # a key rotation step
+    # a key rotation step: the handler only records it (the service's loop reloads)
+    signal.signal(signal.SIGHUP, lambda *_: setattr(service, "reload_requested", True))
     role = f" (etcd election at {args.etcd})" if election else ""
     security = f"cluster key {key.fingerprint}" if key else "INSECURE: no cluster key"
     print(f"lmshare controller listening on {args.host}:{service.port}{role}; {security}",

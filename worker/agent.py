@@ -225,9 +225,13 @@ class WorkerAgent:
         signalled: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda number, _frame: signalled.append(number))
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_key())
+        reloads: list[int] = []  # SIGHUP: read the key file again (a key rotation step)
+        signal.signal(signal.SIGHUP, lambda number, _frame: reloads.append(number))
         while not signalled and not self._stopped.is_set():
             time.sleep(0.1)  # the main thread holds no lock here, whatever a handler takes
+            if reloads:
+                reloads.clear()
+                self.reload_key()
         self._stopped.set()
         log.info("worker %s stopping", self.worker_id)
         self.shutdown()
