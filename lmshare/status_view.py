@@ -63,8 +63,19 @@ def mismatch_line(mismatch: dict) -> Text:
                          f"({mismatch.get('model', '')}): {mismatch.get('differs', '')}")
 
 
+def misses_line(stats: ClusterStats) -> Text:
+    """Why the last minute's missed chunks were missed, by reason, most first."""
+    reasons = sorted(((r, n) for r, n in stats.miss_reasons.items() if n > 0),
+                     key=lambda item: -item[1])
+    total = sum(n for _, n in reasons)
+    return Text.assemble((f"missed in the last {len(stats.hit_history)}s ", "bold"),
+                         " · ".join(f"{r} {n} ({n / total:.0%})" for r, n in reasons))
+
+
 def status_report(stats: ClusterStats) -> Group:
     """What ``lmshare status`` prints: the table, the tenants' (when any tenant has figures),
-    then each signature mismatch."""
+    why the last minute's chunks were missed (when any were), then each signature mismatch."""
     tenants = [tenant_table(stats)] if any(t.tenant for t in stats.tenants) else []
-    return Group(status_table(stats), *tenants, *(mismatch_line(m) for m in stats.mismatches))
+    missed = [misses_line(stats)] if any(stats.miss_reasons.values()) else []
+    return Group(status_table(stats), *tenants, *missed,
+                 *(mismatch_line(m) for m in stats.mismatches))

@@ -4,6 +4,8 @@ in their Prometheus endpoints, and the controller's stats carry the last minute'
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -128,6 +130,12 @@ def test_each_miss_says_why_and_is_counted_by_reason(cluster):
     # the dashboard's last minute, by reason (sampled once a second)
     wait_until(lambda: (r := cluster.stats().miss_reasons).get("holder_gone") == 5
                and r.get("evicted") == 2, 5, "the last minute's misses by reason")
+    status = subprocess.run([sys.executable, "-m", "lmshare", "status", "--controller",
+                             cluster.controller_address], capture_output=True, text=True,
+                            timeout=30)
+    assert status.returncode == 0, status.stderr
+    missed = next(line for line in status.stdout.splitlines() if line.startswith("missed in"))
+    assert "holder_gone 5 (" in missed and "evicted 2 (" in missed
     # a lookup answered after the asker's deadline (the controller is stopped, so the worker
     # waits for it) is counted as missed for that reason: the asker computed the prompt
     late = misses_of(reader, "deadline")
