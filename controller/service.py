@@ -155,6 +155,9 @@ class ControllerService:
         self._last_misses: dict[str, dict[str, int]] = {}  # worker → its counts last second
         self._last_sample = 0.0
         self.slowest_step_cpu_s = 0.0  # CPU time of the longest message or index slice
+        # per kind of step (a message type, or "absorb"): [steps, steps over 10 ms of CPU]
+        self.step_counts: dict[str, list[int]] = {}
+        self._step_kind = "absorb"
         self._stop = threading.Event()
         # optional etcd election (controller/election.py); None = the only controller
         self.election: Any = None
@@ -211,7 +214,9 @@ class ControllerService:
                         if tenant is None:  # opened with a key retired since: no answer
                             self.guard.refuse_retired()
                             continue
+                        self._step_kind = "message"  # answer() names the type
                         self._timed(self._handle, [p.bytes for p in parts], tenant)
+                        self._step_kind = "absorb"
                         if self.index.pending:
                             self._timed(self.index.absorb)
                 elif self.index.pending:
@@ -231,7 +236,11 @@ class ControllerService:
     def _timed(self, step: Callable[..., Any], *args: Any) -> None:
         started = time.thread_time()
         step(*args)
-        self.slowest_step_cpu_s = max(self.slowest_step_cpu_s, time.thread_time() - started)
+        spent = time.thread_time() - started
+        self.slowest_step_cpu_s = max(self.slowest_step_cpu_s, spent)
+        counts = self.step_counts.setdefault(self._step_kind, [0, 0])
+        counts[0] += 1
+        counts[1] += spent > 0.010
 
     def reload_key(self) -> bool:
         """Read the key file again (SIGHUP): admit the clients of its keys from now on. False
@@ -317,6 +326,8 @@ class ControllerService:
 
     def _dispatch(self, message: dict[str, Any], tenant: str) -> dict[str, Any]:
         message[TENANT_FIELD] = tenant  # after decoding: nobody names their own tenant
+        if self._step_kind == "message":
+            self._step_kind = message["type"]
         if message["type"] in LEADER_ONLY and self.role == "standby":
             leader = self.election.leader or "being elected"
             raise LMShareError(f"this controller is a standby; the leader is {leader}; send "
@@ -605,7 +616,8 @@ class ControllerService:
         if tenant:  # a tenant sees its own workers, and nothing of the others'
             return protocol.ok(m["id"], stats=self.tenant_stats(tenant).to_dict())
         stats = self.cluster_stats(m.get("offset", 0), m.get("limit", STATS_PAGE))
-        return protocol.ok(m["id"], stats=stats.to_dict())
+        # the loop's steps by kind, [count, over 10 ms of CPU]: what a lookup can wait behind
+        return protocol.ok(m["id"], stats=stats.to_dict(), steps=self.step_counts)
 
     def tenant_stats(self, tenant: str) -> ClusterStats:
         """What ``tenant`` may see: its live workers and its lookups' figures, no events."""
