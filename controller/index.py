@@ -32,8 +32,8 @@ DEFAULT_MAX_KEYS_PER_WORKER = 2_000_000
 LANES = 16  # slots in one bucket
 PREPARE_LOAD = 0.65  # past this share of its slots in use, the table starts doubling
 MAX_LOAD = 0.8  # ... and past this one, it doubles at once
-PREFAULT_SLOTS = 1 << 16  # slots of the next table touched per step (1.5 MB)
-MIGRATE_BUCKETS = 512  # buckets moved into a grown table per step
+PREFAULT_SLOTS = 1 << 14  # slots of the next table touched per step (384 KB)
+MIGRATE_BUCKETS = 128  # buckets moved into a grown table per step (~1,300 keys)
 SWEEP_SLOTS = 1 << 16  # slots checked for a departed worker's keys per step
 INITIAL_BITS = 10  # 2**10 buckets to start with
 _NS_BITS = 32  # an extra holding packs (worker id << 32 | namespace id)
@@ -371,7 +371,7 @@ class ChunkIndex:
                                np.full(count, nid, np.int32))
             self._keys += count
             if self._old is not None:
-                self._migrate(max(1, count // 4))
+                self._migrate(max(1, count // 16))
 
     def _remove_now(self, worker_id: str, keys: list[bytes]) -> None:
         wid = self._ids.get(worker_id)
