@@ -99,7 +99,7 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
     part_keys = 4096
     seqs[0] += 1
     steps_cpu = []
-    service.slowest_step_cpu_s = 0.0
+    slow: list = []  # (CPU s, what the step did, sync part)
     for part, start in enumerate(range(0, len(sync_keys), part_keys)):
         chunk = sync_keys[start:start + part_keys]
         extra = {"digests": {k: k for k in chunk}} if digests else {}
@@ -109,10 +109,15 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
         started = time.thread_time()
         service.answer(frames)
         steps_cpu.append(time.thread_time() - started)
+        slow.append((steps_cpu[-1], "sync message", part))
         while service.index.pending:  # the loop's slices between messages
+            index = service.index
+            kind = ("grow: touch" if index._next is not None else "grow: move"
+                    if index._old is not None else "sweep" if index._sweeps else "add")
             started = time.thread_time()
-            service.index.absorb()
+            index.absorb()
             steps_cpu.append(time.thread_time() - started)
+            slow.append((steps_cpu[-1], kind, part))
     stats_cpu = []
     for _ in range(3):
         started = time.thread_time()
@@ -130,7 +135,9 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
             "sync": {"keys": len(sync_keys), "steps": len(steps_cpu),
                      "slowest_step_ms": max(steps_cpu) * 1e3,
                      "steps_over_10ms": sum(s > 0.010 for s in steps_cpu),
-                     "cpu_s": sum(steps_cpu)},
+                     "cpu_s": sum(steps_cpu),
+                     "slowest": [[round(t * 1e3, 1), k, p] for t, k, p in
+                                 sorted(slow, reverse=True)[:12]]},
             "stats_page_cpu_ms": min(stats_cpu) * 1e3, "curve": curve}
 
 

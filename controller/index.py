@@ -8,7 +8,8 @@ map (key → packed ints), which only multi-holder keys enter.
 
 Changes are applied in slices: a big change (a full sync part) is queued and absorbed
 :data:`SLICE_KEYS` keys at a time between the controller's messages; the table grows by
-doubling, moving :data:`MIGRATE_BUCKETS` buckets a step; a worker that leaves stops counting at
+doubling (a thread touches the new table's memory first, so its page faults stall nobody), then
+moving :data:`MIGRATE_BUCKETS` buckets a step; a worker that leaves stops counting at
 once (its id is retired, lookups skip it) and its keys are swept out :data:`SWEEP_SLOTS` slots
 a step. So no lookup waits behind any of them. The index is a hint either way (a holder that no
 longer has a chunk answers "missing" and the hit is truncated).
@@ -19,6 +20,7 @@ sweep of its previous incarnation never touches what it announces now.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ DEFAULT_MAX_KEYS_PER_WORKER = 2_000_000
 LANES = 16  # slots in one bucket
 PREPARE_LOAD = 0.65  # past this share of its slots in use, the table starts doubling
 MAX_LOAD = 0.8  # ... and past this one, it doubles at once
-PREFAULT_SLOTS = 1 << 14  # slots of the next table touched per step (384 KB)
+TOUCH_SLOTS = 1 << 20  # slots of the next table a growth thread touches at a time
 MIGRATE_BUCKETS = 128  # buckets moved into a grown table per step (~1,300 keys)
 SWEEP_SLOTS = 1 << 16  # slots checked for a departed worker's keys per step
 INITIAL_BITS = 10  # 2**10 buckets to start with
@@ -134,6 +136,16 @@ class _Table:
         self.used -= slots.size
 
 
+def _touch(table: _Table, done: threading.Event) -> None:
+    """Write every page of a new table once (numpy drops the GIL while it fills)."""
+    for start in range(0, table.slots, TOUCH_SLOTS):
+        end = start + TOUCH_SLOTS
+        for array in (table.lo_f, table.hi_f, table.holder_f, table.ns_f):
+            array[start:end] = 0
+        table.ovf[start // LANES:end // LANES] = 0
+    done.set()
+
+
 @dataclass
 class _Work:
     kind: str  # "add" | "remove"
@@ -188,7 +200,7 @@ class ChunkIndex:
         self._salt = np.uint64(int.from_bytes(np.random.bytes(8), "little") | 1)
         self._table = _Table(initial_bits, self._salt)
         self._next: _Table | None = None  # the table to grow into, its memory being touched
-        self._faulted = 0  # slots of _next touched so far
+        self._touched = threading.Event()  # ... set once it is
         self._old: _Table | None = None  # being moved into _table after a growth
         self._moved = 0  # buckets of _old moved so far
         self._keys = 0
@@ -253,7 +265,7 @@ class ChunkIndex:
         if self._old is not None:
             queued += self._old.mask + 1 - self._moved
         if self._next is not None:
-            queued += self._next.slots - self._faulted
+            queued += 1
         elif self._table.used > PREPARE_LOAD * self._table.slots:
             queued += 1
         for sweep in self._sweeps:
@@ -459,28 +471,24 @@ class ChunkIndex:
 
     # ------------------------------------------------------------------ background work
     def _grow_step(self) -> None:
-        """One step of growing the table: allocate the next one, touch its memory (the first
-        write to a page costs a page fault: done in slices, not by the insert that needs the
-        room), then move the buckets over."""
+        """One step of growing the table: allocate the next one (a thread touches its memory:
+        the first write to a page costs a page fault, which must not stall the loop), then,
+        once it is ready, move the buckets over a slice at a time."""
         if self._old is not None:
             self._migrate(MIGRATE_BUCKETS)
         elif self._next is not None:
-            self._prefault(PREFAULT_SLOTS)
+            if self._touched.is_set():
+                self._switch()
         elif self._table.used > PREPARE_LOAD * self._table.slots:
-            self._next = _Table(self._table.bits + 1, self._salt)
+            self._next, self._touched = _Table(self._table.bits + 1, self._salt), threading.Event()
+            threading.Thread(target=_touch, args=(self._next, self._touched), daemon=True,
+                             name="lmshare-index-grow").start()
 
-    def _prefault(self, slots: int) -> None:
-        table = self._next
-        assert table is not None
-        start = self._faulted
-        end = min(table.slots, start + slots)
-        for array in (table.lo_f, table.hi_f, table.holder_f, table.ns_f):
-            array[start:end] = 0
-        table.ovf[start // LANES:(end + LANES - 1) // LANES] = 0
-        self._faulted = end
-        if end >= table.slots:  # ready: keys go there now, and the old ones move
-            self._old, self._moved = self._table, 0
-            self._table, self._next, self._faulted = table, None, 0
+    def _switch(self) -> None:
+        """Keys go to the next table from now on, and the old one's move over."""
+        assert self._next is not None
+        self._old, self._moved = self._table, 0
+        self._table, self._next = self._next, None
 
     def _make_room(self, count: int) -> None:
         table = self._table
@@ -493,8 +501,10 @@ class ChunkIndex:
         while (table.used + count) * 2 > MAX_LOAD * (LANES << bits):
             bits += 1
         if self._next is None or self._next.bits < bits:
-            self._next, self._faulted = _Table(bits, self._salt), 0
-        self._prefault(self._next.slots)
+            self._next, self._touched = _Table(bits, self._salt), threading.Event()
+            _touch(self._next, self._touched)
+        self._touched.wait()
+        self._switch()
 
     def _migrate(self, buckets: int) -> None:
         """Move ``buckets`` more buckets of the old table into the new one (keys of retired

@@ -104,7 +104,7 @@ def test_the_index_agrees_with_a_dict_model(operations, initial_bits):
     # small steps, so growth, sweeps and queued work interleave with the changes
     # a table filled nearly full, so keys overflow their buckets
     with mock.patch.multiple(index_module, SLICE_KEYS=7, MIGRATE_BUCKETS=1, SWEEP_SLOTS=5,
-                             PREFAULT_SLOTS=8, PREPARE_LOAD=0.9, MAX_LOAD=0.97):
+                             TOUCH_SLOTS=8, PREPARE_LOAD=0.9, MAX_LOAD=0.97):
         index = ChunkIndex(max_keys_per_worker=CAP, initial_bits=initial_bits)
         capped: list[str] = []
         index.on_capped = capped.append
