@@ -3,6 +3,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests check what happens, not how fast: on a busy machine one example can take far
+# longer than hypothesis' 200 ms default deadline (a flaky failure that says nothing).
+settings.register_profile("lmshare", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("lmshare")
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmshare import ModelSignature
 from lmshare.local_cluster import LocalCluster, free_port
 from lmshare.shm import shm_dir
-from lmshare.testing.waiting import wait_until
+from lmshare.testing.waiting import slack, wait_until
 
 SIG = ModelSignature(model="metrics-model", chunk_tokens=16)
 
@@ -29,7 +29,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def scrape_when_up(port: int, timeout_s: float = 10.0) -> dict[tuple[str, tuple], float]:
     """The first scrape (a process serves metrics a moment after it registers)."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s * slack()
     while True:
         try:
             return scrape(port)
