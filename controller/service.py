@@ -245,19 +245,14 @@ class ControllerService:
     def reload_key(self) -> bool:
         """Read the key file again (SIGHUP): admit the clients of its keys from now on. False
         (and an error logged) when the file is not a rotation of the key in use."""
-        from lmshare.credentials import describe, reload_key
+        from lmshare.credentials import reload_on_sighup
 
-        if self.config.key is None or self.guard is None:
-            log.warning("SIGHUP: this controller runs without a key; nothing to reload")
-            return False
-        try:
-            key = reload_key(self.config.key)
-        except ConfigError as exc:
-            log.error("key not reloaded: %s", exc)
+        key = reload_on_sighup(self.config.key if self.guard is not None else None,
+                               "controller")
+        if key is None:
             return False
         self.config.key = key
         self.guard.set_key(key)
-        log.warning("key reloaded from %s: admitting %s", key.path, describe(key))
         return True
 
     def stop(self) -> None:

@@ -300,6 +300,22 @@ def reload_key(current: ClusterKey) -> ClusterKey:
     return new
 
 
+def reload_on_sighup(current: ClusterKey | None, process: str) -> ClusterKey | None:
+    """What a ``process`` ("worker", "controller") that got SIGHUP uses from now on: its key
+    file read again, or None (logged: no key to reload, or the file is not a rotation of the
+    running key, which then stays)."""
+    if current is None:
+        log.warning("SIGHUP: this %s runs without a key (--insecure); nothing to reload", process)
+        return None
+    try:
+        key = reload_key(current)
+    except ConfigError as exc:
+        log.error("key not reloaded: %s", exc)
+        return None
+    log.warning("key reloaded from %s: using %s", key.path, describe(key))
+    return key
+
+
 def describe(key: ClusterKey) -> str:
     """What a process logs of its key: fingerprints, never secrets."""
     text = f"key {key.fingerprint}" + (f" (tenant {key.tenant})" if key.tenant else "")

@@ -29,7 +29,7 @@ from typing import Any
 from lmshare import misses, protocol
 from lmshare.client import worker_endpoint
 from lmshare.control import FailoverControllerClient
-from lmshare.credentials import describe, reload_key
+from lmshare.credentials import reload_on_sighup
 from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
@@ -242,19 +242,13 @@ class WorkerAgent:
     def reload_key(self) -> bool:
         """Read the key file again (SIGHUP) and use it from now on: a key rotation without a
         restart. False (and an error logged) when the file is not a rotation of the key."""
-        if self.config.key is None:
-            log.warning("SIGHUP: this worker runs without a key (--insecure); nothing to reload")
-            return False
-        try:
-            key = reload_key(self.config.key)
-        except ConfigError as exc:
-            log.error("key not reloaded: %s", exc)
+        key = reload_on_sighup(self.config.key, "worker")
+        if key is None:
             return False
         self.config.key = key
         self.peer_server.set_key(key)
         self.tcp.set_key(key)
         self.link.set_key(key)
-        log.warning("key reloaded from %s: using %s", key.path, describe(key))
         return True
 
     def shutdown(self) -> None:
