@@ -26,3 +26,23 @@ def shm_dir(monkeypatch):
     for leftover in path.glob("*"):
         leftover.unlink()
     path.rmdir()
+
+
+@pytest.fixture
+def keyed_cluster(tmp_path, monkeypatch):
+    """Start a LocalCluster (keyword arguments: LocalCluster's) with its controller
+    heartbeating every 0.3 s; the CLI commands a test runs find its key in LMSHARE_KEY_FILE.
+    Stopped after the test."""
+    from lmshare.local_cluster import LocalCluster
+
+    started = []
+
+    def start(**options):
+        cluster = LocalCluster(runtime_dir=tmp_path / f"cluster-{len(started)}", **options)
+        started.append(cluster)
+        monkeypatch.setenv("LMSHARE_KEY_FILE", cluster.key_file)
+        cluster.start_controller("--heartbeat-interval", "0.3")
+        return cluster
+    yield start
+    for cluster in started:
+        cluster.stop()

@@ -87,14 +87,8 @@ def test_a_malformed_handoff_gets_an_error_and_the_controller_serves_on(tmp_path
 
 
 @pytest.fixture
-def cluster(tmp_path, monkeypatch, shm_dir):
-    c = LocalCluster(heartbeat_timeout_s=3.0, runtime_dir=tmp_path)
-    monkeypatch.setenv("LMSHARE_KEY_FILE", c.key_file)
-    c.start_controller("--heartbeat-interval", "0.3")
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster(keyed_cluster, shm_dir):
+    return keyed_cluster(heartbeat_timeout_s=3.0)
 
 
 def docs(count: int, seed: int = 0) -> list[list[int]]:

@@ -11,7 +11,6 @@ import pytest
 
 from lmshare import ModelSignature
 from lmshare.keys import signature_keys
-from lmshare.local_cluster import LocalCluster
 from lmshare.testing.waiting import wait_until
 
 SIG = ModelSignature(model="explain-model", chunk_tokens=16)
@@ -34,14 +33,8 @@ def explain(cluster, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    c = LocalCluster(heartbeat_timeout_s=1.5, runtime_dir=tmp_path)
-    monkeypatch.setenv("LMSHARE_KEY_FILE", c.key_file)
-    c.start_controller("--heartbeat-interval", "0.3")
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster(keyed_cluster):
+    return keyed_cluster(heartbeat_timeout_s=1.5)
 
 
 def test_explain_says_where_each_chunk_is_and_why_the_prefix_stops(cluster, tmp_path):

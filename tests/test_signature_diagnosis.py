@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from lmshare import ModelSignature
 from lmshare.controller.signatures import SignatureBook
 from lmshare.keys import signature_keys
-from lmshare.local_cluster import LocalCluster
 from lmshare.signatures import differences, from_wire, to_wire
 from lmshare.stats import ClusterStats
 from lmshare.testing.waiting import wait_until
@@ -108,14 +107,8 @@ def test_stats_make_every_mismatch_name_printable():
 
 
 @pytest.fixture
-def cluster(tmp_path, monkeypatch, shm_dir):
-    c = LocalCluster(heartbeat_timeout_s=2.0, runtime_dir=tmp_path)
-    monkeypatch.setenv("LMSHARE_KEY_FILE", c.key_file)
-    c.start_controller("--heartbeat-interval", "0.3")
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster(keyed_cluster, shm_dir):
+    return keyed_cluster(heartbeat_timeout_s=2.0)
 
 
 def lmshare_cli(*args: str) -> str:
