@@ -41,6 +41,9 @@ INITIAL_BITS = 10  # 2**10 buckets to start with
 _NS_BITS = 32  # an extra holding packs (worker id << 32 | namespace id)
 _NS_MASK = (1 << _NS_BITS) - 1
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_MIX_INT, _U64 = int(_MIX), (1 << 64) - 1
+SCALAR_KEYS = 64  # lookups of up to this many keys probe key by key (numpy's per-call cost
+# outweighs a few probes), stopping at the first missing one
 
 assert KEY_BYTES == 16
 
@@ -56,6 +59,7 @@ class _Table:
         self.bits = bits
         self.mask = (1 << bits) - 1
         self.salt = salt
+        self.salt_int = int(salt)
         rows = 1 << bits
         self.lo = np.zeros((rows, LANES), np.uint64)
         self.hi = np.zeros((rows, LANES), np.uint64)
@@ -74,6 +78,25 @@ class _Table:
     def home(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         mixed = (lo ^ (hi * _MIX)) * self.salt
         return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def find_one(self, lo: int, hi: int) -> int:
+        """The slot of one key (its halves as Python ints, as :meth:`find` reads them), or -1."""
+        if not self.used:
+            return -1
+        mixed = ((lo ^ ((hi * _MIX_INT) & _U64)) * self.salt_int) & _U64
+        bucket = mixed >> (64 - self.bits)
+        for _ in range(self.mask + 1):
+            row = self.lo[bucket].tolist()
+            lane = -1
+            for _ in range(row.count(lo)):
+                lane = row.index(lo, lane + 1)
+                slot = bucket * LANES + lane
+                if int(self.hi_f[slot]) == hi and self.holder_f[slot] > 0:
+                    return slot
+            if not self.ovf[bucket]:
+                return -1
+            bucket = (bucket + 1) & self.mask
+        return -1
 
     def find(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """The slot of each key, or -1."""
@@ -332,6 +355,19 @@ class ChunkIndex:
                 there[missing] = self._old.find(lo[missing], hi[missing])
         return here, there
 
+    def _slot_of(self, key: bytes) -> tuple[_Table | None, int]:
+        """One key's table and slot (None, -1 when no table has it), probed without numpy
+        temporaries."""
+        lo, hi = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+        slot = self._table.find_one(lo, hi)
+        if slot >= 0:
+            return self._table, slot
+        if self._old is not None:
+            slot = self._old.find_one(lo, hi)
+            if slot >= 0:
+                return self._old, slot
+        return None, -1
+
     def _first_holders(self, here: np.ndarray, there: np.ndarray) -> np.ndarray:
         first = np.zeros(here.size, np.int64)
         mask = here >= 0
@@ -569,10 +605,8 @@ class ChunkIndex:
         namespace id of each holding."""
         if len(key) != KEY_BYTES or not self._keys:
             return [], []
-        lo, hi = _split([key])
-        here, there = self._locate(lo, hi)
-        table, slot = (self._table, int(here[0])) if here[0] >= 0 else (self._old, int(there[0]))
-        if slot < 0 or table is None:
+        table, slot = self._slot_of(key)
+        if table is None:
             return [], []
         wids, nids = [int(table.holder_f[slot])], [int(table.ns_f[slot])]
         for x in self._extras.get(key, ()):
@@ -619,14 +653,23 @@ class ChunkIndex:
         keys = keys[:good]
         if not keys or not self._keys:
             return []
-        lo, hi = _split(keys)
-        here, there = self._locate(lo, hi)
-        firsts = self._first_holders(here, there).tolist()
-        found = ((here >= 0) | (there >= 0)).tolist()
+        if len(keys) <= SCALAR_KEYS:
+            firsts, found = [], []
+            for key in keys:  # up to the first missing key: nothing after it is asked for
+                table, slot = self._slot_of(key)
+                if table is None:
+                    break
+                firsts.append(int(table.holder_f[slot]))
+                found.append(True)
+        else:
+            lo, hi = _split(keys)
+            here, there = self._locate(lo, hi)
+            firsts = self._first_holders(here, there).tolist()
+            found = ((here >= 0) | (there >= 0)).tolist()
         gone, names, extras = self._gone, self._names, self._extras
         result = []
         for i, key in enumerate(keys):
-            if not found[i]:
+            if i >= len(found) or not found[i]:
                 break
             holders = [] if gone[firsts[i]] else [names[firsts[i]]]
             extra = extras.get(key) if extras else None
