@@ -41,6 +41,7 @@ from benchmarks.common import RESULTS, header, percentile, table
 from lmshare import protocol
 from lmshare.credentials import generate_key_file, load_key_file
 from lmshare.curve import secure_client
+from lmshare.worker.control_link import SYNC_PART_KEYS as SYNC_PART  # as a worker sends
 
 NS = b"\x5a" * 16
 BASELINE = "fcf2635"  # main before the compact index: the dict-of-objects index
@@ -49,7 +50,6 @@ RPC_TIMEOUT_S = 2.0  # a worker's controller call deadline (lmshare.control.DEFA
 LOOKUP_TIMEOUT_S = 0.5  # a lookup client gives up and asks again after this
 PINNED = 16  # each worker's first chunks are never evicted: the prompts lookups ask for
 REGISTER_RATE = 1000  # workers a simulating process starts a second
-SYNC_PART = 4096  # keys in one sync part, as a worker sends them (SYNC_PART_KEYS)
 
 
 def keys_of(worker: int, generation: int, count: int) -> list[bytes]:

@@ -96,7 +96,7 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
                              **extra)[1])
     # a 1M-key full sync from one worker, in the parts a worker sends; every step timed
     sync_keys = keys_of(0, 10**6, min(1_000_000, keys // 10))
-    part_keys = 4096
+    from lmshare.worker.control_link import SYNC_PART_KEYS as part_keys  # as this tree sends
     seqs[0] += 1
     steps_cpu = []
     slow: list = []  # (CPU s, what the step did, sync part)
