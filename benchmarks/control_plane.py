@@ -111,6 +111,19 @@ class _Worker:
         return self.pinned + [k for block in self.blocks for k in block]
 
 
+def _controller_socket(context: zmq.Context, poller: zmq.Poller, key, port: int,
+                       reconnect_max_ms: int) -> zmq.Socket:
+    """A CURVE DEALER connected to the controller on loopback, registered with ``poller``."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)
+    secure_client(sock, key.curve_client())
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    poller.register(sock, zmq.POLLIN)
+    return sock
+
+
 def _simulate(first: int, count: int, port: int, key_file: str, interval_s: float,
               digests_on: bool, conn) -> None:
     """Run ``count`` simulated workers until told to stop; commands come on ``conn``."""
@@ -120,13 +133,7 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     poller = zmq.Poller()
     workers: dict[zmq.Socket, _Worker] = {}
     for i in range(first, first + count):
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        secure_client(sock, key.curve_client())
-        sock.connect(f"tcp://127.0.0.1:{port}")
-        poller.register(sock, zmq.POLLIN)
+        sock = _controller_socket(context, poller, key, port, reconnect_max_ms=1000)
         workers[sock] = _Worker(i, sock)
     ids = iter(range(1, 1 << 62))
     sent = {"heartbeat": 0, "batch": 0, "sync": 0, "register": 0, "timeouts": 0}
@@ -316,13 +323,7 @@ def _lookups(port: int, key_file: str, workers: int, clients: int, rate: float, 
     poller = zmq.Poller()
     socks = []
     for _ in range(clients):
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        secure_client(sock, key.curve_client())
-        sock.connect(f"tcp://127.0.0.1:{port}")
-        poller.register(sock, zmq.POLLIN)
+        sock = _controller_socket(context, poller, key, port, reconnect_max_ms=500)
         socks.append(sock)
     prompts = [keys_of(w, 0, PINNED) for w in random.Random(1).sample(range(workers),
                                                                       min(workers, 512))]

@@ -230,16 +230,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(path: str, what: str = "") -> str:
+    """A text file ``lmshare explain`` was pointed at; ConfigError naming ``what`` it should
+    hold when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}{path} ({exc.strerror})") from None
+
+
 def _prompt_tokens(args: argparse.Namespace) -> list[int]:
     """The prompt of ``lmshare explain``: token ids, or text through ``--tokenizer``."""
     if args.tokens is not None:
         text = args.tokens
         if text.startswith("@"):
-            try:
-                text = open(text[1:], encoding="utf-8").read()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the token ids in {text[1:]} "
-                                  f"({exc.strerror})") from None
+            text = _read_text(text[1:], "the token ids in ")
         try:
             tokens = [int(t) for t in text.replace(",", " ").replace("[", " ").replace(
                 "]", " ").split()]
@@ -251,10 +257,7 @@ def _prompt_tokens(args: argparse.Namespace) -> list[int]:
         return tokens
     text = args.text
     if args.text_file is not None:
-        try:
-            text = open(args.text_file, encoding="utf-8").read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.text_file} ({exc.strerror})") from None
+        text = _read_text(args.text_file)
     if not args.tokenizer:
         raise ConfigError("a text prompt needs --tokenizer DIR (the tokenizer the engine "
                           "serves), or give token ids with --tokens")
@@ -275,11 +278,7 @@ def _explain_signature(args: argparse.Namespace, stats) -> tuple[bytes, int]:
     if args.signature:
         text = args.signature
         if text.startswith("@"):
-            try:
-                text = open(text[1:], encoding="utf-8").read()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the signature in {text[1:]} "
-                                  f"({exc.strerror})") from None
+            text = _read_text(text[1:], "the signature in ")
         try:
             fields = json.loads(text)
         except ValueError as exc:
