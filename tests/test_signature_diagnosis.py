@@ -132,10 +132,13 @@ def test_status_dashboard_and_lookups_say_which_fields_differ(cluster):
         c.lookup(BF16, tokens)
         assert b.lookup(F16, tokens).tokens == 0  # another namespace: nothing to share
 
-        def diagnosed():
-            return b.lookup_plan(F16.namespace(), signature_keys(F16, tokens),
+        def diagnosed() -> str:
+            said = b.lookup_plan(F16.namespace(), signature_keys(F16, tokens),
                                  chunk_tokens=16).mismatch
-        said = wait_until(diagnosed, 15, "the mismatch to reach diag-b's lookups")
+            # until diag-a's report arrives, diag-c (same namespace) is the nearest peer; with
+            # both in, the first by name is named
+            return said if "diag-a serves" in said else ""
+        said = wait_until(diagnosed, 15, "diag-a's name in diag-b's diagnosis")
         for part in ("diag-a serves diag-model with another signature", "kv_dtype float16 vs bfloat16",
                      "tokenizer_hash differs from diag-a's", "kv_layout.attn TRITON vs FLASH"):
             assert part in said
