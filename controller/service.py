@@ -29,6 +29,7 @@ from lmshare.controller.signatures import SignatureBook
 from lmshare.controller.tenants import ClusterTenants
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ErrorCode, LMShareError
+from lmshare.signals import SignalLatch
 from lmshare.signatures import from_wire
 from lmshare.stats import MAX_MISMATCHES, ClusterEvent, ClusterStats, WorkerCounters, WorkerView
 from lmshare.transports.base import PeerInfo
@@ -131,7 +132,6 @@ class ControllerService:
         self.draining: set[str] = set()  # workers handing their chunks off before they leave
         self.tenant_digests: dict[str, DigestRecords] = {}  # the same, per tenant
         self.tenants = ClusterTenants(self.registry, config.tenant_quotas, config.tenant_ttls)
-        self.reload_requested = False  # set by SIGHUP: read the key file again
         self._any_tenant = False  # a tenant's worker registered (lookups are then filtered)
         self.index.on_capped = self._on_capped
         self.index.on_orphaned = self._on_orphaned
@@ -195,12 +195,14 @@ class ControllerService:
         self.event("restart", f"controller {self.controller_id} started (pid {os.getpid()})")
 
     # ------------------------------------------------------------------ loop
-    def serve_forever(self) -> None:
+    def serve_forever(self, signals: SignalLatch | None = None) -> None:
+        """Serve until :meth:`stop` or a stop signal recorded by ``signals`` (whose reload
+        signal reads the key file again)."""
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         log.info("controller %s listening on %s:%d", self.controller_id, self.config.host, self.port)
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not (signals and signals.stop_requested):
                 # queued index work is absorbed a slice at a time between messages
                 if poller.poll(0 if self.index.pending else 50):
                     for _ in range(1000):  # drain what is queued, then check timers
@@ -223,8 +225,7 @@ class ControllerService:
                     self._timed(self.index.absorb)
                 if self._leadership_changed.is_set():
                     self._start_term()
-                if self.reload_requested:  # SIGHUP (its handler only records it)
-                    self.reload_requested = False
+                if signals is not None and signals.take_reload():
                     self.reload_key()
                 self._check_liveness()
                 self._sample_hits()

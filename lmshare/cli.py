@@ -128,9 +128,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
-    import signal
-
     from lmshare.controller import ControllerConfig, ControllerService
+    from lmshare.signals import SignalLatch
 
     key = _key(args)
     service = ControllerService(ControllerConfig(
@@ -154,16 +153,13 @@ def _cmd_controller(args: argparse.Namespace) -> int:
                                   on_change=service.on_leadership_change)
         service.election = election
         election.start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
-    # a key rotation step: the handler only records it (the service's loop reloads)
-    signal.signal(signal.SIGHUP, lambda *_: setattr(service, "reload_requested", True))
+    signals = SignalLatch().install()  # SIGHUP: a key rotation step
     role = f" (etcd election at {args.etcd})" if election else ""
     security = f"cluster key {key.fingerprint}" if key else "INSECURE: no cluster key"
     print(f"lmshare controller listening on {args.host}:{service.port}{role}; {security}",
           flush=True)
     try:
-        service.serve_forever()
+        service.serve_forever(signals)
     finally:
         if election is not None:
             election.stop()  # hands leadership over at once

@@ -32,6 +32,7 @@ from lmshare.errors import ConfigError, LMShareError
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_cluster import LocalCluster
 from lmshare.shm import shm_dir
+from lmshare.signals import SignalLatch
 from lmshare.stats import ClusterStats, fetch_cluster_stats
 from lmshare.units import format_size, parse_size
 
@@ -330,9 +331,8 @@ def run_demo(args: argparse.Namespace,
     _check_shm_space(workers, cache_bytes)
 
     stop = threading.Event()
-    previous_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous_handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    signals = SignalLatch(stop=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP), reload=()).install()
+    signals.relay(stop)
     cluster = LocalCluster(controller_port=args.port or 0, heartbeat_timeout_s=3.0,
                            new_session=True, key_file=getattr(args, "key_file", None) or "")
     names = [f"worker-{i + 1}" for i in range(workers)]
@@ -395,8 +395,7 @@ def run_demo(args: argparse.Namespace,
         for client in clients.values():
             client.close()
         leftovers = _stop_cluster(cluster)
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        signals.restore()
         for line in warnings.lines:
             print(f"  {line}", file=sys.stderr)
         if leftovers:

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ from lmshare.errors import (
 from lmshare.local_files import ensure_private_dir
 from lmshare.pool import Entry, KVPool, PoolExport
 from lmshare.shm import NameLock, remove_stale_regions
+from lmshare.signals import SignalLatch
 from lmshare.stats import WorkerCounters
 from lmshare.transports.base import PeerInfo, Transport
 from lmshare.transports.choice import choose_transport
@@ -220,17 +220,10 @@ class WorkerAgent:
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-        # The handler only records the signal: one that took a lock (Event.set) could deadlock
-        # against the main thread holding that lock when the signal arrived (it runs there).
-        signalled: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda number, _frame: signalled.append(number))
-        reloads: list[int] = []  # SIGHUP: read the key file again (a key rotation step)
-        signal.signal(signal.SIGHUP, lambda number, _frame: reloads.append(number))
-        while not signalled and not self._stopped.is_set():
-            time.sleep(0.1)  # the main thread holds no lock here, whatever a handler takes
-            if reloads:
-                reloads.clear()
+        signals = SignalLatch().install()  # SIGHUP: read the key file again (a key rotation)
+        while not signals.stop_requested and not self._stopped.is_set():
+            time.sleep(0.1)
+            if signals.take_reload():
                 self.reload_key()
         self._stopped.set()
         log.info("worker %s stopping", self.worker_id)
