@@ -35,6 +35,9 @@ def shm_dir() -> Path:
     """Where regions live: $LMSHARE_SHM_DIR, else /dev/shm, else the temp dir."""
     configured = os.environ.get("LMSHARE_SHM_DIR")
     if configured:
+        if not os.path.isdir(configured):
+            raise ConfigError(f"LMSHARE_SHM_DIR={configured} is not a directory: create it "
+                              "(a tmpfs mount for speed) or unset LMSHARE_SHM_DIR to use /dev/shm")
         return Path(configured)
     return Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
 

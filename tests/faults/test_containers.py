@@ -158,3 +158,15 @@ def test_cli_values_are_validated(args, words):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and words in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_missing_shm_dir_is_one_line_naming_the_setting(tmp_path):
+    missing = tmp_path / "not-made"
+    result = subprocess.run([sys.executable, "-m", "lmshare", "worker", "--insecure",
+                             "--controller", "127.0.0.1:1", "--cache-size", "16MiB"],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "LMSHARE_SHM_DIR": str(missing)})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "LMSHARE_SHM_DIR" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and not missing.exists()
