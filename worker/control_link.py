@@ -2,7 +2,9 @@
 
 Runs in its own thread with its own socket. Pool events are queued by a pool listener and sent
 as sequenced batches; a gap the controller notices (or a controller restart) triggers a full
-sync. While the controller is away the worker keeps serving local hits and keeps retrying.
+sync. While the controller is away the worker keeps serving local hits and keeps retrying,
+after waits of jittered exponential backoff (``lmshare.backoff``): a fleet that lost its
+controller together must not come back to it in step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lmshare.backoff import Backoff
 from lmshare.control import FailoverControllerClient
 from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError
 from lmshare.pool import KVPool
@@ -25,6 +28,15 @@ SYNC_PART_KEYS = 1024  # a part the controller decodes and records the digests o
 BATCH_INTERVAL_S = 0.02
 STOP_JOIN_S = 5.0  # stopping: how long the loop thread may take to finish its message
 DEREGISTER_TIMEOUT_S = 1.0  # stopping: the deregister call, per controller tried
+REGISTER_TIMEOUT_S = 1.0  # a registration attempt's deadline, per controller tried
+RETRY_BASE_S = 0.5  # the first wait before registering again is uniform in [0, 0.5 s] ...
+RETRY_CAP_S = 8.0  # ... each later one's window doubles, up to 8 s (full jitter)
+
+
+def retry_backoff() -> Backoff:
+    """The waits of a worker that lost its controller, before it registers and re-syncs again
+    (no deadline: a worker serves local hits and keeps trying for as long as it runs)."""
+    return Backoff(base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
 
 
 class ControlLink:
@@ -51,6 +63,7 @@ class ControlLink:
         self._pending_lock = threading.Lock()
         self._need_sync = True
         self._stop = threading.Event()
+        self.backoff = retry_backoff()
         self._thread = threading.Thread(target=self._run, name="lmshare-control", daemon=True)
         pool.add_listener(self._on_pool_event)
 
@@ -101,7 +114,7 @@ class ControlLink:
         while not self._stop.is_set():
             try:
                 if not self.registered.is_set():
-                    self.register(timeout_s=1.0)
+                    self.register(timeout_s=REGISTER_TIMEOUT_S)
                     next_heartbeat = 0.0
                 if self._need_sync:
                     self._full_sync()
@@ -109,17 +122,20 @@ class ControlLink:
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+                    self.backoff.reset()  # registered, synced and heard: the link is up
             except ControllerUnavailable as exc:
                 if self.registered.is_set():
                     log.warning("controller unreachable (%s); serving local hits, retrying", exc)
                 self.registered.clear()
-                self._stop.wait(0.5)
+                self._stop.wait(self.backoff.next_wait())
                 continue
             except RemoteError as exc:
                 if exc.code == ErrorCode.UNKNOWN_WORKER:
                     log.warning("controller does not know this worker (%s); registering again",
                                 exc.message)
                     self.registered.clear()
+                    # every worker hears this from a restarted controller within a heartbeat
+                    self._stop.wait(self.backoff.next_wait())
                     continue
                 log.error("controller refused a message: %s", exc)
             except Exception:
