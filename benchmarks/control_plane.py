@@ -39,14 +39,17 @@ import zmq
 
 from benchmarks.common import RESULTS, header, percentile, table
 from lmshare import protocol
+from lmshare.control import DEFAULT_TIMEOUT_S
 from lmshare.credentials import generate_key_file, load_key_file
 from lmshare.curve import secure_client
+from lmshare.worker.control_link import REGISTER_TIMEOUT_S, retry_backoff
 from lmshare.worker.control_link import SYNC_PART_KEYS as SYNC_PART  # as a worker sends
 
 NS = b"\x5a" * 16
 BASELINE = "fcf2635"  # main before the compact index: the dict-of-objects index
 ROOT = Path(__file__).resolve().parents[1]
-RPC_TIMEOUT_S = 2.0  # a worker's controller call deadline (lmshare.control.DEFAULT_TIMEOUT_S)
+# a worker's controller call deadlines, as lmshare.worker.control_link sets them
+DEADLINE_S = {"register": REGISTER_TIMEOUT_S, "sync": 5.0}
 LOOKUP_TIMEOUT_S = 0.5  # a lookup client gives up and asks again after this
 PINNED = 16  # each worker's first chunks are never evicted: the prompts lookups ask for
 REGISTER_RATE = 1000  # workers a simulating process starts a second
@@ -103,7 +106,7 @@ class _Worker:
         self.generation = 0
         self.state = "new"  # new → registering → syncing → up
         self.retry_at = 0.0
-        self.backoff = 0.0  # after a call without answer: 0.5 s, doubling to 8 s, jittered
+        self.backoff = retry_backoff()  # a worker's waits before registering again
         self.registered_at = 0.0
         self.dead_seen = 0  # registrations the controller forgot (declared it dead) since mark
 
@@ -116,6 +119,7 @@ def _controller_socket(context: zmq.Context, poller: zmq.Poller, key, port: int,
     """A CURVE DEALER connected to the controller on loopback, registered with ``poller``."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)
     secure_client(sock, key.curve_client())
@@ -135,8 +139,16 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     for i in range(first, first + count):
         sock = _controller_socket(context, poller, key, port, reconnect_max_ms=1000)
         workers[sock] = _Worker(i, sock)
+
+    def reset(w: _Worker) -> None:
+        """A new socket (and CURVE handshake) for ``w``, as RpcClient.reset() after a timeout."""
+        poller.unregister(w.socket)
+        del workers[w.socket]
+        w.socket.close(linger=0)
+        w.socket = _controller_socket(context, poller, key, port, reconnect_max_ms=1000)
+        workers[w.socket] = w
     ids = iter(range(1, 1 << 62))
-    sent = {"heartbeat": 0, "batch": 0, "sync": 0, "register": 0, "timeouts": 0}
+    sent = {"register": 0, "sync": 0, "heartbeat": 0, "batch": 0, "timeouts": 0}
     stream_rate = 0.0  # keys/s admitted (and as many evicted) by this process
     stream_carry = 0.0
     stream_batch = 64
@@ -147,9 +159,21 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
 
     def send(w: _Worker, type_: str, **fields: Any) -> None:
         request_id = next(ids)
-        w.socket.send(protocol.encode(protocol.request(type_, request_id, **fields)), zmq.NOBLOCK)
-        w.pending = (request_id, type_, time.monotonic())
         sent[type_] = sent.get(type_, 0) + 1
+        try:
+            w.socket.send(protocol.encode(protocol.request(type_, request_id, **fields)),
+                          zmq.NOBLOCK)
+        except zmq.Again:  # not connected (IMMEDIATE, as a worker's socket): no answer
+            w.pending = (request_id, type_, float("-inf"))
+            return
+        w.pending = (request_id, type_, time.monotonic())
+
+    def retry_later(w: _Worker, now: float) -> None:
+        """A worker's way after a call without answer or an unknown_worker error: drop the
+        socket (a late reply must not be read as the next answer), wait its backoff."""
+        w.pending = None
+        w.state = "down"
+        w.retry_at = now + w.backoff.next_wait()
 
     def register(w: _Worker) -> None:
         w.state = "registering"
@@ -182,12 +206,13 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     def on_reply(w: _Worker, reply: dict) -> None:
         _, type_, _ = w.pending
         w.pending = None
-        w.backoff = 0.0
+        if type_ == "heartbeat":
+            w.backoff.reset()  # registered, synced and heard: up
         if reply.get("type") == "error":
             if reply.get("code") == "unknown_worker":
                 if w.registered_at > mark[0]:
                     w.dead_seen += 1
-                register(w)
+                retry_later(w, time.monotonic())
             return
         if type_ == "register":
             w.epoch = reply["epoch"]
@@ -279,14 +304,13 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
             else:
                 batch(w, change.get("admit", []), change.get("evict", []))
         # heartbeats, deadlines, re-registration
-        for w in workers.values():
+        for w in list(workers.values()):
             if w.pending is not None:
-                if now - w.pending[2] > RPC_TIMEOUT_S:  # lost (the controller went away)
-                    sent["timeouts"] += 1
-                    w.pending = None
-                    w.state = "down"
-                    w.backoff = min(8.0, 2 * w.backoff or 0.5)
-                    w.retry_at = now + w.backoff * random.uniform(0.5, 1.5)
+                if now - w.pending[2] > DEADLINE_S.get(w.pending[1], DEFAULT_TIMEOUT_S):
+                    sent["timeouts"] += 1  # lost, late, or never sent
+                    syncing.pop(w.name, None)
+                    reset(w)
+                    retry_later(w, now)
             elif w.state in ("down", "new") and now >= w.retry_at:
                 register(w)
             elif w.state == "up" and now >= w.next_beat:
@@ -338,8 +362,11 @@ def _lookups(port: int, key_file: str, workers: int, clients: int, rate: float, 
     def fire(sock) -> None:
         request_id = next(ids)
         keys = random.choice(prompts)
-        sock.send(protocol.encode(protocol.request("lookup", request_id, namespace=NS,
-                                                   keys=keys)), zmq.NOBLOCK)
+        try:
+            sock.send(protocol.encode(protocol.request("lookup", request_id, namespace=NS,
+                                                       keys=keys)), zmq.NOBLOCK)
+        except zmq.Again:  # not connected yet (the controller restarting): ask again later
+            return
         outstanding[sock] = (request_id, time.perf_counter())
 
     while True:
@@ -589,80 +616,107 @@ def measure(tree: Path, label: str, args: argparse.Namespace, key_file: str,
         first_ms, all_ms, listed = fleet.timed_stats()
         out["stats_full"] = {"workers": listed, "first_page_ms": first_ms, "all_pages_ms": all_ms}
         # 3. streaming admits and evictions, then a big full sync while they go on
-        rate = args.stream_rate / 2 / args.sim_processes  # admitted (and as many evicted) each
-        fleet.sims_call("stream", (rate, 64))
-        steps_before = fleet.steps()
-        sent_before = sum(s["sent"]["batch"] for s in fleet.sims_call("status"))
-        samples, errors = fleet.lookups_for(args.stream_s)
-        sent_after = sum(s["sent"]["batch"] for s in fleet.sims_call("status"))
-        out["stream"] = {"lookup": _latency(samples), "lookup_timeouts": errors,
-                         "keys_per_s": (sent_after - sent_before) * 128 / args.stream_s,
-                         "steps": _step_diff(steps_before, fleet.steps())}
-        steps_before = fleet.steps()
-        fleet.sims[0][1].send(("big_sync", args.big_sync))
-        fleet.sims[0][1].recv()
-        fleet.lookup_conn.send(("start", None))
-        big = wait_for("the big sync", lambda: (fleet.sims_call("status")[0]["big_sync"] or {})
-                       .get("done"), 600, 0.2)
-        time.sleep(1.0)
-        fleet.lookup_conn.send(("collect", None))
-        _, samples, errors = fleet.lookup_conn.recv()
-        status = fleet.sims_call("status")[0]["big_sync"]
-        during = [s for s in samples if status["started"] <= s[0] <= big + 1.0]
-        out["big_sync"] = {"keys": args.big_sync, "seconds": big - status["started"],
-                           "lookup": _latency(during), "lookup_timeouts": errors,
-                           "rss": rss_bytes(pid), "steps": _step_diff(steps_before,
-                                                                       fleet.steps())}
-        fleet.sims_call("stream", (0.0, 64))
+        if not args.restart_only:
+            _stream_and_big_sync(fleet, args, out, pid)
         time.sleep(2.0)
-        expected_keys = fleet.stats()["chunks_indexed"]
         # 4. restart: kill, start again, every worker re-registers and re-syncs
-        fleet.controller.kill()
-        fleet.controller.wait()
-        if fleet.client is not None:
-            fleet.client.close(linger=0)
-            fleet.client = None
-        restarted = time.time()
-        fleet.sims_call("mark", restarted)
-        fleet.start_controller()
-        ready = time.time()
-        pid = fleet.controller.pid
-        fleet.lookup_conn.send(("start", None))
-        bar = Bar(f"[{label}] restart: re-sync {expected_keys:,} chunks", 100)
-        complete = None
-        deadline = time.monotonic() + args.restart_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                indexed_now = fleet.call("stats", limit=1, timeout_s=5)["stats"]["chunks_indexed"]
-            except TimeoutError:
-                continue
-            bar.done = 0
-            bar.advance(int(100 * indexed_now / max(1, expected_keys)))
-            if indexed_now >= expected_keys:
-                complete = time.time()
-                break
-            time.sleep(0.2)
-        bar.close()
-        time.sleep(1.0)
-        fleet.lookup_conn.send(("collect", None))
-        _, samples, errors = fleet.lookup_conn.recv()
-        answered = [s for s in samples if s[2] >= 0]
-        full = [s for s in samples if s[2] == PINNED]
-        stats = fleet.call("stats", limit=1)["stats"]
-        dead = sum(1 for e in stats["events"] if e["kind"] == "dead")
-        status = fleet.sims_call("status")
-        out["restart"] = {
-            "keys": expected_keys, "ping_s": ready - restarted,
-            "first_answer_s": (answered[0][0] - restarted) if answered else None,
-            "first_full_hit_s": (full[0][0] - restarted) if full else None,
-            "complete_s": (complete - restarted) if complete else None,
-            "indexed": stats["chunks_indexed"], "workers": stats["workers_total"],
-            "dead_events": dead, "declared_dead_seen_by_workers": sum(s["dead_seen"]
-                                                                      for s in status),
-            "lookup": _latency(answered), "rss": rss_bytes(pid), "steps": fleet.steps()}
+        out["restart"] = _restart(fleet, label, args)
     finally:
         fleet.stop()
     return out
+
+
+def _stream_and_big_sync(fleet: Fleet, args: argparse.Namespace, out: dict, pid: int) -> None:
+    rate = args.stream_rate / 2 / args.sim_processes  # admitted (and as many evicted) each
+    fleet.sims_call("stream", (rate, 64))
+    steps_before = fleet.steps()
+    sent_before = sum(s["sent"]["batch"] for s in fleet.sims_call("status"))
+    samples, errors = fleet.lookups_for(args.stream_s)
+    sent_after = sum(s["sent"]["batch"] for s in fleet.sims_call("status"))
+    out["stream"] = {"lookup": _latency(samples), "lookup_timeouts": errors,
+                     "keys_per_s": (sent_after - sent_before) * 128 / args.stream_s,
+                     "steps": _step_diff(steps_before, fleet.steps())}
+    steps_before = fleet.steps()
+    fleet.sims[0][1].send(("big_sync", args.big_sync))
+    fleet.sims[0][1].recv()
+    fleet.lookup_conn.send(("start", None))
+    big = wait_for("the big sync", lambda: (fleet.sims_call("status")[0]["big_sync"] or {})
+                   .get("done"), 600, 0.2)
+    time.sleep(1.0)
+    fleet.lookup_conn.send(("collect", None))
+    _, samples, errors = fleet.lookup_conn.recv()
+    status = fleet.sims_call("status")[0]["big_sync"]
+    during = [s for s in samples if status["started"] <= s[0] <= big + 1.0]
+    out["big_sync"] = {"keys": args.big_sync, "seconds": big - status["started"],
+                       "lookup": _latency(during), "lookup_timeouts": errors,
+                       "rss": rss_bytes(pid), "steps": _step_diff(steps_before, fleet.steps())}
+    fleet.sims_call("stream", (0.0, 64))
+
+
+def _restart(fleet: Fleet, label: str, args: argparse.Namespace) -> dict:
+    """Kill the controller, start it again; time the first lookup answered and the index
+    complete, count the workers declared dead and the calls the workers made on the way."""
+    expected_keys = fleet.stats()["chunks_indexed"]
+    sent_before = _sent(fleet)
+    fleet.controller.kill()
+    fleet.controller.wait()
+    if fleet.client is not None:
+        fleet.client.close(linger=0)
+        fleet.client = None
+    restarted = time.time()
+    fleet.sims_call("mark", restarted)
+    fleet.start_controller()
+    ready = time.time()
+    pid = fleet.controller.pid
+    fleet.lookup_conn.send(("start", None))
+    bar = Bar(f"[{label}] restart: re-sync {expected_keys:,} chunks", 100)
+    complete = None
+    progress = []  # (seconds since the kill, chunks indexed, workers registered)
+    deadline = time.monotonic() + args.restart_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            now_stats = fleet.call("stats", limit=1, timeout_s=5)["stats"]
+        except TimeoutError:
+            continue
+        indexed_now = now_stats["chunks_indexed"]
+        progress.append((round(time.time() - restarted, 2), indexed_now,
+                         now_stats["workers_total"]))
+        bar.done = 0
+        bar.advance(int(100 * indexed_now / max(1, expected_keys)))
+        if indexed_now >= expected_keys:
+            complete = time.time()
+            break
+        time.sleep(0.2)
+    bar.close()
+    time.sleep(args.restart_settle_s)  # heartbeats go on: any worker declared dead shows
+    fleet.lookup_conn.send(("collect", None))
+    _, samples, errors = fleet.lookup_conn.recv()
+    answered = [s for s in samples if s[2] >= 0]
+    full = [s for s in samples if s[2] == PINNED]
+    stats = fleet.call("stats", limit=1)["stats"]
+    dead = sum(1 for e in stats["events"] if e["kind"] == "dead")
+    status = fleet.sims_call("status")
+    sent_after = _sent(fleet, status)
+    return {
+        "keys": expected_keys, "ping_s": ready - restarted,
+        "first_answer_s": (answered[0][0] - restarted) if answered else None,
+        "first_full_hit_s": (full[0][0] - restarted) if full else None,
+        "complete_s": (complete - restarted) if complete else None,
+        "indexed": stats["chunks_indexed"], "workers": stats["workers_total"],
+        "dead_events": dead, "declared_dead_seen_by_workers": sum(s["dead_seen"]
+                                                                  for s in status),
+        "calls": {k: sent_after.get(k, 0) - sent_before.get(k, 0) for k in sent_after},
+        "progress": progress,
+        "lookup": _latency(answered), "rss": rss_bytes(pid), "steps": fleet.steps()}
+
+
+def _sent(fleet: Fleet, status: list | None = None) -> dict:
+    """The simulated workers' calls so far, by type (with the calls that got no answer)."""
+    total: dict[str, int] = {}
+    for s in status if status is not None else fleet.sims_call("status"):
+        for kind, n in s["sent"].items():
+            total[kind] = total.get(kind, 0) + n
+    return total
 
 
 def baseline_tree(rev: str, workdir: Path) -> Path:
@@ -678,6 +732,9 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     rows = []
     for r in results:
         last = r["curve"][-1]
+        if "stream" not in r:  # --restart-only
+            r = {**r, "stream": {"keys_per_s": 0, "lookup": {}},
+                 "big_sync": {"seconds": 0, "lookup": {}}}
         rows.append([
             r["label"], f"{last['keys']:,}", f"{r['bytes_per_key']:.0f} B",
             f"{last['rss'] / 2**30:.2f} GiB",
@@ -696,7 +753,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
                   "stats 1st page / all", "restart: ping / lookup answered / full hit / complete; dead"], rows)
     text += "\n\n" + table(
         ["controller", "phase", "loop steps over 10 ms of CPU (of all), by kind"],
-        [[r["label"], phase, _steps_cell(r.get(key, {}).get("steps") if key != "fill" else
+        [[r["label"], phase, _steps_cell((r.get(key) or {}).get("steps") if key != "fill" else
                                          r.get("fill_steps"))]
          for r in results for phase, key in (("indexing", "fill"), ("streaming", "stream"),
                                              ("big sync", "big_sync"), ("since restart",
@@ -706,6 +763,13 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
                          for p in results[0]["stats_ms"]]],
         [[r["label"], *[f"{p['first_page_ms']:.0f} / {p['all_pages_ms']:.0f} ms"
                         for p in r["stats_ms"]]] for r in results])
+    text += "\n\n" + table(
+        ["controller", "workers' calls from the kill on (timeouts: not answered within their deadline)",
+         "restart: seconds since the kill → chunks indexed, workers registered"],
+        [[r["label"], ", ".join(f"{k} {v:,}" for k, v in r["restart"]["calls"].items() if v),
+          "; ".join(f"{t:.1f} s → {k:,}, {w:,}" for t, k, w in
+                    r["restart"]["progress"][::max(1, len(r["restart"]["progress"]) // 8)])]
+         for r in results])
     return text
 
 
@@ -764,6 +828,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-s", type=float, default=15.0)
     p.add_argument("--big-sync", type=int, default=1_000_000, help="keys of the one full sync")
     p.add_argument("--restart-timeout-s", type=float, default=120.0)
+    p.add_argument("--restart-settle-s", type=float, default=10.0,
+                   help="heartbeats watched after the index is complete (workers declared "
+                        "dead show within --heartbeat-timeout)")
+    p.add_argument("--restart-only", action="store_true",
+                   help="register and index, then only the restart (no streaming, no big sync)")
     p.add_argument("--baseline", default=BASELINE, help="git revision to compare ('' = none)")
     p.add_argument("--baseline-digests", action="store_true",
                    help="the baseline's workers send digests too (it then indexes ~5k keys/s "
