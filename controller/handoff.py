@@ -34,6 +34,11 @@ class Target:
     slab_bytes: int = 1  # its pool's allocation unit: a chunk takes whole slabs
 
 
+def _slabs_cost(size: int, slab_bytes: int) -> int:
+    """The pool bytes a chunk of ``size`` takes: whole slabs."""
+    return -(-max(1, size) // slab_bytes) * slab_bytes
+
+
 class Handoffs:
     def __init__(self) -> None:
         self._jobs: dict[str, _Job] = {}
@@ -45,9 +50,12 @@ class Handoffs:
         """Assign ``source``'s chunks that nobody else holds to ``targets``, in the order given,
         each to the target with the most free bytes left, while any has room."""
         self.forget(source)
-        job = self._jobs[source] = _Job()
-        room = {t.worker_id: t.free_bytes for t in targets if t.free_bytes > 0}
         slab = {t.worker_id: max(1, t.slab_bytes) for t in targets}
+        # what other leavers' jobs promised a target and it does not hold yet is not free
+        promised = self._promised(holders_of, slab)
+        room = {t.worker_id: t.free_bytes - promised.get(t.worker_id, 0) for t in targets}
+        room = {worker: free for worker, free in room.items() if free > 0}
+        job = self._jobs[source] = _Job()
         for key, size in zip(keys, sizes):
             if set(holders_of(key)) != {source}:
                 continue
@@ -59,7 +67,7 @@ class Handoffs:
                 continue
             target = max(room, key=lambda w: (room[w], w))
             outbox = self._outbox.setdefault(target, deque())
-            cost = -(-max(1, size) // slab[target]) * slab[target]
+            cost = _slabs_cost(size, slab[target])
             if room[target] < cost or len(outbox) >= MAX_ORDERS:
                 del room[target]
                 continue
@@ -67,6 +75,17 @@ class Handoffs:
             outbox.append((source, namespace, key, size))
             job.assigned[key] = (target, namespace, size)
         return job
+
+    def _promised(self, holders_of: Callable[[bytes], Iterable[str]],
+                  slab: dict[str, int]) -> dict[str, int]:
+        """Bytes each target was assigned by the jobs under way and does not hold yet."""
+        promised: dict[str, int] = {}
+        for job in self._jobs.values():
+            for key, (target, _, size) in job.assigned.items():
+                if target not in set(holders_of(key)):
+                    promised[target] = promised.get(target, 0) + \
+                        _slabs_cost(size, slab.get(target, 1))
+        return promised
 
     def status(self, source: str, holders_of: Callable[[bytes], Iterable[str]],
                can_take: Callable[[str], bool]) -> tuple[int, int, int, int]:

@@ -621,7 +621,8 @@ class ControllerService:
         workers = [WorkerView(w.worker_id, w.address, w.host_id, list(w.transports),
                               self.registry.state(w, now), round(w.heartbeat_age(now), 3),
                               self.index.worker_chunks(w.worker_id), w.counters,
-                              w.rate("bytes_served"), w.rate("bytes_fetched"), tenant=tenant)
+                              w.rate("bytes_served"), w.rate("bytes_fetched"), tenant=tenant,
+                              draining=w.worker_id in self.draining)
                    for w in self.registry.workers.values() if w.tenant == tenant]
         return ClusterStats(controller_id=self.controller_id, controller_epoch=self.epoch,
                             uptime_s=round(now - self._started_mono, 3), workers=workers,
@@ -724,7 +725,8 @@ class ControllerService:
                        self.registry.state(w, now), round(w.heartbeat_age(now), 3),
                        self.index.worker_chunks(w.worker_id), w.counters,
                        w.rate("bytes_served"), w.rate("bytes_fetched"),
-                       namespaces=list(w.namespaces), tenant=w.tenant)
+                       namespaces=list(w.namespaces), tenant=w.tenant,
+                       draining=w.worker_id in self.draining)
             for w in live[offset:end]
         ]
         self._fill_peer_transports(workers)

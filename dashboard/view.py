@@ -24,7 +24,8 @@ from lmshare.units import format_size
 
 SORTS = ("state", "name", "used", "chunks", "peer", "served")
 SPARK = "▁▂▃▄▅▆▇█"
-STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+STATE_STYLE = {"alive": "green", "draining": "cyan", "suspect": "yellow", "dead": "red",
+               "left": "dim"}
 EVENT_STYLE = {"join": "green", "leave": "cyan", "dead": "bold red", "restart": "magenta",
                "refused": "yellow", "resync": "blue"}
 _STATE_ORDER = {"dead": 0, "suspect": 1, "alive": 2, "left": 3}
@@ -399,7 +400,7 @@ def _build_table(workers: list[WorkerView], optional: set[str]) -> Table:
             via = getattr(w, "peer_transports", None) or {}
             cells.append(Text(" ".join(f"{t}×{n}" for t, n in sorted(via.items())) or "–"))
         cells += [
-            Text(w.state, style=STATE_STYLE.get(w.state, "")),
+            Text(w.shown_state, style=STATE_STYLE.get(w.shown_state, "")),
             Text(f"{w.heartbeat_age_s:.1f}s",
                  style="yellow" if w.state == "suspect" else "dim" if gone else ""),
             used, f"{w.chunks_indexed:,}",

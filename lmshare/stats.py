@@ -95,6 +95,15 @@ class WorkerView:
     # KV namespaces its clients look up: {"namespace": hex, "chunk_tokens": n, "lookups": n}
     namespaces: list[dict] = field(default_factory=list)
     tenant: str = ""  # the tenant whose credential the worker runs with ("" = cluster key)
+    draining: bool = False  # handing the chunks only it holds to peers before it leaves
+
+    @property
+    def shown_state(self) -> str:
+        """The state as tables print it: a live worker that is leaving reads "draining"."""
+        return "draining" if self.draining and self.state in ("alive", "suspect") else self.state
+
+
+_WORKER_FIELDS = frozenset(f for f in WorkerView.__dataclass_fields__)
 
 
 def _worker_dict(view: WorkerView) -> dict[str, Any]:
@@ -229,7 +238,8 @@ class ClusterStats:
                 w[name] = printable(w.get(name, ""))
             w["peer_transports"] = {printable(t, 20): n
                                     for t, n in dict(w.get("peer_transports", {})).items()}
-            workers.append(WorkerView(**w))
+            w["draining"] = w.get("draining") is True
+            workers.append(WorkerView(**{k: v for k, v in w.items() if k in _WORKER_FIELDS}))
         events = [ClusterEvent(e["time"], printable(e["kind"], 20), printable(e["detail"], 400))
                   for e in data.get("events", [])]
         history = [tuple(h) for h in data.get("hit_history", [])]

@@ -25,7 +25,7 @@ def status_table(stats: ClusterStats) -> Table:
         table.add_column(column)
     for w in sorted(stats.workers, key=lambda w: w.worker_id):
         c = w.counters
-        table.add_row(Text(w.worker_id), Text(w.address), Text(w.state),
+        table.add_row(Text(w.worker_id), Text(w.address), Text(w.shown_state),
                       f"{w.heartbeat_age_s:.1f}s",
                       str(w.chunks_indexed), format_size(c.used_bytes),
                       format_size(c.capacity_bytes), str(c.local_hit_chunks),

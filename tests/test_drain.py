@@ -16,6 +16,7 @@ from lmshare.controller.handoff import Handoffs, Target
 from lmshare.errors import RemoteError
 from lmshare.local_cluster import LocalCluster
 from lmshare.protocol import MAX_KEYS
+from lmshare.stats import ClusterStats
 from lmshare.testing.waiting import wait_until
 from lmshare.worker.handoff import parse_orders
 
@@ -47,6 +48,25 @@ def test_only_unique_chunks_are_handed_in_order_within_each_peers_room():
     assert offs.status("src", lambda key: holders[key], lambda w: w not in gone) == (9, 1, 2, 2)
     offs.forget("src")  # it left: nothing more is fetched from it
     assert offs.orders_for("b") == [] and offs.status("src", holders.get, bool) == (0, 0, 0, 0)
+
+
+def test_two_leavers_at_once_never_promise_a_peer_more_than_its_room():
+    holders = {k(i): ("a",) for i in range(10)} | {k(i): ("b",) for i in range(10, 20)}
+    offs = Handoffs()
+    peer = [Target("p", 6 * SLAB, SLAB)]  # both see the same heartbeat's free space
+    first = offs.start("a", [k(i) for i in range(10)], [CHUNK] * 10, peer,
+                       lambda key: holders[key], lambda key: b"n" * 16)
+    second = offs.start("b", [k(i) for i in range(10, 20)], [CHUNK] * 10, peer,
+                        lambda key: holders[key], lambda key: b"n" * 16)
+    assert len(first.assigned) + len(second.assigned) == 6
+    # once the peer holds what the first promised (and says so in its free space), the room
+    # a third leaver sees is what its heartbeat reports
+    for key in first.assigned:
+        holders[key] = ("a", "p")
+    third = offs.start("b", [k(i) for i in range(10, 20)], [CHUNK] * 10,
+                       [Target("p", 6 * SLAB - len(first.assigned) * SLAB, SLAB)],
+                       lambda key: holders[key], lambda key: b"n" * 16)
+    assert len(third.assigned) == 6 - len(first.assigned)
 
 
 _junk = st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=8),
@@ -82,6 +102,11 @@ def test_a_malformed_handoff_gets_an_error_and_the_controller_serves_on(tmp_path
             assert client.call("handoff", worker_id="hx", epoch=epoch, keys=[k(1)],
                                sizes=[5])["unique"] == 0  # it never announced it
             assert client.call("ping")["controller_id"]
+            # a worker that asked for a hand-off is shown as draining until it leaves
+            [view] = ClusterStats.from_dict(client.call("stats")["stats"]).workers
+            assert view.state == "alive" and view.draining and view.shown_state == "draining"
+            assert "draining" in lmshare(cluster, "status", "--insecure", "--controller",
+                                         cluster.controller_address).stdout
         finally:
             client.close()
 
