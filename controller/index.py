@@ -244,7 +244,8 @@ class ChunkIndex:
         self.on_capped: Callable[[str], None] | None = None  # a worker's first refused key
         # a key's last holder let it go: (key, that worker, True if the worker left or died,
         # False if it evicted the key) — what tells a miss "holder gone" from "evicted"
-        self.on_orphaned: Callable[[bytes, str, bool], None] | None = None
+        # (keys that left the index, the worker that held each, whether it left or died)
+        self.on_orphaned: Callable[[list[bytes], list[str], bool], None] | None = None
 
     def __len__(self) -> int:
         return self._keys
@@ -494,8 +495,8 @@ class ChunkIndex:
             if keys is None:
                 keys = self._keys_of(table, slots)
             names = self._names
-            for i in np.flatnonzero(leave).tolist():
-                self.on_orphaned(keys[i], names[wids[i]], gone)
+            left = np.flatnonzero(leave).tolist()
+            self.on_orphaned([keys[i] for i in left], [names[wids[i]] for i in left], gone)
         table.clear(slots[leave])
         self._keys -= int(leave.sum())
 

@@ -372,11 +372,15 @@ class ControllerService:
         if len(seen) > NAMESPACES_KEPT:
             seen.popitem(last=False)
 
-    def _on_orphaned(self, key: bytes, worker_id: str, gone: bool) -> None:
-        record = self.registry.workers.get(worker_id)
-        if record is None and worker_id in self.departed:
-            record = self.departed[worker_id][0]
-        self.orphans.add(key, (worker_id, gone, record.tenant if record is not None else ""))
+    def _on_orphaned(self, keys: list[bytes], workers: list[str], gone: bool) -> None:
+        """Keys whose last holder evicted them or went: what tells a later miss why."""
+        values: dict[str, tuple[str, bool, str]] = {}
+        for worker_id in set(workers):
+            record = self.registry.workers.get(worker_id)
+            if record is None and worker_id in self.departed:
+                record = self.departed[worker_id][0]
+            values[worker_id] = (worker_id, gone, record.tenant if record is not None else "")
+        self.orphans.add_many(zip(keys, (values[w] for w in workers)))
 
     def _miss_code(self, key: bytes, tenant: str) -> int:
         """What the controller knows of a chunk past a lookup's held prefix (misses.HELD,

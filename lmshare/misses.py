@@ -104,17 +104,24 @@ class RecentKeys:
         self._lock = threading.Lock()
 
     def add(self, key: bytes, value: Any = True) -> None:
+        self.add_many(((key, value),))
+
+    def add_many(self, records: Iterable[tuple[bytes, Any]]) -> None:
+        """Record each ``(key, value)`` in order, under one lock."""
+        ring, where, capacity = self._ring, self._where, self.capacity
         with self._lock:
-            old = self._where.pop(key, None)
-            if old is not None:
-                self._ring[old[0]] = None
             slot = self._next
-            self._next = (slot + 1) % self.capacity
-            dropped = self._ring[slot]
-            if dropped is not None:
-                self._where.pop(dropped, None)
-            self._ring[slot] = key
-            self._where[key] = (slot, value)
+            for key, value in records:
+                old = where.pop(key, None)
+                if old is not None:
+                    ring[old[0]] = None
+                dropped = ring[slot]
+                if dropped is not None:
+                    where.pop(dropped, None)
+                ring[slot] = key
+                where[key] = (slot, value)
+                slot = slot + 1 if slot + 1 < capacity else 0
+            self._next = slot
 
     def get(self, key: bytes) -> Any:
         """The value recorded with ``key``, or None."""

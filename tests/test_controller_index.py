@@ -111,7 +111,8 @@ def test_the_index_agrees_with_a_dict_model(operations, initial_bits):
         capped: list[str] = []
         index.on_capped = capped.append
         orphaned: dict[bytes, tuple[str, bool]] = {}
-        index.on_orphaned = lambda key, worker, gone: orphaned.__setitem__(key, (worker, gone))
+        index.on_orphaned = lambda keys, workers, gone: orphaned.update(
+            (key, (worker, gone)) for key, worker in zip(keys, workers, strict=True))
         model = Model()
         dropped_since: set[str] = set()
         for op in operations:
