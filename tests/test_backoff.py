@@ -144,3 +144,18 @@ def test_the_link_resets_its_backoff_once_it_is_up(monkeypatch):
     assert controller.calls[:6] == ["register"] * 4 + ["sync", "heartbeat"]
     assert link.backoff.attempts == 0
     assert stop.waited[:3] == pytest.approx([0.5, 1, 2], rel=1e-5)
+
+
+def test_a_worker_the_controller_was_too_busy_for_keeps_its_registration(monkeypatch):
+    # heartbeats without answer (a saturated controller): the worker waits its backoff and
+    # heartbeats again; no new registration, no full sync of its chunks
+    down = ControllerUnavailable("no answer")
+    controller = _Controller([down, down])
+    link, stop = _link(controller, 3, monkeypatch, rand=lambda: 0.999999)
+    link.registered.set()
+    link._known = True
+    link._need_sync = False
+    link._run()
+    assert controller.calls == ["heartbeat"] * 3
+    assert link.registered.is_set()
+    assert stop.waited[:2] == pytest.approx([0.5, 1], rel=1e-5)

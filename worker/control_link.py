@@ -55,7 +55,8 @@ class ControlLink:
         self.worker_id: str = registration["worker_id"]
         self.epoch = 0
         self.heartbeat_interval_s = 1.0
-        self.registered = threading.Event()
+        self.registered = threading.Event()  # set while the controller answers
+        self._known = False  # registered, and not told since that the controller forgot it
         self.last_register_s = 0.0
         self.controller_id = ""
         self._seq = 0
@@ -82,6 +83,7 @@ class ControlLink:
         self.heartbeat_interval_s = float(reply["heartbeat_interval_s"])
         self.last_register_s = elapsed
         self._need_sync = True
+        self._known = True
         self.registered.set()
         log.info("registered with controller %s as %s (epoch %d) in %.2f ms", self.controller_id,
                  self.worker_id, self.epoch, elapsed * 1000)
@@ -114,8 +116,18 @@ class ControlLink:
         while not self._stop.is_set():
             try:
                 if not self.registered.is_set():
-                    self.register(timeout_s=REGISTER_TIMEOUT_S)
-                    next_heartbeat = 0.0
+                    if self._known:
+                        # the controller did not answer; it may still know this worker (it was
+                        # only busy): a heartbeat tells, and costs it far less than a
+                        # registration and a full sync (a restarted one says unknown_worker)
+                        self._heartbeat()
+                        next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+                        self.registered.set()
+                        log.info("controller %s answers again; still registered",
+                                 self.controller_id)
+                    else:
+                        self.register(timeout_s=REGISTER_TIMEOUT_S)
+                        next_heartbeat = 0.0
                 if self._need_sync:
                     self._full_sync()
                 self._flush()
@@ -134,6 +146,7 @@ class ControlLink:
                     log.warning("controller does not know this worker (%s); registering again",
                                 exc.message)
                     self.registered.clear()
+                    self._known = False
                     # every worker hears this from a restarted controller within a heartbeat
                     self._stop.wait(self.backoff.next_wait())
                     continue
