@@ -204,11 +204,14 @@ class ControllerService:
         try:
             while not self._stop.is_set() and not (signals and signals.stop_requested):
                 # queued index work is absorbed a slice at a time between messages
+                drained = True
                 if poller.poll(0 if self.index.pending else 50):
+                    drained = False
                     for _ in range(1000):  # drain what is queued, then check timers
                         try:
                             parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            drained = True
                             break
                         # the tenant the ZAP check found for the sender's key ("" = cluster)
                         tenant = self.guard.member(parts[-1].get("User-Id")) \
@@ -227,7 +230,8 @@ class ControllerService:
                     self._start_term()
                 if signals is not None and signals.take_reload():
                     self.reload_key()
-                self._check_liveness()
+                if drained:  # behind, a worker's heartbeat may wait in our own queue: we are
+                    self._check_liveness()  # late, not it (a restart's storm, a busy host)
                 self._sample_hits()
         finally:
             self._socket.close(linger=0)
