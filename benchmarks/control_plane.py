@@ -94,7 +94,7 @@ class Bar:
 class _Worker:
     __slots__ = ("index", "name", "socket", "epoch", "seq", "pending", "next_beat", "pinned",
                  "blocks", "generation", "state", "retry_at", "registered_at", "dead_seen",
-                 "backoff")
+                 "backoff", "unsent", "known")
 
     def __init__(self, index: int, socket: zmq.Socket) -> None:
         self.index, self.name, self.socket = index, f"fw{index:05d}", socket
@@ -107,6 +107,8 @@ class _Worker:
         self.state = "new"  # new → registering → syncing → up
         self.retry_at = 0.0
         self.backoff = retry_backoff()  # a worker's waits before registering again
+        self.unsent: bytes | None = None  # the pending request, while not yet connected
+        self.known = False  # registered, not told since that the controller forgot it
         self.registered_at = 0.0
         self.dead_seen = 0  # registrations the controller forgot (declared it dead) since mark
 
@@ -133,7 +135,7 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     """Run ``count`` simulated workers until told to stop; commands come on ``conn``."""
     key = load_key_file(key_file)
     context = zmq.Context(io_threads=1)
-    context.set(zmq.MAX_SOCKETS, count + 64)
+    context.set(zmq.MAX_SOCKETS, 2 * count + 64)  # closed sockets are reaped a while later
     poller = zmq.Poller()
     workers: dict[zmq.Socket, _Worker] = {}
     for i in range(first, first + count):
@@ -160,13 +162,12 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     def send(w: _Worker, type_: str, **fields: Any) -> None:
         request_id = next(ids)
         sent[type_] = sent.get(type_, 0) + 1
-        try:
-            w.socket.send(protocol.encode(protocol.request(type_, request_id, **fields)),
-                          zmq.NOBLOCK)
-        except zmq.Again:  # not connected (IMMEDIATE, as a worker's socket): no answer
-            w.pending = (request_id, type_, float("-inf"))
-            return
+        payload = protocol.encode(protocol.request(type_, request_id, **fields))
         w.pending = (request_id, type_, time.monotonic())
+        try:
+            w.socket.send(payload, zmq.NOBLOCK)
+        except zmq.Again:  # not connected yet (IMMEDIATE, as a worker's socket): sent once
+            w.unsent = payload  # it is, within the call's deadline
 
     def retry_later(w: _Worker, now: float) -> None:
         """A worker's way after a call without answer or an unknown_worker error: drop the
@@ -192,6 +193,12 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
              admit={NS: admit} if admit else {}, evict=evict,
              **({"digests": {k: k for k in admit}} if admit and digests_on else {}))
 
+    def heartbeat(w: _Worker) -> None:
+        send(w, "heartbeat", worker_id=w.name, epoch=w.epoch, seq=w.seq,
+             stats={"used_bytes": 1 << 30, "capacity_bytes": 64 << 30,
+                    "free_bytes": 63 << 30, "local_hit_chunks": 0})
+        w.next_beat = time.monotonic() + interval_s
+
     mark = [0.0]  # registrations after this time count in dead_seen
     syncing: dict[str, tuple[deque, int]] = {}  # worker → (parts left, next part number)
 
@@ -212,9 +219,13 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
             if reply.get("code") == "unknown_worker":
                 if w.registered_at > mark[0]:
                     w.dead_seen += 1
+                w.known = False
                 retry_later(w, time.monotonic())
             return
+        if type_ == "heartbeat" and w.state == "resuming":
+            w.state = "up"  # it still knows this worker (a sync, if any, comes below)
         if type_ == "register":
+            w.known = True
             w.epoch = reply["epoch"]
             w.registered_at = time.time()
             w.next_beat = time.monotonic() + interval_s * random.random()
@@ -306,18 +317,27 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
         # heartbeats, deadlines, re-registration
         for w in list(workers.values()):
             if w.pending is not None:
+                if w.unsent is not None:
+                    try:
+                        w.socket.send(w.unsent, zmq.NOBLOCK)
+                        w.unsent = None
+                    except zmq.Again:
+                        pass
                 if now - w.pending[2] > DEADLINE_S.get(w.pending[1], DEFAULT_TIMEOUT_S):
                     sent["timeouts"] += 1  # lost, late, or never sent
                     syncing.pop(w.name, None)
-                    reset(w)
+                    if w.unsent is None:  # sent, no answer: RpcClient drops the socket
+                        reset(w)
+                    w.unsent = None
                     retry_later(w, now)
             elif w.state in ("down", "new") and now >= w.retry_at:
-                register(w)
+                if w.known:  # as a worker does: a heartbeat first, it may still be known
+                    w.state = "resuming"
+                    heartbeat(w)
+                else:
+                    register(w)
             elif w.state == "up" and now >= w.next_beat:
-                send(w, "heartbeat", worker_id=w.name, epoch=w.epoch, seq=w.seq,
-                     stats={"used_bytes": 1 << 30, "capacity_bytes": 64 << 30,
-                            "free_bytes": 63 << 30, "local_hit_chunks": 0})
-                w.next_beat = now + interval_s
+                heartbeat(w)
         for sock, _ in poller.poll(5):
             w = workers[sock]
             while True:
@@ -506,8 +526,20 @@ class Fleet:
         return samples, errors
 
     def stop(self) -> None:
+        try:
+            self._stop_clients()
+        finally:
+            if self.controller is not None:
+                self.controller.kill()
+                self.controller.wait()
+            self.context.term()
+
+    def _stop_clients(self) -> None:
         for _, conn in self.sims:
-            conn.send(("stop", None))
+            try:
+                conn.send(("stop", None))
+            except OSError:
+                pass  # that simulating process died
         for proc, _ in self.sims:
             proc.join(10)
             if proc.is_alive():
@@ -517,10 +549,7 @@ class Fleet:
             self.lookup_proc.join(5)
         if self.client is not None:
             self.client.close(linger=0)
-        if self.controller is not None:
-            self.controller.kill()
-            self.controller.wait()
-        self.context.term()
+            self.client = None
 
 
 def _free_port() -> int:
@@ -861,6 +890,10 @@ def run(argv: list[str] | None = None) -> tuple[str, dict]:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # a SIGTERM (a timeout) unwinds through the finally blocks that stop the controllers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     text, data = run(sys.argv[1:])
     name = "control_plane"
     RESULTS.mkdir(exist_ok=True)
