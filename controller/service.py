@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from lmshare import misses, protocol, serving
+from lmshare.controller import gc_policy
 from lmshare.controller.digests import DigestRecords
 from lmshare.controller.handoff import Handoffs, Target
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
@@ -201,6 +202,7 @@ class ControllerService:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         log.info("controller %s listening on %s:%d", self.controller_id, self.config.host, self.port)
+        gc_policy.rare_full_collections()  # (a full collection: 50-130 ms of one step)
         try:
             while not self._stop.is_set() and not (signals and signals.stop_requested):
                 # queued index work is absorbed a slice at a time between messages
@@ -234,6 +236,7 @@ class ControllerService:
                     self._check_liveness()  # late, not it (a restart's storm, a busy host)
                 self._sample_hits()
         finally:
+            gc_policy.restore()
             self._socket.close(linger=0)
             if self.guard is not None:
                 self.guard.close()
