@@ -29,13 +29,14 @@ import numpy as np
 
 from lmshare.keys import KEY_BYTES
 
-SLICE_KEYS = 2048  # keys applied per slice of queued work
+SLICE_KEYS = 1024  # keys applied per slice of queued work (~2 ms at 10M chunks)
 DEFAULT_MAX_KEYS_PER_WORKER = 2_000_000
 LANES = 16  # slots in one bucket
 PREPARE_LOAD = 0.65  # past this share of its slots in use, the table starts doubling
 MAX_LOAD = 0.8  # ... and past this one, it doubles at once
 TOUCH_SLOTS = 1 << 20  # slots of the next table a growth thread touches at a time
-MIGRATE_BUCKETS = 128  # buckets moved into a grown table per step (~1,300 keys)
+MIGRATE_BUCKETS = 64  # buckets moved into a grown table per step (~650 keys; 128 took 7-16 ms
+# of some steps at 10M chunks on a loaded machine)
 SWEEP_SLOTS = 1 << 15  # slots checked for a departed worker's keys per step
 INITIAL_BITS = 10  # 2**10 buckets to start with
 _NS_BITS = 32  # an extra holding packs (worker id << 32 | namespace id)
