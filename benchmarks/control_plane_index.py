@@ -37,6 +37,12 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
 
     service = ControllerService(ControllerConfig(port=0))
     ns = b"\x5a" * 16
+    try:  # the garbage collector's settings of the controller's loop, where the tree has them
+        from lmshare.controller import gc_policy
+
+        gc_policy.rare_full_collections()
+    except ImportError:
+        pass
 
     def answer(type_: str, **fields) -> tuple[dict, float]:
         frames = [b"id", protocol.encode(protocol.request(type_, 1, **fields))]
@@ -100,7 +106,41 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
     seqs[0] += 1
     steps_cpu = []
     slow: list = []  # (CPU s, what the step did, sync part)
+
+    def absorb_pending(part: int | str) -> int:
+        """The loop's slices between messages; how many."""
+        index, count = service.index, 0
+        while index.pending:
+            kind = ("grow: move" if index._old is not None else "grow: switch"
+                    if index._next is not None and index._touched.is_set() else "sweep"
+                    if index._sweeps else "add")
+            started = time.thread_time()
+            index.absorb()
+            steps_cpu.append(time.thread_time() - started)
+            slow.append((steps_cpu[-1], kind, part))
+            count += 1
+        return count
+
+    parts = -(-len(sync_keys) // part_keys)
+    # each other worker heartbeats 5 times over the sync (which takes ~7 s of the loop's time
+    # at 10M chunks: the default interval is 1 s), and a lookup comes between parts
+    beats_per_part = max(1, 5 * (workers - 1) // parts)
+    beating = 0
+
+    def timed(kind: str, part: int, type_: str, **fields) -> None:
+        frames = [b"id", protocol.encode(protocol.request(type_, 1, **fields))]
+        started = time.thread_time()
+        service.answer(frames)
+        steps_cpu.append(time.thread_time() - started)
+        slow.append((steps_cpu[-1], kind, part))
+
     for part, start in enumerate(range(0, len(sync_keys), part_keys)):
+        for _ in range(beats_per_part):  # other workers' messages between the parts
+            beating = beating % (workers - 1) + 1
+            timed("heartbeat", part, "heartbeat", worker_id=f"fw{beating:05d}",
+                  epoch=epochs[beating], seq=seqs[beating], stats={"used_bytes": 1 << 30})
+        w = (part * 7919) % workers
+        timed("lookup", part, "lookup", namespace=ns, keys=keys_of(w, 0, 16))
         chunk = sync_keys[start:start + part_keys]
         extra = {"digests": {k: k for k in chunk}} if digests else {}
         frames = [b"id", protocol.encode(protocol.request(
@@ -110,14 +150,11 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
         service.answer(frames)
         steps_cpu.append(time.thread_time() - started)
         slow.append((steps_cpu[-1], "sync message", part))
-        while service.index.pending:  # the loop's slices between messages
-            index = service.index
-            kind = ("grow: touch" if index._next is not None else "grow: move"
-                    if index._old is not None else "sweep" if index._sweeps else "add")
-            started = time.thread_time()
-            index.absorb()
-            steps_cpu.append(time.thread_time() - started)
-            slow.append((steps_cpu[-1], kind, part))
+        absorb_pending(part)
+    # a growth the sync started: its thread touches the new table, then the loop moves keys
+    while service.index._next is not None or service.index.pending:
+        if not absorb_pending("after"):
+            time.sleep(0.01)  # the loop polls for messages meanwhile
     stats_cpu = []
     for _ in range(3):
         started = time.thread_time()
@@ -136,9 +173,24 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
                      "slowest_step_ms": max(steps_cpu) * 1e3,
                      "steps_over_10ms": sum(s > 0.010 for s in steps_cpu),
                      "cpu_s": sum(steps_cpu),
+                     "by_kind": by_kind(slow),
                      "slowest": [[round(t * 1e3, 1), k, p] for t, k, p in
-                                 sorted(slow, reverse=True)[:12]]},
+                                 sorted(slow, key=lambda s: -s[0])[:12]]},
             "stats_page_cpu_ms": min(stats_cpu) * 1e3, "curve": curve}
+
+
+def by_kind(steps: list) -> dict:
+    """Per kind of loop step: how many, CPU ms p50 / p99 / max, how many over 5 and 10 ms."""
+    kinds: dict[str, list[float]] = {}
+    for spent, kind, _ in steps:
+        kinds.setdefault(kind, []).append(spent * 1e3)
+    out = {}
+    for kind, times in kinds.items():
+        times.sort()
+        out[kind] = {"steps": len(times), "p50": round(times[len(times) // 2], 2),
+                     "p99": round(times[int(len(times) * 0.99)], 2), "max": round(times[-1], 2),
+                     "over_5ms": sum(t > 5 for t in times), "over_10ms": sum(t > 10 for t in times)}
+    return out
 
 
 def plot(results: dict, path: str) -> None:
