@@ -21,6 +21,7 @@ from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_cluster import LocalCluster
 from lmshare.pool import KVPool
 from lmshare.transports.base import PeerInfo, Transport
+from lmshare.transports.locate import LocateChannel
 from lmshare.transports.shm import ShmTransport
 from lmshare.transports.tcp import TcpTransport
 from lmshare.transports.ucp import ucx_available
@@ -92,9 +93,13 @@ def run(rounds: int = 9) -> tuple[str, dict]:
     data: dict[str, dict[str, list[float]]] = {}
     redis_server = RedisServer()
     cluster = LocalCluster()
-    tcp, shm = TcpTransport(key=cluster.key), ShmTransport(runtime=cluster.runtime_dir)
+    tcp = TcpTransport(key=cluster.key)
     sealed = TcpTransport(key=cluster.key, encrypt=True)  # what `worker --encrypt` does
-    ucx = UcxTransport(TcpTransport(key=cluster.key), host_identity()) if ucx_available() else None
+    # the one-sided paths locate on the holder's data port, as a worker's do
+    locating = TcpTransport(key=cluster.key)
+    one_sided = LocateChannel(locating)
+    shm = ShmTransport(one_sided)
+    ucx = UcxTransport(one_sided, host_identity()) if ucx_available() else None
     try:
         with cluster:
             cluster.start_controller()
@@ -125,6 +130,7 @@ def run(rounds: int = 9) -> tuple[str, dict]:
                 data[label] = runs
     finally:
         tcp.close()
+        locating.close()
         sealed.close()
         shm.close()
         if ucx is not None:

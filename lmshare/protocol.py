@@ -111,11 +111,12 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
                 # a local_lookup's plan: per key, the workers holding it ([]: held here)
                 "holders": Optional(List(List(_WORKER, MAX_HOLDERS), MAX_KEYS))},
     "release": {"handle": _HANDLE, "incarnation": Optional(Str(64))},
-    "locate": {"keys": _KEYS, "lease_s": _LEASE},
     "worker_stats": {},
     "drain": {},  # hand this worker's chunks to peers, then leave (lmshare drain)
-    # peer -> worker, on the TCP data port (``locate`` and ``release`` as above)
+    # peer -> worker, on the TCP data port (``release`` as above; ``locate`` and its reply:
+    # lmshare/transports/locate.py)
     "fetch": {"keys": _KEYS, "checksum": Optional(Bool())},
+    "locate": {"keys": _KEYS, "lease_s": _LEASE},
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 from lmshare.errors import PoolFullError
 from lmshare.pool import KVPool
 from lmshare.transports.base import PeerInfo
+from lmshare.transports.locate import Located, LocatedChunk
 from lmshare.transports.ucp import ucx_available
 
 pytestmark = pytest.mark.skipif(not ucx_available(),
@@ -34,25 +35,22 @@ def payload(i: int, version: int) -> bytes:
 
 
 class ExpiredLeaseLocator:
-    """Stands in for the holder's locate over TCP, in the worst case: the entries' pins are
-    gone before the reader's GETs start."""
+    """Stands in for the holder's locate on its data port, in the worst case: the entries'
+    pins are gone before the reader's GETs start."""
 
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
 
-    def locate(self, peer, keys, lease_s, deadline):
-        chunks, gens = [], []
+    def locate(self, peer, keys, lease_s, deadline, maps=False):
+        chunks = []
         for key in keys:
             entry = self.pool.pin(key)
             if entry is None:
                 break
-            chunks.append((list(entry.slabs), entry.nbytes))
-            gens.append(self.pool.generations(entry.slabs))
+            chunks.append(LocatedChunk(list(entry.slabs), entry.nbytes,
+                                       self.pool.generations(entry.slabs)))
             self.pool.unpin(entry)
-        return {"chunks": chunks, "gens": gens, "handle": None}
-
-    def release(self, peer, handle, deadline):
-        pass
+        return Located(0, chunks), lambda: None
 
 
 class CollectingSink:

@@ -40,12 +40,13 @@ from lmshare.errors import (
     RemoteError,
 )
 from lmshare.local_files import ensure_private_dir
-from lmshare.pool import Entry, KVPool, PoolExport
+from lmshare.pool import Entry, KVPool
 from lmshare.shm import NameLock, remove_stale_regions
 from lmshare.signals import SignalLatch
 from lmshare.stats import WorkerCounters
 from lmshare.transports.base import PeerInfo, Transport
 from lmshare.transports.choice import choose_transport
+from lmshare.transports.locate import LocateChannel
 from lmshare.transports.shm import ShmTransport
 from lmshare.transports.tcp import TcpPeerServer, TcpTransport
 from lmshare.worker.config import WorkerConfig, host_identity
@@ -128,16 +129,18 @@ class WorkerAgent:
         self.transports = tuple(config.transports)
         tcp = self.tcp = TcpTransport(key=config.key, encrypt=config.encrypt)
         transports: list[Transport] = [tcp]
+        # locate/release of the one-sided transports and direct hits, on the holders' data ports
+        self.one_sided = LocateChannel(tcp)
         self.shm: ShmTransport | None = None
         if "shm" in self.transports:
-            self.shm = ShmTransport()
+            self.shm = ShmTransport(self.one_sided)
             transports.append(self.shm)
         self.ucx_export = None
         if "ucx" in self.transports:
             from lmshare.transports.ucx import UcxExport, UcxTransport
 
             self.ucx_export = UcxExport(self.pool.region.buffer, self.pool.generation_region.buffer)
-            transports.append(UcxTransport(tcp, self.host_id))
+            transports.append(UcxTransport(self.one_sided, self.host_id))
         self.fetch_policy = FetchPolicy()  # peers' measured throughput: fetch or recompute
         self.digests = DigestStore()  # the writers' digests of the pool's chunks
         self._hashers = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)),
@@ -159,8 +162,7 @@ class WorkerAgent:
             "transports": list(self.transports), "capacity_bytes": self.pool.capacity_bytes,
             "host_id": self.host_id,
             "extra": {"region_bytes": self.pool.capacity_bytes,
-                      "slab_bytes": self.pool.slab_bytes, "endpoint": self.endpoint,
-                      "pid": os.getpid(),
+                      "slab_bytes": self.pool.slab_bytes, "pid": os.getpid(),
                       **(self.ucx_export.registration() if self.ucx_export else {})},
         }
         self.namespaces = NamespaceLog()  # what the clients look up (reported to routers)
@@ -187,8 +189,7 @@ class WorkerAgent:
         self.local_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self._on_hello, "local_lookup": self._on_lookup, "reserve": self._on_reserve,
             "commit": self._on_commit, "abort": self._on_abort, "acquire": self._on_acquire,
-            "release": self._on_release, "locate": self._on_locate,
-            "worker_stats": self._on_stats, "drain": self._on_drain,
+            "release": self._on_release, "worker_stats": self._on_stats, "drain": self._on_drain,
             "ping": lambda m: protocol.ok(m["id"]),
         }
         try:
@@ -644,18 +645,17 @@ class WorkerAgent:
         for holder, indexes in wanted.items():
             peer = infos[holder]
             try:
-                reply, release = self.shm.locate(
-                    peer, [keys[i] for i in indexes], lease_s, deadline)
-            except (LMShareError, OSError, KeyError) as exc:
+                found, release = self.one_sided.locate(
+                    peer, [keys[i] for i in indexes], lease_s, deadline, maps=True)
+            except (LMShareError, OSError) as exc:
                 log.warning("cannot locate chunks on same-host peer %s: %s", holder, exc)
                 continue  # its chunks are missing: the hit stops before the first of them
             releases.append(release)
             region = len(regions)
             # the holder's pool as the holder itself names it, never as its registration says
-            where = PoolExport.from_wire(reply["region"])
-            regions.append({"worker": holder, **where.to_wire()})
-            for index, (slabs, nbytes), gens in zip(indexes, reply["chunks"], reply["gens"]):
-                located[index] = (region, list(slabs), int(nbytes), list(gens))
+            regions.append({"worker": holder, **found.region.to_wire()})
+            for index, chunk in zip(indexes, found.chunks):
+                located[index] = (region, chunk.slabs, chunk.nbytes, chunk.generations)
         entries: list[Entry] = []
         chunks: list[list[Any]] = []
         local_gens: list[list[int] | None] = []
@@ -687,16 +687,11 @@ class WorkerAgent:
         return protocol.ok(request_id, handle=handle, local=len(entries), peer=direct,
                            chunks=chunks, regions=regions, local_gens=local_gens)
 
-    def _on_locate(self, m: dict[str, Any]) -> dict[str, Any]:
-        """A same-host peer asks where the local prefix of ``keys`` lives, to copy it itself:
-        the slabs, and the pool they are in (what the peer maps comes from here, the holder)."""
-        return protocol.ok(m["id"], region=self.pool.export().to_wire(),
-                           **self._locate(m["keys"], float(m["lease_s"]),
-                                          owner=m.get(CLIENT_FIELD, b"")))
-
-    def _locate(self, keys: list, lease_s: float, owner: bytes = b"") -> dict[str, Any]:
-        """Pin the local prefix of ``keys`` under a lease for a one-sided reader (same-host
-        shared memory or UCX): its slabs and their generations."""
+    def _locate(self, keys: list, lease_s: float) -> dict[str, Any]:
+        """A peer's ``locate`` on the data port (:mod:`lmshare.transports.locate`): pin the
+        local prefix of ``keys`` under a lease for a one-sided reader (same-host shared memory,
+        a direct hit or UCX) and say where it is: its slabs, their generations and the pool
+        they are in (what a same-host reader maps comes from here, the holder)."""
         lease_s = min(lease_s, self.config.max_lease_s)
         entries: list[Entry] = []
         for key in keys:
@@ -704,11 +699,12 @@ class WorkerAgent:
             if entry is None:
                 break
             entries.append(entry)
-        handle = self.leases.add(lease_s, entries=entries, owner=owner) if entries else 0
+        handle = self.leases.add(lease_s, entries=entries) if entries else 0
         with self._counter_lock:
             self._one_sided_bytes_served += sum(e.nbytes for e in entries)
         return {"handle": handle, "chunks": [[e.slabs, e.nbytes] for e in entries],
-                "gens": [self.pool.generations(e.slabs) for e in entries]}
+                "gens": [self.pool.generations(e.slabs) for e in entries],
+                "region": self.pool.export().to_wire()}
 
     def _on_release(self, m: dict[str, Any]) -> dict[str, Any]:
         self._check_incarnation(m)

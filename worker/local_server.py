@@ -21,7 +21,7 @@ from lmshare.errors import ConfigError, ErrorCode
 log = logging.getLogger(__name__)
 
 LOCAL_TYPES = {"hello", "local_lookup", "reserve", "commit", "abort", "acquire", "release",
-               "locate", "worker_stats", "ping", "drain"}
+               "worker_stats", "ping", "drain"}
 
 Handler = serving.Handler
 CLIENT_FIELD = "_client"

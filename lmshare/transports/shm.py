@@ -1,7 +1,8 @@
 """Same-host shared-memory data path: copy chunks straight out of a peer's pool region.
 
-The reader asks the holder (over the holder's local IPC endpoint) to *locate* the chunks: the
-holder pins them under a short lease and returns their slabs and slab generations. The reader
+The reader asks the holder (on the holder's data port, through the one-sided transports'
+:class:`~lmshare.transports.locate.LocateChannel`) to *locate* the chunks: the holder pins them
+under a short lease and returns their slabs, slab generations and the pool they lie in. The reader
 copies from the holder's region, mapped read-only, into its own buffers — no socket carries the
 bytes — then re-reads the slab generations: if any changed (the lease expired and the slab was
 reused), the copy is discarded and the hit stops there. So no torn or foreign bytes are ever
@@ -11,18 +12,16 @@ returned, even from a reader that stalls past its lease.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from lmshare.control import RpcClient
 from lmshare.errors import LMShareError
 from lmshare.pool import PoolExport, slab_views
 from lmshare.protocol import READ_LEASE_S
 from lmshare.shm import SharedRegion
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
+from lmshare.transports.locate import LocateChannel
 
 log = logging.getLogger(__name__)
 
@@ -112,73 +111,47 @@ class PeerRegions:
                 log.debug("a peer region is still in use")
 
 
-class _PeerEndpoint(RpcClient):
-    what = "same-host peer worker"
-
-
 class ShmTransport(Transport):
     """Fetches from workers on this host by reading their shared-memory pools."""
 
     name = "shm"
 
-    def __init__(self, lease_s: float = READ_LEASE_S, runtime: Path | None = None) -> None:
+    def __init__(self, channel: LocateChannel, lease_s: float = READ_LEASE_S) -> None:
         self.lease_s = lease_s
-        # same-host peers are reached only through sockets in this private directory
-        self._runtime = Path(runtime) if runtime is not None else None
+        self._channel = channel  # locate/release on the holders' data ports
         self._regions = PeerRegions()  # the peers' pools, as each peer names its own
-        self._lock = threading.Lock()
-        # one connection per holder, shared by all threads (the holder binds the leases it
-        # grants to the connection that asked, so the release must come on the same one)
-        self._clients: dict[str, tuple[RpcClient, threading.Lock]] = {}
-
-    def _endpoint(self, peer: PeerInfo) -> tuple[RpcClient, threading.Lock]:
-        endpoint = str(peer.extra["endpoint"])
-        with self._lock:
-            found = self._clients.get(endpoint)
-        if found is None:
-            from lmshare.client import runtime_dir  # (client imports this module)
-
-            runtime = Path(os.path.abspath(self._runtime or runtime_dir()))
-            path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
-            if path is None or ".." in path.parts or \
-                    Path(os.path.abspath(path.parent)) != runtime:
-                raise LMShareError(f"same-host peer {peer.worker_id!r} names the endpoint "
-                                   f"{endpoint!r}, which is not in this host's runtime "
-                                   f"directory {runtime}; not reading from it")
-            with self._lock:
-                found = self._clients.setdefault(endpoint,
-                                                 (_PeerEndpoint(endpoint), threading.Lock()))
-        return found
 
     def fetch(self, peer: PeerInfo, keys: list[bytes], sink: ChunkSink, deadline: float,
               checksum: bool = False) -> int:
         if not keys:
             return 0
         try:
-            reply, release = self.locate(peer, keys, self.lease_s, deadline)
+            located, release = self._channel.locate(peer, keys, self.lease_s, deadline,
+                                                    maps=True)
         except TimeoutError:  # the deadline passed before the fetch began
             return 0
-        except (LMShareError, OSError, KeyError) as exc:
+        except (LMShareError, OSError) as exc:
             log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
             return 0
         try:
             # the pool as the holder itself names it, never as its registration says
-            region = self._regions.get(peer.worker_id, PoolExport.from_wire(reply["region"]))
-        except (LMShareError, OSError, KeyError, TypeError, ValueError) as exc:
+            region = self._regions.get(peer.worker_id, located.region)
+        except (LMShareError, OSError) as exc:
             release()
             log.warning("same-host fetch from %s failed: %s", peer.worker_id, exc)
             return 0
         delivered = 0
         try:
-            for key, (slabs, nbytes), generations in zip(keys, reply["chunks"], reply["gens"]):
+            for key, chunk in zip(keys, located.chunks):
                 if time.monotonic() > deadline:
                     break
-                buffers = sink.begin(key, nbytes)
+                buffers = sink.begin(key, chunk.nbytes)
                 if buffers is None:
                     break
                 ok = False
                 try:
-                    ok = region.read_checked(slabs, generations, nbytes, buffers)
+                    ok = region.read_checked(chunk.slabs, chunk.generations, chunk.nbytes,
+                                             buffers)
                 finally:
                     sink.end(key, ok)
                 if not ok:
@@ -190,42 +163,5 @@ class ShmTransport(Transport):
             release()
         return delivered
 
-    def locate(self, peer: PeerInfo, keys: list[bytes], lease_s: float,
-               deadline: float) -> tuple[dict, Callable[[], None]]:
-        """Pin the prefix of ``keys`` the same-host ``peer`` holds, under a lease, for a reader
-        of the peer's region (this transport's fetch, or a local client reading in place): the
-        peer's answer (slabs, generations, the region they are in) and a function that ends the
-        lease (if that fails, the lease expires on its own). Raises TimeoutError when the
-        deadline has passed, LMShareError/OSError when the peer is gone."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline passed before locating chunks")
-        endpoint, lock = self._endpoint(peer)
-        if not lock.acquire(timeout=left):
-            raise TimeoutError("deadline passed waiting for the connection to the holder")
-        try:
-            reply = endpoint.call("locate", timeout_s=max(0.001, deadline - time.monotonic()),
-                                  keys=list(keys), lease_s=lease_s)
-        finally:
-            lock.release()
-        handle = reply.get("handle")
-
-        def release() -> None:
-            # on the connection that located (the holder checks), and answered: a message
-            # sent without waiting could be dropped
-            if handle:
-                try:
-                    with lock:
-                        endpoint.call("release", timeout_s=1.0, handle=handle)
-                except LMShareError as exc:
-                    log.debug("lease %d on %s ends on its own: %s", handle, peer.worker_id, exc)
-
-        return reply, release
-
     def close(self) -> None:
         self._regions.close()
-        with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
-        for client, lock in clients:
-            with lock:
-                client.close()

@@ -5,8 +5,10 @@ prove they hold the cluster key before the first request. Then, per request:
   client → server: ``u32 length`` + msgpack ``{"v", "type": "fetch", "keys", "checksum"}``
   server → client: per key, a 16-byte header ``(u8 status, 3 pad, u32 crc32, u64 nbytes)``
                    followed by ``nbytes`` bytes when status is OK.
-The same connection also carries the small requests of one-sided transports (UCX):
-  ``{"type": "locate", "keys", "lease_s"}`` → ``u32 length`` + msgpack ``{handle, chunks, gens}``
+The same connection also carries the small requests of the one-sided transports (shared memory
+and UCX; the client side is :mod:`lmshare.transports.locate`):
+  ``{"type": "locate", "keys", "lease_s"}`` → ``u32 length`` + msgpack
+  ``{handle, chunks, gens, region}``
   ``{"type": "release", "handle"}`` → no answer; it ends only leases that a ``locate`` on this
   port made (never a local client's).
 The server sends straight from its pool slabs with ``socket.sendmsg`` (no intermediate copy);
@@ -124,7 +126,7 @@ def _advance(pending: list[memoryview], count: int) -> None:
 
 # (key) -> (views, release) of a pinned entry, or None if absent
 ChunkSource = Callable[[bytes], "tuple[list[memoryview], Callable[[], None]] | None"]
-# (keys, lease_s) -> {"handle", "chunks": [[slabs, nbytes]...], "gens": [[...]...]}
+# (keys, lease_s) -> {"handle", "chunks": [[slabs, nbytes]...], "gens": [[...]...], "region"}
 Locator = Callable[[list, float], dict]
 Releaser = Callable[[int], object]
 
@@ -157,6 +159,7 @@ class Connection:
     def __init__(self, sock: socket.socket, session: Session | None = None) -> None:
         self.sock = sock
         self.session = session
+        self.same_user: bool | None = None  # the far end is this user's (checked when asked)
         self._plain = bytearray()  # scratch buffers of the encrypted path
         self._sealed = bytearray()
 
@@ -341,13 +344,16 @@ class TcpTransport(Transport):
         for sock in ended:
             sock.close()
 
-    def locate(self, peer: PeerInfo, keys: list[bytes], lease_s: float, deadline: float) -> dict:
-        """Pin ``keys``' available prefix on the peer under a lease; where its slabs are."""
-        message = {"v": PROTOCOL_VERSION, "type": "locate", "keys": list(keys),
-                   "lease_s": lease_s}
+    def exchange(self, peer: PeerInfo, message: dict, deadline: float,
+                 vet: Callable[[Connection], None] | None = None) -> dict:
+        """Send one small request to ``peer`` and return its answer (a map), on a pooled
+        connection (one the peer closed while idle is replaced once). ``vet`` may refuse a
+        connection (it raises) before anything is sent on it."""
         for fresh in ((False, True) if self._reusable(peer) else (True,)):
             sock = self._connect(peer, deadline, fresh=fresh)
             try:
+                if vet is not None:
+                    vet(sock)
                 sock.send_message(message, deadline)
                 reply = sock.recv_message(deadline)
             except (OSError, ConnectionError) as exc:
@@ -355,16 +361,18 @@ class TcpTransport(Transport):
                 if fresh or isinstance(exc, TimeoutError):
                     raise
                 continue  # a pooled connection the peer closed while idle
+            except BaseException:
+                sock.close()
+                raise
             self._give_back(peer, sock)
             return reply
         raise ConnectionError("unreachable")
 
-    def release(self, peer: PeerInfo, handle: int, deadline: float) -> None:
-        """End a lease from :meth:`locate` (no answer is awaited; leases also expire)."""
+    def send(self, peer: PeerInfo, message: dict, deadline: float) -> None:
+        """Send one request that has no answer (a ``release``) on a pooled connection."""
         sock = self._connect(peer, deadline)
         try:
-            sock.send_message({"v": PROTOCOL_VERSION, "type": "release", "handle": handle},
-                              deadline)
+            sock.send_message(message, deadline)
         except BaseException:
             sock.close()
             raise

@@ -2,8 +2,9 @@
 
 The holder registers its pool region and slab-generation table with UCX (:class:`UcxExport`)
 and publishes, through the controller, its UCX worker address, the regions' remote keys and
-base addresses. A reader (:class:`UcxTransport`) asks the holder over the TCP control
-connection to *locate* the chunks (pin under a lease; slabs and generations), GETs the slabs
+base addresses. A reader (:class:`UcxTransport`) asks the holder on its data port, through the
+one-sided transports' :class:`~lmshare.transports.locate.LocateChannel`, to *locate* the chunks
+(pin under a lease; slabs and generations), GETs the slabs
 straight into its own pool buffers, then GETs the slabs' generations again: if any changed, the
 copy is discarded and the hit stops there (the seqlock described in docs/architecture.md).
 Every GET has the fetch's deadline. The UCP C API binding lives in :mod:`lmshare.transports.ucp`.
@@ -21,7 +22,7 @@ from lmshare.errors import LMShareError
 from lmshare.pool import slab_runs
 from lmshare.protocol import READ_LEASE_S
 from lmshare.transports.base import ChunkSink, PeerInfo, Transport
-from lmshare.transports.tcp import TcpTransport
+from lmshare.transports.locate import LocateChannel, Located
 from lmshare.transports.ucp import RemoteEndpoint, UcpContext, UcpServer, ucx_available
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,9 @@ class UcxTransport(Transport):
 
     name = "ucx"
 
-    def __init__(self, control: TcpTransport, host_id: str = "",
+    def __init__(self, channel: LocateChannel, host_id: str = "",
                  lease_s: float = READ_LEASE_S) -> None:
-        self._control = control
+        self._channel = channel  # locate/release on the holders' data ports
         self._host_id = host_id
         self.lease_s = lease_s
         self._context = UcpContext(name="lmshare-fetch")
@@ -117,8 +118,8 @@ class UcxTransport(Transport):
         if not keys:
             return 0
         try:
-            located = self._control.locate(peer, keys, self.lease_s, deadline)
-        except (OSError, TimeoutError, ConnectionError, LMShareError) as exc:
+            located, release = self._channel.locate(peer, keys, self.lease_s, deadline)
+        except (OSError, LMShareError) as exc:
             log.warning("cannot locate chunks on %s: %s", peer.worker_id, exc)
             return 0
         delivered = 0
@@ -126,14 +127,10 @@ class UcxTransport(Transport):
             with self._lock:
                 delivered = self._read(peer, keys, located, sink, deadline)
         finally:
-            if located.get("handle"):
-                try:
-                    self._control.release(peer, located["handle"], deadline + 1.0)
-                except (OSError, TimeoutError, ConnectionError) as exc:
-                    log.debug("release failed (the lease expires on its own): %s", exc)
+            release()
         return delivered
 
-    def _read(self, peer: PeerInfo, keys: list[bytes], located: dict, sink: ChunkSink,
+    def _read(self, peer: PeerInfo, keys: list[bytes], located: Located, sink: ChunkSink,
               deadline: float) -> int:
         """GET the chunks in groups of about ``GROUP_BYTES``: every GET of a group at once, then
         one GET of the generation range covering the group's slabs; a chunk is delivered only if
@@ -143,15 +140,15 @@ class UcxTransport(Transport):
         except LMShareError as exc:
             log.warning("cannot reach %s over UCX: %s", peer.worker_id, exc)
             return 0
-        chunks = list(zip(keys, located["chunks"], located["gens"]))
+        chunks = list(zip(keys, located.chunks))
         delivered = 0
         while delivered < len(chunks):
             group, size = [], 0
-            for key, (slabs, nbytes), generations in chunks[delivered:]:
-                if group and size + nbytes > GROUP_BYTES:
+            for key, chunk in chunks[delivered:]:
+                if group and size + chunk.nbytes > GROUP_BYTES:
                     break
-                group.append((key, slabs, nbytes, generations))
-                size += nbytes
+                group.append((key, chunk.slabs, chunk.nbytes, chunk.generations))
+                size += chunk.nbytes
             done = self._read_group(endpoint, peer, group, sink, deadline)
             delivered += done
             if done < len(group) or time.monotonic() > deadline:

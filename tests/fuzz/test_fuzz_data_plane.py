@@ -9,14 +9,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmshare.errors import ProtocolError
 from lmshare.pool import KVPool
 from lmshare.testing.fuzz import FUZZ, payloads
 from lmshare.transports import tcp
 from lmshare.transports.base import PeerInfo
+from lmshare.transports.locate import Located
 from lmshare.transports.tcp import CHUNK_HEADER, REQUEST_LENGTH, TcpPeerServer, TcpTransport
 from lmshare.worker.peer_fetch import PoolSink
 
@@ -134,23 +137,59 @@ def check_answer(pool, case: tuple[tuple[int, bytes], bool]) -> None:
 
 
 def check_locate_reply(_, data: bytes) -> None:
+    """The one-sided transports' reader of a locate reply (lmshare/transports/locate.py): any
+    bytes are a connection or protocol error, or a reply whose every chunk lies in the pool."""
     ours, theirs = socket.socketpair()
     try:
         theirs.sendall(data)
         theirs.shutdown(socket.SHUT_WR)
         try:
-            assert isinstance(tcp.Connection(ours).recv_message(time.monotonic() + 0.5), dict)
-        except (ConnectionError, OSError):
-            pass
+            reply = tcp.Connection(ours).recv_message(time.monotonic() + 0.5)
+            located = Located.from_wire(reply, 4, 4096, 64)
+        except (ConnectionError, OSError, ProtocolError):
+            return
+        assert len(located.chunks) <= 4
+        bound = located.region.num_slabs if located.region is not None else 64
+        for chunk in located.chunks:
+            assert len(chunk.generations) == len(chunk.slabs) and all(
+                0 <= s < bound for s in chunk.slabs)
     finally:
         ours.close()
         theirs.close()
 
 
+def framed(message) -> bytes:
+    body = msgpack.packb(message)
+    return REQUEST_LENGTH.pack(len(body)) + body
+
+
+NUMBER = st.integers(-2, 70) | st.just(2**64 - 1) | st.text(max_size=2)
+
+
+@st.composite
+def locate_answers(draw) -> bytes:
+    """Locate replies near the valid ones: chunks whose slabs, sizes and generations mostly
+    agree, each part sometimes off (a wrong count, a slab out of the pool, a bad type)."""
+    chunks, gens = [], []
+    for _ in range(draw(st.integers(0, 5))):
+        nbytes = draw(st.integers(0, 4 * 4096) | st.integers(-1, 2**40))
+        count = max(1, -(-nbytes // 4096)) + draw(st.sampled_from([0, 0, 0, 1, -1]))
+        count = min(max(0, count), 8)  # (a huge size: its slabs cannot match)
+        slabs = draw(st.lists(st.integers(0, 63) | NUMBER, min_size=count, max_size=count))
+        chunks.append(draw(st.just([slabs, nbytes]) | st.lists(NUMBER, max_size=3)))
+        gens.append(draw(st.just([0] * len(slabs)) | st.lists(NUMBER, max_size=5)))
+    answer = {"handle": draw(st.integers(-1, 2**63) | st.none()), "chunks": chunks, "gens": gens}
+    if draw(st.booleans()):
+        answer["region"] = draw(st.fixed_dictionaries(
+            {"path": st.text(max_size=8), "bytes": st.integers(-1, 1 << 20) | st.floats(),
+             "gen_path": st.text(max_size=8), "slab_bytes": st.integers(-1, 8192)}))
+    return framed(answer)
+
+
 REQUESTS = framed_requests() | st.binary(max_size=64)
 ANSWERS = st.tuples(st.integers(1, 3).flatmap(lambda n: st.tuples(st.just(n), answers(n))),
                     st.booleans())
-LOCATE_REPLIES = st.binary(max_size=200) | framed_requests()
+LOCATE_REPLIES = st.binary(max_size=200) | framed_requests() | locate_answers()
 # name: (what the fuzzer draws, the check, the context that makes the checked object)
 TARGETS = {"data-request": (REQUESTS, check_request, peer_server),
            "data-answer": (ANSWERS, check_answer, reader_pool),

@@ -2,6 +2,7 @@
 terminal escape codes in names. Refused with a clear message; nothing read, nothing printed raw."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -73,8 +74,10 @@ def test_planted_shared_memory_files_are_not_mapped(tmp_path):
 
 
 def test_a_registration_cannot_make_a_worker_map_a_path(cluster, tmp_path):
-    """A member's forged registration (same host id, shm, a region path and an endpoint of its
-    choice) makes no worker map the path or read through the endpoint."""
+    """A member's forged registration (same host id, shm, a region path, an endpoint and a data
+    port of its choice) makes no worker map the path: a same-host reader locates on the data
+    port and maps only the pool the worker answering there names (another worker's data port
+    answers with its own pool, where the forged chunks are not)."""
     cluster.start_controller()
     cluster.start_worker("victim", "16MiB")
     cluster.start_worker("other", "16MiB")
@@ -86,11 +89,13 @@ def test_a_registration_cannot_make_a_worker_map_a_path(cluster, tmp_path):
     controller = cluster.controller_client()
     outside = tmp_path / "outside"
     outside.mkdir(mode=0o700)
+    with cluster.client("other") as other:
+        other_port = other.stats()["data_port"]
     try:
-        for name, endpoint in (("evil-path", f"ipc://{outside}/worker-x.sock"),
-                               ("evil-other", cluster.worker_endpoint("other"))):
+        for name, endpoint, port in (("evil-path", f"ipc://{outside}/worker-x.sock", 9),
+                                     ("evil-other", cluster.worker_endpoint("other"), other_port)):
             epoch = controller.call(
-                "register", worker_id=name, host="127.0.0.1", data_port=9,
+                "register", worker_id=name, host="127.0.0.1", data_port=port,
                 transports=["shm", "tcp"], capacity_bytes=1 << 30, host_id=host_identity(),
                 extra={"region_path": str(secret), "generation_path": str(secret),
                        "region_bytes": 65536, "slab_bytes": 4096, "endpoint": endpoint})["epoch"]
@@ -104,8 +109,10 @@ def test_a_registration_cannot_make_a_worker_map_a_path(cluster, tmp_path):
                 with victim.acquire(SIG, tokens, direct=direct) as hit:
                     assert len(hit) == 0
             assert victim.stats()["counters"]["entries"] == 0
+            maps = Path(f"/proc/{cluster.workers['victim'].process.pid}/maps").read_text()
+            assert str(secret) not in maps
         log = cluster.workers["victim"].log_text()
-        assert "not in this host's runtime directory" in log
+        assert "Connection refused" in log  # (the forged data port was tried, and failed)
         assert "root-only secret" not in log
     finally:
         controller.close()
