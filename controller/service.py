@@ -25,6 +25,7 @@ from lmshare.controller import gc_policy
 from lmshare.controller.digests import DigestRecords
 from lmshare.controller.handoff import Handoffs, Target
 from lmshare.controller.index import DEFAULT_MAX_KEYS_PER_WORKER, ChunkIndex
+from lmshare.controller.pacing import HeartbeatPacing
 from lmshare.controller.registry import WorkerRecord, WorkerRegistry
 from lmshare.controller.signatures import SignatureBook
 from lmshare.controller.tenants import ClusterTenants
@@ -126,6 +127,8 @@ class ControllerService:
         self.epoch = int(self.started_at * 1000)
         self._next_epoch = self.epoch
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
+        # the heartbeat interval asked of workers: longer while this loop cannot keep up
+        self.pacing = HeartbeatPacing(config.heartbeat_interval_s, config.heartbeat_timeout_s)
         self.index = ChunkIndex(config.max_keys_per_worker)
         self.digests = DigestRecords()  # chunk digests as their writers recorded them
         self.signatures = SignatureBook()  # what the workers' clients use, and mismatches
@@ -207,7 +210,10 @@ class ControllerService:
             while not self._stop.is_set() and not (signals and signals.stop_requested):
                 # queued index work is absorbed a slice at a time between messages
                 drained = True
-                if poller.poll(0 if self.index.pending else 50):
+                waited = time.monotonic()
+                ready = poller.poll(0 if self.index.pending else 50)
+                self.pacing.idle(time.monotonic() - waited)
+                if ready:
                     drained = False
                     for _ in range(1000):  # drain what is queued, then check timers
                         try:
@@ -234,6 +240,8 @@ class ControllerService:
                     self.reload_key()
                 if drained:  # behind, a worker's heartbeat may wait in our own queue: we are
                     self._check_liveness()  # late, not it (a restart's storm, a busy host)
+                self.pacing.tick()
+                self.registry.heartbeat_timeout_s = self.pacing.timeout_s
                 self._sample_hits()
         finally:
             gc_policy.restore()
@@ -443,8 +451,8 @@ class ControllerService:
             self.event("join", f"{worker_id} joined at {record.address}")
         self.departed.pop(worker_id, None)
         return protocol.ok(m["id"], epoch=record.epoch, controller_id=self.controller_id,
-                           heartbeat_interval_s=self.config.heartbeat_interval_s,
-                           heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+                           heartbeat_interval_s=self.pacing.interval_s,
+                           heartbeat_timeout_s=self.pacing.timeout_s)
 
     def _on_heartbeat(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
@@ -461,6 +469,7 @@ class ControllerService:
         orders = [] if record.worker_id in self.draining else \
             self.handoffs.orders_for(record.worker_id)
         return protocol.ok(m["id"], resync=resync, mismatches=mismatches,
+                           heartbeat_interval_s=self.pacing.interval_s,
                            **self.tenants.reply_fields(record),
                            **({"replicate": orders} if orders else {}))
 
@@ -624,7 +633,8 @@ class ControllerService:
             return protocol.ok(m["id"], stats=self.tenant_stats(tenant).to_dict())
         stats = self.cluster_stats(m.get("offset", 0), m.get("limit", STATS_PAGE))
         # the loop's steps by kind, [count, over 10 ms of CPU]: what a lookup can wait behind
-        return protocol.ok(m["id"], stats=stats.to_dict(), steps=self.step_counts)
+        return protocol.ok(m["id"], stats=stats.to_dict(), steps=self.step_counts,
+                           heartbeat_interval_s=self.pacing.interval_s)
 
     def tenant_stats(self, tenant: str) -> ClusterStats:
         """What ``tenant`` may see: its live workers and its lookups' figures, no events."""

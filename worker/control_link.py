@@ -32,6 +32,7 @@ DEREGISTER_TIMEOUT_S = 1.0  # stopping: the deregister call, per controller trie
 REGISTER_TIMEOUT_S = 1.0  # a registration attempt's deadline, per controller tried
 RETRY_BASE_S = 0.5  # the first wait before registering again is uniform in [0, 0.5 s] ...
 RETRY_CAP_S = 8.0  # ... each later one's window doubles, up to 8 s (full jitter)
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.05, 120.0  # heartbeat intervals a controller may ask for
 
 
 def retry_backoff() -> Backoff:
@@ -162,6 +163,10 @@ class ControlLink:
     def _heartbeat(self) -> None:
         extra = self._heartbeat_fields() if self._heartbeat_fields is not None else {}
         reply = self._call("heartbeat", seq=self._seq, stats=self._counters(), **extra)
+        paced = reply.get("heartbeat_interval_s")  # a busy controller asks for fewer
+        if isinstance(paced, (int, float)) and not isinstance(paced, bool) \
+                and MIN_INTERVAL_S <= paced <= MAX_INTERVAL_S:
+            self.heartbeat_interval_s = float(paced)
         if self._on_heartbeat_reply is not None:
             self._on_heartbeat_reply(reply)
         if reply.get("resync"):
