@@ -193,11 +193,13 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
              admit={NS: admit} if admit else {}, evict=evict,
              **({"digests": {k: k for k in admit}} if admit and digests_on else {}))
 
+    paced = [interval_s]  # the interval the controller asks for (longer while it is behind)
+
     def heartbeat(w: _Worker) -> None:
         send(w, "heartbeat", worker_id=w.name, epoch=w.epoch, seq=w.seq,
              stats={"used_bytes": 1 << 30, "capacity_bytes": 64 << 30,
                     "free_bytes": 63 << 30, "local_hit_chunks": 0})
-        w.next_beat = time.monotonic() + interval_s
+        w.next_beat = time.monotonic() + paced[0]
 
     mark = [0.0]  # registrations after this time count in dead_seen
     syncing: dict[str, tuple[deque, int]] = {}  # worker → (parts left, next part number)
@@ -213,8 +215,6 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     def on_reply(w: _Worker, reply: dict) -> None:
         _, type_, _ = w.pending
         w.pending = None
-        if type_ == "heartbeat":
-            w.backoff.reset()  # registered, synced and heard: up
         if reply.get("type") == "error":
             if reply.get("code") == "unknown_worker":
                 if w.registered_at > mark[0]:
@@ -222,13 +222,17 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
                 w.known = False
                 retry_later(w, time.monotonic())
             return
-        if type_ == "heartbeat" and w.state == "resuming":
-            w.state = "up"  # it still knows this worker (a sync, if any, comes below)
+        if type_ == "heartbeat":
+            paced[0] = float(reply.get("heartbeat_interval_s", paced[0]))
+            w.backoff.reset()  # registered, synced and heard: up
+            if w.state == "resuming":
+                w.state = "up"  # it still knows this worker (a sync, if any, comes below)
         if type_ == "register":
             w.known = True
             w.epoch = reply["epoch"]
             w.registered_at = time.time()
-            w.next_beat = time.monotonic() + interval_s * random.random()
+            paced[0] = float(reply.get("heartbeat_interval_s", paced[0]))
+            w.next_beat = time.monotonic() + paced[0] * random.random()
             start_sync(w)
         elif type_ == "sync":
             parts, number = syncing.get(w.name, (deque(), 0))
@@ -277,6 +281,7 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
                 for w in workers.values():
                     states[w.state] = states.get(w.state, 0) + 1
                 conn.send(("status", {"states": states, "queued": len(queue), "sent": dict(sent),
+                                      "interval_s": paced[0],
                                       "dead_seen": sum(w.dead_seen for w in workers.values()),
                                       "big_sync": big_sync,
                                       "keys": sum(len(w.keys()) for w in workers.values())}))
@@ -704,12 +709,13 @@ def _restart(fleet: Fleet, label: str, args: argparse.Namespace) -> dict:
     deadline = time.monotonic() + args.restart_timeout_s
     while time.monotonic() < deadline:
         try:
-            now_stats = fleet.call("stats", limit=1, timeout_s=5)["stats"]
+            reply = fleet.call("stats", limit=1, timeout_s=5)
         except TimeoutError:
             continue
+        now_stats = reply["stats"]
         indexed_now = now_stats["chunks_indexed"]
         progress.append((round(time.time() - restarted, 2), indexed_now,
-                         now_stats["workers_total"]))
+                         now_stats["workers_total"], reply.get("heartbeat_interval_s")))
         bar.done = 0
         bar.advance(int(100 * indexed_now / max(1, expected_keys)))
         if indexed_now >= expected_keys:
@@ -794,9 +800,10 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
                         for p in r["stats_ms"]]] for r in results])
     text += "\n\n" + table(
         ["controller", "workers' calls from the kill on (timeouts: not answered within their deadline)",
-         "restart: seconds since the kill → chunks indexed, workers registered"],
+         "restart: seconds since the kill → chunks indexed, workers registered, heartbeat "
+         "interval asked"],
         [[r["label"], ", ".join(f"{k} {v:,}" for k, v in r["restart"]["calls"].items() if v),
-          "; ".join(f"{t:.1f} s → {k:,}, {w:,}" for t, k, w in
+          "; ".join(f"{t:.1f} s → {k:,}, {w:,}, {i or '—'} s" for t, k, w, i in
                     r["restart"]["progress"][::max(1, len(r["restart"]["progress"]) // 8)])]
          for r in results])
     return text
