@@ -6,7 +6,8 @@ top) falls behind, every message waits in its queue, and each late answer is a w
 and retry. So the controller watches how much of its time it is idle, waiting for messages:
 almost never idle over a window, it doubles the interval it asks for (up to ``max_factor``
 times the configured one); mostly idle, it halves it again. Heartbeat and registration replies
-carry the interval; workers adopt it. The liveness timeout grows with the interval, and shrinks
+carry the interval; workers adopt it. Many workers late at once (a fifth of them past half the
+timeout) also counts as behind: that backlog is where the loop cannot see it. The liveness timeout grows with the interval, and shrinks
 only once every worker has had time to hear that the interval shrank.
 """
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 BUSY_IDLE_FRACTION = 0.1  # idle less than this over a window: behind, slow the heartbeats
 SPARE_IDLE_FRACTION = 0.6  # idle more than this: twice the heartbeats would still fit
+LATE_FRACTION = 0.2  # this many workers' heartbeats late at once: it is the controller that is
+# late (its backlog sits in its socket's I/O thread or the kernel, where idleness cannot show)
 
 
 @dataclass
@@ -54,8 +57,9 @@ class HeartbeatPacing:
         """The loop waited ``seconds`` for a message."""
         self._idle_s += seconds
 
-    def tick(self) -> bool:
-        """End of a loop step; True when the interval changed."""
+    def tick(self, late: Callable[[], float] | None = None) -> bool:
+        """End of a loop step; True when the interval changed. ``late`` gives the fraction of
+        workers whose heartbeat is late (asked once a window)."""
         now = self.clock()
         if self._window_start is None:
             self._window_start = now
@@ -65,12 +69,14 @@ class HeartbeatPacing:
         if elapsed < self.window_s:
             return False
         idle = self._idle_s / elapsed
+        late_fraction = late() if late is not None else 0.0
         self._window_start, self._idle_s = now, 0.0
         before = self.factor
-        if idle < BUSY_IDLE_FRACTION and self.factor < self.max_factor:
+        behind = idle < BUSY_IDLE_FRACTION or late_fraction > LATE_FRACTION
+        if behind and self.factor < self.max_factor:
             self.factor *= 2
             self._timeout_factor = max(self._timeout_factor, self.factor)
-        elif idle > SPARE_IDLE_FRACTION and self.factor > 1:
+        elif idle > SPARE_IDLE_FRACTION and not behind and self.factor > 1:
             # workers told the longer interval hear of the shorter one at their next heartbeat:
             # until then, the timeout still allows for the longer one
             self._timeout_factor = max(self._timeout_factor, self.factor)
@@ -79,6 +85,7 @@ class HeartbeatPacing:
         if self.factor == before:
             return False
         log.warning("controller %s: heartbeats every %.1f s (liveness timeout %.1f s); it was "
-                    "idle %.0f%% of the last %.1f s", "behind" if self.factor > before else
-                    "keeping up again", self.interval_s, self.timeout_s, idle * 100, elapsed)
+                    "idle %.0f%% of the last %.1f s, %.0f%% of the workers late",
+                    "behind" if self.factor > before else "keeping up again", self.interval_s,
+                    self.timeout_s, idle * 100, elapsed, late_fraction * 100)
         return True

@@ -240,7 +240,7 @@ class ControllerService:
                     self.reload_key()
                 if drained:  # behind, a worker's heartbeat may wait in our own queue: we are
                     self._check_liveness()  # late, not it (a restart's storm, a busy host)
-                self.pacing.tick()
+                self.pacing.tick(self._late_fraction)
                 self.registry.heartbeat_timeout_s = self.pacing.timeout_s
                 self._sample_hits()
         finally:
@@ -659,6 +659,14 @@ class ControllerService:
         for record in self.registry.expired():
             self._drop_worker(record.worker_id, "dead",
                               f"missed heartbeats for {record.heartbeat_age():.1f}s")
+
+    def _late_fraction(self) -> float:
+        """The fraction of registered workers whose heartbeat is late (suspect)."""
+        workers = self.registry.workers
+        if not workers:
+            return 0.0
+        now, late_s = time.monotonic(), self.pacing.timeout_s / 2
+        return sum(1 for w in workers.values() if now - w.last_heartbeat > late_s) / len(workers)
 
     def _sample_hits(self) -> None:
         now = time.monotonic()

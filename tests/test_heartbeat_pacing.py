@@ -83,3 +83,19 @@ def test_a_worker_heartbeats_at_the_interval_its_controller_asks_for_within_boun
     link = ControlLink(Controller(), Pool(), {"worker_id": "w1"}, counters=dict)
     link._heartbeat()
     assert link.heartbeat_interval_s == kept
+
+
+def test_many_workers_late_at_once_count_as_behind_even_when_the_loop_looks_idle():
+    pacing, now = _pacing()
+    pacing.idle(pacing.window_s * 0.9)
+    now[0] += pacing.window_s
+    assert pacing.tick(late=lambda: 0.5)
+    assert pacing.interval_s == 2
+    pacing.idle(pacing.window_s * 0.9)
+    now[0] += pacing.window_s
+    assert pacing.tick(late=lambda: 0.5)  # idle but late: behind again, never halved
+    assert pacing.interval_s == 4
+    pacing.idle(pacing.window_s * 0.9)
+    now[0] += pacing.window_s
+    assert pacing.tick(late=lambda: 0.05)  # on time and idle: halved
+    assert pacing.interval_s == 2
