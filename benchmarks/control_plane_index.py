@@ -105,7 +105,17 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
     from lmshare.worker.control_link import SYNC_PART_KEYS as part_keys  # as this tree sends
     seqs[0] += 1
     steps_cpu = []
-    slow: list = []  # (CPU s, what the step did, sync part)
+    slow: list = []  # (CPU s, what the step did, sync part, of which in the garbage collector)
+    import gc
+
+    collecting = [0.0, 0.0]  # CPU s spent collecting so far, when the running one started
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            collecting[1] = time.thread_time()
+        else:
+            collecting[0] += time.thread_time() - collecting[1]
+    gc.callbacks.append(on_gc)
 
     def absorb_pending(part: int | str) -> int:
         """The loop's slices between messages; how many."""
@@ -114,10 +124,12 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
             kind = ("grow: move" if index._old is not None else "grow: switch"
                     if index._next is not None and index._touched.is_set() else "sweep"
                     if index._sweeps else "add")
-            started = time.thread_time()
+            started, in_gc = time.thread_time(), collecting[0]
             index.absorb()
             steps_cpu.append(time.thread_time() - started)
-            slow.append((steps_cpu[-1], kind, part))
+            if kind == "grow: move" and index._old is None:
+                kind = "grow: last move, frees the old table"
+            slow.append((steps_cpu[-1], kind, part, collecting[0] - in_gc))
             count += 1
         return count
 
@@ -129,10 +141,10 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
 
     def timed(kind: str, part: int, type_: str, **fields) -> None:
         frames = [b"id", protocol.encode(protocol.request(type_, 1, **fields))]
-        started = time.thread_time()
+        started, in_gc = time.thread_time(), collecting[0]
         service.answer(frames)
         steps_cpu.append(time.thread_time() - started)
-        slow.append((steps_cpu[-1], kind, part))
+        slow.append((steps_cpu[-1], kind, part, collecting[0] - in_gc))
 
     for part, start in enumerate(range(0, len(sync_keys), part_keys)):
         for _ in range(beats_per_part):  # other workers' messages between the parts
@@ -146,10 +158,10 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
         frames = [b"id", protocol.encode(protocol.request(
             "sync", 1, worker_id="fw00000", epoch=epochs[0], seq=seqs[0], part=part,
             final=start + part_keys >= len(sync_keys), entries={ns: chunk}, **extra))]
-        started = time.thread_time()
+        started, in_gc = time.thread_time(), collecting[0]
         service.answer(frames)
         steps_cpu.append(time.thread_time() - started)
-        slow.append((steps_cpu[-1], "sync message", part))
+        slow.append((steps_cpu[-1], "sync message", part, collecting[0] - in_gc))
         absorb_pending(part)
     # a growth the sync started: its thread touches the new table, then the loop moves keys
     while service.index._next is not None or service.index.pending:
@@ -174,7 +186,8 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
                      "steps_over_10ms": sum(s > 0.010 for s in steps_cpu),
                      "cpu_s": sum(steps_cpu),
                      "by_kind": by_kind(slow),
-                     "slowest": [[round(t * 1e3, 1), k, p] for t, k, p in
+                     # [CPU ms, kind, sync part, of which collecting garbage]
+                     "slowest": [[round(t * 1e3, 1), k, p, round(g * 1e3, 1)] for t, k, p, g in
                                  sorted(slow, key=lambda s: -s[0])[:12]]},
             "stats_page_cpu_ms": min(stats_cpu) * 1e3, "curve": curve}
 
@@ -182,7 +195,7 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
 def by_kind(steps: list) -> dict:
     """Per kind of loop step: how many, CPU ms p50 / p99 / max, how many over 5 and 10 ms."""
     kinds: dict[str, list[float]] = {}
-    for spent, kind, _ in steps:
+    for spent, kind, *_ in steps:
         kinds.setdefault(kind, []).append(spent * 1e3)
     out = {}
     for kind, times in kinds.items():
