@@ -101,20 +101,24 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
                              admit={ns: new}, evict=keys_of(w, steps - 1, step)[:64],
                              **extra)[1])
     # a 1M-key full sync from one worker, in the parts a worker sends; every step timed
-    sync_keys = keys_of(0, 10**6, min(1_000_000, keys // 10))
+    # (made part by part: a list of 1M keys would be walked by the garbage collector's first
+    # collections after it, ~10 ms, which a controller's loop does not do)
+    sync_count = min(1_000_000, keys // 10)
     from lmshare.worker.control_link import SYNC_PART_KEYS as part_keys  # as this tree sends
     seqs[0] += 1
     steps_cpu = []
     slow: list = []  # (CPU s, what the step did, sync part, of which in the garbage collector)
     import gc
 
-    collecting = [0.0, 0.0]  # CPU s spent collecting so far, when the running one started
+    collecting = [0.0, 0.0, -1]  # CPU s spent collecting so far, when the running one
+    # started, and the oldest generation collected since the step began
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             collecting[1] = time.thread_time()
         else:
             collecting[0] += time.thread_time() - collecting[1]
+            collecting[2] = max(collecting[2], info["generation"])
     gc.callbacks.append(on_gc)
 
     def absorb_pending(part: int | str) -> int:
@@ -124,16 +128,16 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
             kind = ("grow: move" if index._old is not None else "grow: switch"
                     if index._next is not None and index._touched.is_set() else "sweep"
                     if index._sweeps else "add")
-            started, in_gc = time.thread_time(), collecting[0]
+            started, in_gc, collecting[2] = time.thread_time(), collecting[0], -1
             index.absorb()
             steps_cpu.append(time.thread_time() - started)
             if kind == "grow: move" and index._old is None:
                 kind = "grow: last move, frees the old table"
-            slow.append((steps_cpu[-1], kind, part, collecting[0] - in_gc))
+            slow.append((steps_cpu[-1], kind, part, collecting[0] - in_gc, collecting[2]))
             count += 1
         return count
 
-    parts = -(-len(sync_keys) // part_keys)
+    parts = -(-sync_count // part_keys)
     # each other worker heartbeats 5 times over the sync (which takes ~7 s of the loop's time
     # at 10M chunks: the default interval is 1 s), and a lookup comes between parts
     beats_per_part = max(1, 5 * (workers - 1) // parts)
@@ -141,27 +145,27 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
 
     def timed(kind: str, part: int, type_: str, **fields) -> None:
         frames = [b"id", protocol.encode(protocol.request(type_, 1, **fields))]
-        started, in_gc = time.thread_time(), collecting[0]
+        started, in_gc, collecting[2] = time.thread_time(), collecting[0], -1
         service.answer(frames)
         steps_cpu.append(time.thread_time() - started)
-        slow.append((steps_cpu[-1], kind, part, collecting[0] - in_gc))
+        slow.append((steps_cpu[-1], kind, part, collecting[0] - in_gc, collecting[2]))
 
-    for part, start in enumerate(range(0, len(sync_keys), part_keys)):
+    for part, start in enumerate(range(0, sync_count, part_keys)):
         for _ in range(beats_per_part):  # other workers' messages between the parts
             beating = beating % (workers - 1) + 1
             timed("heartbeat", part, "heartbeat", worker_id=f"fw{beating:05d}",
                   epoch=epochs[beating], seq=seqs[beating], stats={"used_bytes": 1 << 30})
         w = (part * 7919) % workers
         timed("lookup", part, "lookup", namespace=ns, keys=keys_of(w, 0, 16))
-        chunk = sync_keys[start:start + part_keys]
+        chunk = keys_of(0, 10**6 + part, min(part_keys, sync_count - start))
         extra = {"digests": {k: k for k in chunk}} if digests else {}
         frames = [b"id", protocol.encode(protocol.request(
             "sync", 1, worker_id="fw00000", epoch=epochs[0], seq=seqs[0], part=part,
-            final=start + part_keys >= len(sync_keys), entries={ns: chunk}, **extra))]
-        started, in_gc = time.thread_time(), collecting[0]
+            final=start + part_keys >= sync_count, entries={ns: chunk}, **extra))]
+        started, in_gc, collecting[2] = time.thread_time(), collecting[0], -1
         service.answer(frames)
         steps_cpu.append(time.thread_time() - started)
-        slow.append((steps_cpu[-1], "sync message", part, collecting[0] - in_gc))
+        slow.append((steps_cpu[-1], "sync message", part, collecting[0] - in_gc, collecting[2]))
         absorb_pending(part)
     # a growth the sync started: its thread touches the new table, then the loop moves keys
     while service.index._next is not None or service.index.pending:
@@ -181,13 +185,15 @@ def _child(workers: int, keys: int, steps: int, digests: bool) -> dict:
             "heartbeat_cpu_us": heartbeat_cpu[len(heartbeat_cpu) // 2] * 1e6,
             "stream_batch_cpu_us": {"p50": stream[len(stream) // 2] * 1e6,
                                     "p99": stream[int(len(stream) * 0.99)] * 1e6},
-            "sync": {"keys": len(sync_keys), "steps": len(steps_cpu),
+            "sync": {"keys": sync_count, "steps": len(steps_cpu),
                      "slowest_step_ms": max(steps_cpu) * 1e3,
                      "steps_over_10ms": sum(s > 0.010 for s in steps_cpu),
                      "cpu_s": sum(steps_cpu),
                      "by_kind": by_kind(slow),
-                     # [CPU ms, kind, sync part, of which collecting garbage]
-                     "slowest": [[round(t * 1e3, 1), k, p, round(g * 1e3, 1)] for t, k, p, g in
+                     # [CPU ms, kind, sync part, of which collecting garbage, the oldest
+                     # generation collected (-1: none)]
+                     "slowest": [[round(t * 1e3, 1), k, p, round(g * 1e3, 1), gen]
+                                 for t, k, p, g, gen in
                                  sorted(slow, key=lambda s: -s[0])[:12]]},
             "stats_page_cpu_ms": min(stats_cpu) * 1e3, "curve": curve}
 
