@@ -24,6 +24,7 @@ class WorkerRecord:
     capacity_bytes: int
     extra: dict = field(default_factory=dict)
     tenant: str = ""  # whose credential registered it ("" = the cluster key)
+    instance: bytes = b""  # the registering process's secret token (its retries send it again)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_seq: int = 0
     syncing: bool = False

@@ -433,12 +433,23 @@ class ControllerService:
         if existing is not None and existing.tenant != tenant:
             raise LMShareError(f"worker name {worker_id!r} is taken by another tenant's worker; "
                                "choose another", code=ErrorCode.BAD_MESSAGE)
+        instance = m.get("instance") or b""
+        if existing is not None and instance and secrets.compare_digest(existing.instance,
+                                                                        instance):
+            # the same process again: the answer to its earlier attempt was late or lost (a
+            # busy controller). The same epoch, so that a late copy of either attempt cannot
+            # void the one the worker goes on with; it full-syncs next, as after any register
+            existing.last_heartbeat = time.monotonic()
+            return protocol.ok(m["id"], epoch=existing.epoch, controller_id=self.controller_id,
+                               heartbeat_interval_s=self.pacing.interval_s,
+                               heartbeat_timeout_s=self.pacing.timeout_s)
         self._next_epoch += 1
         # a worker's epoch is its proof of registration in deregister, heartbeat, batch and
         # sync: random, so that nobody can guess it (sequential epochs were two guesses away)
         record = WorkerRecord(worker_id, secrets.randbits(62) or 1, m["host"], m["data_port"],
                               m["host_id"], [str(t) for t in m["transports"]],
-                              m["capacity_bytes"], dict(m.get("extra") or {}), tenant=tenant)
+                              m["capacity_bytes"], dict(m.get("extra") or {}), tenant=tenant,
+                              instance=instance)
         previous = self.registry.add(record)
         if previous is not None:
             self.index.drop_worker(worker_id)

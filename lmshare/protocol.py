@@ -64,7 +64,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "register": {"worker_id": _WORKER, "host": Str(MAX_HOST), "data_port": Int(1, 65535),
                  "transports": List(Str(16), 8), "capacity_bytes": Int(0, MAX_COUNTER),
                  "host_id": Str(MAX_HOST),
-                 "extra": Optional(Map(Str(64), Scalar(16 * 1024), 64))},
+                 "extra": Optional(Map(Str(64), Scalar(16 * 1024), 64)),
+                 # random per worker process: a retried registration gets the same epoch
+                 "instance": Optional(Bytes(exact=16))},
     "heartbeat": {"worker_id": _WORKER, "epoch": _EPOCH, "seq": Int(0, I64_MAX),
                   "stats": Map(Str(64), Int(0, MAX_COUNTER), 64),
                   # namespace its clients look up → [chunk tokens, lookups] (read by routers)

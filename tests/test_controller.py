@@ -167,3 +167,19 @@ def test_lookup_codes_each_chunk_past_its_prefix_within_a_bound(client):
     assert reply["matched"] == 0 and reply["misses"] == bytes([misses.EVICTED_CODE, misses.NEW])
     with pytest.raises(RemoteError, match="unknown_namespace"):
         client.call("lookup", namespace=b"y" * 16, keys=[k(0)])
+
+
+def test_a_retried_registration_gets_the_same_epoch_and_a_new_process_a_new_one(client):
+    # a worker whose first answer was lost registers again; a late copy of either attempt
+    # must not void the epoch it goes on with
+    fields = dict(worker_id="w1", host="127.0.0.1", data_port=9000, transports=["tcp"],
+                  capacity_bytes=1 << 20, host_id="h")
+    first = client.call("register", instance=b"a" * 16, **fields)["epoch"]
+    again = client.call("register", instance=b"a" * 16, **fields)["epoch"]
+    assert again == first
+    client.call("heartbeat", worker_id="w1", epoch=first, seq=0, stats={})
+    restarted = client.call("register", instance=b"b" * 16, **fields)["epoch"]
+    assert restarted != first
+    with pytest.raises(RemoteError, match="unknown_worker"):
+        client.call("heartbeat", worker_id="w1", epoch=first, seq=0, stats={})
+    assert client.call("register", **fields)["epoch"] not in (first, restarted)  # no token

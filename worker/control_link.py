@@ -10,6 +10,7 @@ controller together must not come back to it in step.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +53,8 @@ class ControlLink:
         self._digest_of = digest_of  # the writer's digest of a chunk, sent with its admit
         self._heartbeat_fields = heartbeat_fields  # more fields of each heartbeat
         self._pool = pool
-        self._registration = registration
+        # the instance token makes a retried registration (its first answer lost) idempotent
+        self._registration = {**registration, "instance": secrets.token_bytes(16)}
         self._counters = counters
         self.worker_id: str = registration["worker_id"]
         self.epoch = 0
