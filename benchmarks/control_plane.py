@@ -94,7 +94,7 @@ class Bar:
 class _Worker:
     __slots__ = ("index", "name", "socket", "epoch", "seq", "pending", "next_beat", "pinned",
                  "blocks", "generation", "state", "retry_at", "registered_at", "dead_seen",
-                 "backoff", "unsent", "known")
+                 "backoff", "unsent", "known", "instance")
 
     def __init__(self, index: int, socket: zmq.Socket) -> None:
         self.index, self.name, self.socket = index, f"fw{index:05d}", socket
@@ -109,6 +109,7 @@ class _Worker:
         self.backoff = retry_backoff()  # a worker's waits before registering again
         self.unsent: bytes | None = None  # the pending request, while not yet connected
         self.known = False  # registered, not told since that the controller forgot it
+        self.instance = os.urandom(16)  # as a worker process's, sent with each registration
         self.registered_at = 0.0
         self.dead_seen = 0  # registrations the controller forgot (declared it dead) since mark
 
@@ -179,7 +180,8 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
     def register(w: _Worker) -> None:
         w.state = "registering"
         send(w, "register", worker_id=w.name, host="127.0.0.1", data_port=20000 + w.index % 40000,
-             transports=["tcp"], capacity_bytes=64 << 30, host_id=f"host{w.index // 8}")
+             transports=["tcp"], capacity_bytes=64 << 30, host_id=f"host{w.index // 8}",
+             instance=w.instance)
 
     def sync(w: _Worker, keys: list[bytes], part: int, final: bool) -> None:
         w.state = "syncing"
