@@ -252,8 +252,12 @@ class ChunkIndex:
         return self._keys
 
     # ------------------------------------------------------------------ changes (queued)
-    def add(self, worker_id: str, namespace: bytes, keys: list[bytes]) -> None:
-        self._submit(_Work("add", worker_id, namespace, keys))
+    def add(self, worker_id: str, namespace: bytes, keys: list[bytes],
+            queue: bool = False) -> None:
+        """Index ``keys`` as held by ``worker_id``: at once if they are few and nothing is
+        queued, else slice by slice; ``queue``: leave even a few to the next :meth:`absorb`
+        (the loop's next step: a message that also costs decoding stays short)."""
+        self._submit(_Work("add", worker_id, namespace, keys), queue)
 
     def remove(self, worker_id: str, keys: list[bytes]) -> None:
         self._submit(_Work("remove", worker_id, b"", keys))
@@ -276,11 +280,11 @@ class ChunkIndex:
             # (else a sweep of the table that has not started yet covers this id too)
         return held
 
-    def _submit(self, work: _Work) -> None:
+    def _submit(self, work: _Work, queue: bool = False) -> None:
         if not work.keys:
             return
         self._work.append(work)
-        if len(self._work) == 1 and len(work.keys) <= SLICE_KEYS:
+        if not queue and len(self._work) == 1 and len(work.keys) <= SLICE_KEYS:
             self.absorb()  # a small change with nothing queued: apply it now
 
     @property

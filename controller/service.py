@@ -357,13 +357,15 @@ class ControllerService:
         return record
 
     def _apply_entries(self, record: WorkerRecord, entries: dict[bytes, list[bytes]],
-                       digests: dict[bytes, bytes] | None = None) -> None:
+                       digests: dict[bytes, bytes] | None = None, queue: bool = False) -> None:
         """Index a worker's keys (checked by the protocol); past its cap they are dropped, and
-        keys whose digest differs from the one their writer recorded are refused."""
+        keys whose digest differs from the one their writer recorded are refused. ``queue``:
+        the index applies them in the loop's next step (:meth:`ChunkIndex.add`)."""
         records = self._digests_of(record.tenant)  # each tenant's writers record their own
         conflicts = records.conflicts
         for namespace, keys in entries.items():
-            self.index.add(record.worker_id, namespace, records.admit(keys, digests or {}))
+            self.index.add(record.worker_id, namespace, records.admit(keys, digests or {}),
+                           queue)
             if keys:
                 self._saw_namespace(record.tenant, namespace)
         if records.conflicts > conflicts:
@@ -501,7 +503,9 @@ class ControllerService:
             record.syncing = True
         elif not record.syncing:
             return protocol.ok(m["id"], resync=True)
-        self._apply_entries(record, m["entries"], m.get("digests"))
+        # a part's keys are indexed in the loop's next step (its decoding and digests fill
+        # this one), the last part's at once: the earlier ones are indexed by then
+        self._apply_entries(record, m["entries"], m.get("digests"), queue=not m["final"])
         if m["final"]:
             record.syncing = False
             record.last_seq = m["seq"]
