@@ -184,5 +184,5 @@ class LocateChannel:
         try:
             self._tcp.send(peer, {"v": PROTOCOL_VERSION, "type": "release", "handle": handle},
                            time.monotonic() + RELEASE_TIMEOUT_S)
-        except OSError as exc:
+        except (OSError, LMShareError) as exc:  # (never raised: a reader's finally calls it)
             log.debug("lease %d on %s ends on its own: %s", handle, peer.worker_id, exc)
