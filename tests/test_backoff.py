@@ -149,13 +149,50 @@ def test_the_link_resets_its_backoff_once_it_is_up(monkeypatch):
 def test_a_worker_the_controller_was_too_busy_for_keeps_its_registration(monkeypatch):
     # heartbeats without answer (a saturated controller): the worker waits its backoff and
     # heartbeats again; no new registration, no full sync of its chunks
+    # heartbeat and, since it may still be known, waits at most a heartbeat interval: a longer
+    # silence would outlast the controller's liveness timeout
     down = ControllerUnavailable("no answer")
-    controller = _Controller([down, down])
-    link, stop = _link(controller, 3, monkeypatch, rand=lambda: 0.999999)
+    controller = _Controller([down] * 4)
+    link, stop = _link(controller, 5, monkeypatch, rand=lambda: 0.999999)
     link.registered.set()
     link._known = True
     link._need_sync = False
     link._run()
-    assert controller.calls == ["heartbeat"] * 3
+    assert controller.calls == ["heartbeat"] * 5
     assert link.registered.is_set()
-    assert stop.waited[:2] == pytest.approx([0.5, 1], rel=1e-5)
+    assert stop.waited[:4] == pytest.approx([0.5, 1, 1, 1], rel=1e-5)
+
+
+class _Batches(_Controller):
+    """Leaves the first batch unanswered; ``applied``: whether it had applied it anyway."""
+
+    def __init__(self, applied: bool) -> None:
+        super().__init__([])
+        self.applied, self.seq, self.dropped = applied, 0, False
+
+    def call(self, type_, timeout_s=None, **fields):
+        self.calls.append(type_)
+        if type_ == "batch" and not self.dropped:
+            self.dropped = True
+            if self.applied:
+                self.seq = fields["seq"]
+            raise ControllerUnavailable("no answer in time")
+        if type_ == "batch":
+            self.seq = fields["seq"]
+        if type_ == "heartbeat":
+            return {"resync": fields["seq"] != self.seq}
+        return {"resync": False}
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_an_unanswered_batch_costs_a_full_sync_only_if_the_controller_lost_it(monkeypatch,
+                                                                             applied):
+    controller = _Batches(applied)
+    link, stop = _link(controller, 2, monkeypatch, rand=lambda: 0.5)
+    link.registered.set()
+    link._known = True
+    link._need_sync = False
+    link._on_pool_event("admit", b"n" * 16, b"k" * 16)
+    link._run()
+    assert controller.calls[:2] == ["batch", "heartbeat"]
+    assert ("sync" in controller.calls) is not applied

@@ -143,7 +143,7 @@ class ControlLink:
                 if self.registered.is_set():
                     log.warning("controller unreachable (%s); serving local hits, retrying", exc)
                 self.registered.clear()
-                self._stop.wait(self.backoff.next_wait())
+                self._stop.wait(self._retry_wait())
                 continue
             except RemoteError as exc:
                 if exc.code == ErrorCode.UNKNOWN_WORKER:
@@ -158,6 +158,13 @@ class ControlLink:
             except Exception:
                 log.exception("control link error")
             self._stop.wait(BATCH_INTERVAL_S)
+
+    def _retry_wait(self) -> float:
+        """The backoff's wait; at most a heartbeat interval while the controller may still know
+        this worker: a longer silence would outlast its liveness timeout (and a heartbeat an
+        interval costs it no more than an answered worker's)."""
+        wait = self.backoff.next_wait() or 0.0
+        return min(wait, self.heartbeat_interval_s) if self._known else wait
 
     def _call(self, type_: str, **fields: Any) -> dict[str, Any]:
         return self._client.call(type_, worker_id=self.worker_id, epoch=self.epoch, **fields)
@@ -190,8 +197,12 @@ class ControlLink:
         try:
             reply = self._call("batch", seq=self._seq, admit=admit, evict=evict,
                                **self._digests(admit))
+        except ControllerUnavailable:
+            # lost, or only late (a busy controller): the next heartbeat carries this seq,
+            # and the controller asks for a full sync only if it did not apply this batch
+            raise
         except LMShareError:
-            self._need_sync = True  # the batch may be lost: the next sync covers it
+            self._need_sync = True  # refused: the next sync covers it
             raise
         if reply.get("resync"):
             self._need_sync = True
