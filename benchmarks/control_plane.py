@@ -175,7 +175,8 @@ def _simulate(first: int, count: int, port: int, key_file: str, interval_s: floa
         socket (a late reply must not be read as the next answer), wait its backoff."""
         w.pending = None
         w.state = "down"
-        w.retry_at = now + w.backoff.next_wait()
+        wait = w.backoff.next_wait()
+        w.retry_at = now + (min(wait, paced[0]) if w.known else wait)  # as control_link does
 
     def register(w: _Worker) -> None:
         w.state = "registering"
