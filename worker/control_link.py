@@ -30,7 +30,8 @@ SYNC_PART_KEYS = 512  # a part the controller decodes, records the digests of an
 BATCH_INTERVAL_S = 0.02
 STOP_JOIN_S = 5.0  # stopping: how long the loop thread may take to finish its message
 DEREGISTER_TIMEOUT_S = 1.0  # stopping: the deregister call, per controller tried
-REGISTER_TIMEOUT_S = 1.0  # a registration attempt's deadline, per controller tried
+REGISTER_TIMEOUT_S = 5.0  # a registration attempt's deadline, per controller tried: a busy
+# controller answers it late, and a retry (idempotent: the instance token) only queues behind it
 RETRY_BASE_S = 0.5  # the first wait before registering again is uniform in [0, 0.5 s] ...
 RETRY_CAP_S = 8.0  # ... each later one's window doubles, up to 8 s (full jitter)
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.05, 120.0  # heartbeat intervals a controller may ask for
