@@ -137,7 +137,8 @@ def test_an_overloaded_holders_request_goes_elsewhere_and_hits_a_peer(setup):
     wait_until(lambda: setup.route(f"{doc}\nQuestion: again?") == (holder, "hit"), 15,
                "the router finding the holder")
     other = next(n for n in NAMES if n != holder)
-    peer_hits = setup.counters(other)["peer_hit_chunks"]
+    before = setup.counters(other)
+    peer_hits = before["peer_hit_chunks"]
 
     def long_stream(question: str) -> bytes:
         conn, reply = setup.complete(f"{doc}\nQuestion: {question}", max_tokens=1500,
@@ -153,7 +154,10 @@ def test_an_overloaded_holders_request_goes_elsewhere_and_hits_a_peer(setup):
         wait_until(lambda: next(b["in_flight"] for b in setup.stats()["backends"]
                                 if b["name"] == holder) == 2, 60, "two requests at the holder")
         assert setup.route(f"{doc}\nQuestion: elsewhere?") == (other, "overloaded")
-        assert setup.counters(other)["peer_hit_chunks"] > peer_hits  # served by a peer hit
+        after = setup.counters(other)
+        why = {k: after[k] - before[k] for k in after
+               if (k.startswith("miss_") or k.endswith("_peer_chunks")) and after[k] != before[k]}
+        assert after["peer_hit_chunks"] > peer_hits, f"served without a peer hit: {why}"
         for future in busy:
             assert future.result().endswith(b"data: [DONE]\n\n")
 
