@@ -93,7 +93,7 @@ def post(port: int, path: str, body, timeout: float = 20.0):
 
 
 def router_stats(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/router/stats", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/router/stats", timeout=30) as r:
         return json.loads(r.read())
 
 

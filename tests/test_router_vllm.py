@@ -38,7 +38,7 @@ class Setup:
 
     def stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/router/stats",
-                                    timeout=5) as reply:
+                                    timeout=30) as reply:
             return json.loads(reply.read())
 
     def counters(self, worker: str) -> dict:
