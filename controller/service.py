@@ -47,6 +47,7 @@ TENANT_FIELD = "_tenant"
 CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "lookup", "explain",
                     "stats", "ping", "handoff"}
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
+LIVENESS_CHECK_S = 0.1  # how often the loop looks for workers whose heartbeats stopped
 MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
 # chunks whose last holder let them go (left, died or evicted them), remembered for miss
 # reasons; and namespaces (per tenant) that ever had chunks, to tell "never seen" from "empty"
@@ -158,6 +159,7 @@ class ControllerService:
         self._miss_history: deque[dict[str, int]] = deque(maxlen=60)
         self._last_misses: dict[str, dict[str, int]] = {}  # worker → its counts last second
         self._last_sample = 0.0
+        self._last_liveness_check = 0.0
         self.slowest_step_cpu_s = 0.0  # CPU time of the longest message or index slice
         # per kind of step (a message type, or "absorb"): [steps, steps over 10 ms of CPU]
         self.step_counts: dict[str, list[int]] = {}
@@ -671,7 +673,13 @@ class ControllerService:
 
     # ------------------------------------------------------------------ timers
     def _check_liveness(self) -> None:
-        for record in self.registry.expired():
+        """Drop the workers whose heartbeats stopped: a scan of every worker, so at most every
+        LIVENESS_CHECK_S (a step at 10,000 workers would otherwise pay it each time)."""
+        now = time.monotonic()
+        if now - self._last_liveness_check < LIVENESS_CHECK_S:
+            return
+        self._last_liveness_check = now
+        for record in self.registry.expired(now):
             self._drop_worker(record.worker_id, "dead",
                               f"missed heartbeats for {record.heartbeat_age():.1f}s")
 
