@@ -93,9 +93,10 @@ class WorkerRegistry:
         return self.workers.pop(worker_id, None)
 
     def state(self, record: WorkerRecord, now: float | None = None) -> str:
+        """"suspect" once half the timeout passed without a heartbeat, else "alive". A
+        registered worker is never "dead": it is that once the controller has dropped it (and
+        its chunks), which it does within a loop step or so of the whole timeout."""
         age = record.heartbeat_age(now)
-        if age > self.heartbeat_timeout_s:
-            return "dead"
         return "suspect" if age > self.heartbeat_timeout_s / 2 else "alive"
 
     def expired(self, now: float | None = None) -> list[WorkerRecord]:

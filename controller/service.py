@@ -404,11 +404,17 @@ class ControllerService:
     def _miss_code(self, key: bytes, tenant: str) -> int:
         """What the controller knows of a chunk past a lookup's held prefix (misses.HELD,
         NEW, GONE, EVICTED_CODE), counting only ``tenant``'s own workers when tenants run."""
-        if not self._any_tenant and not tenant:
-            if self.index.holds(key):
+        holders = self.index.holders_of(key)  # departed ones included until swept out
+        if holders:
+            live = [w for w in holders if w in self.registry.workers]
+            if live and self._same_tenant([live], tenant):
                 return misses.HELD
-        elif self._same_tenant([self.index.holders(key)], tenant):
-            return misses.HELD
+            # every holder left or died, and its keys are still being swept out of the index
+            # (only then are they orphaned): the holder is gone
+            for worker_id in holders:
+                departed = self.departed.get(worker_id)
+                if departed is not None and departed[0].tenant == tenant:
+                    return misses.GONE
         orphan = self.orphans.get(key)
         if orphan is None or orphan[2] != tenant:
             return misses.NEW

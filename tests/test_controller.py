@@ -183,3 +183,32 @@ def test_a_retried_registration_gets_the_same_epoch_and_a_new_process_a_new_one(
     with pytest.raises(RemoteError, match="unknown_worker"):
         client.call("heartbeat", worker_id="w1", epoch=first, seq=0, stats={})
     assert client.call("register", **fields)["epoch"] not in (first, restarted)  # no token
+
+
+def test_chunks_of_a_worker_that_left_are_missed_as_holder_gone_while_they_are_swept_out():
+    """A leaving worker's keys leave the index slice by slice; until they are gone, a lookup
+    past them says their holder is gone (not nothing, as if they were still held)."""
+    from lmshare import misses, protocol
+    from lmshare.controller import index as index_module
+
+    service = ControllerService(ControllerConfig(port=0))
+
+    def answer(type_: str, **fields) -> dict:
+        reply = service.answer([b"id", protocol.encode(protocol.request(type_, 1, **fields))])
+        return msgpack.unpackb(reply[1])
+
+    epochs = {w: answer("register", worker_id=w, host="127.0.0.1", data_port=9000 + n,
+                        transports=["tcp"], capacity_bytes=1 << 30, host_id="h")["epoch"]
+              for n, w in enumerate(("leaver", "asker"))}
+    keys = [k(i) for i in range(3 * index_module.SLICE_KEYS)]
+    answer("batch", worker_id="leaver", epoch=epochs["leaver"], seq=1, admit={NS: keys}, evict=[])
+    while service.index.pending:
+        service.index.absorb()
+    answer("deregister", worker_id="leaver", epoch=epochs["leaver"])
+    assert service.index.pending, "the sweep of its keys is still queued"
+    reply = answer("lookup", namespace=NS, keys=keys[:16])
+    assert reply["matched"] == 0 and set(reply["misses"]) == {misses.GONE}
+    while service.index.pending:
+        service.index.absorb()
+    reply = answer("lookup", namespace=NS, keys=keys[:16])
+    assert reply["matched"] == 0 and set(reply["misses"]) == {misses.GONE}  # orphaned now
