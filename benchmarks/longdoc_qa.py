@@ -61,6 +61,7 @@ class ModeResult:
     outputs: list[list[int]] = field(default_factory=list)
     peer_hit_chunks: int = 0
     local_hit_chunks: int = 0
+    misses: dict[str, int] = field(default_factory=dict)  # chunks missed, by reason
 
 
 def default_instances() -> int:
@@ -87,6 +88,22 @@ def build_model(s: Settings, root: Path) -> Path:
     return build_tiny_model(Path(s.model_dir) if s.model_dir else root / "model",
                             hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads,
                             num_kv_heads=s.kv_heads)
+
+
+def _wait_indexed(cluster: LocalCluster, names: list[str], timeout_s: float = 10.0) -> None:
+    """Until the controller indexes as many chunks of each worker as its pool holds (workers
+    announce stores in batches, a few ms after them): a question asked right after another
+    engine stored its document finds it. Gives up quietly after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        held = {}
+        for name in names:
+            with cluster.client(name) as client:
+                held[name] = client.stats()["counters"]["entries"]
+        indexed = {w.worker_id: w.chunks_indexed for w in cluster.stats().workers}
+        if all(indexed.get(name) == count for name, count in held.items()):
+            return
+        time.sleep(0.02)
 
 
 def run_mode(mode: str, s: Settings, model: Path, root: Path) -> ModeResult:
@@ -127,6 +144,8 @@ def run_mode(mode: str, s: Settings, model: Path, root: Path) -> ModeResult:
                 result.ttft_s.append(reply["ttft"] if reply.get("ttft") else reply["seconds"])
                 result.outputs.append(reply["token_ids"])
                 engine.flush()  # stores are asynchronous: the next request may want them
+                if mode != "vllm":
+                    _wait_indexed(cluster, names)  # ... and so may the index's copy of them
             result.completion_s = time.perf_counter() - started
             if mode != "vllm":
                 for name in names:
@@ -134,6 +153,10 @@ def run_mode(mode: str, s: Settings, model: Path, root: Path) -> ModeResult:
                         counters = client.stats()["counters"]
                     result.peer_hit_chunks += counters["peer_hit_chunks"]
                     result.local_hit_chunks += counters["local_hit_chunks"]
+                    for name_, count in counters.items():
+                        if name_.startswith("miss_") and count:
+                            reason = name_[len("miss_"):]
+                            result.misses[reason] = result.misses.get(reason, 0) + count
         finally:
             for engine in engines:
                 engine.close()
@@ -147,7 +170,8 @@ def measure(s: Settings, modes: tuple[str, ...] = MODES) -> dict:
         results = {mode: run_mode(mode, s, model, root) for mode in modes}
     return {"settings": vars(s), "modes": {
         mode: {"ttft_s": r.ttft_s, "completion_s": r.completion_s, "outputs": r.outputs,
-               "peer_hit_chunks": r.peer_hit_chunks, "local_hit_chunks": r.local_hit_chunks}
+               "peer_hit_chunks": r.peer_hit_chunks, "local_hit_chunks": r.local_hit_chunks,
+               "misses": r.misses}
         for mode, r in results.items()}}
 
 

@@ -22,7 +22,8 @@ def test_longdoc_qa_runs_and_peers_supply_chunks(tmp_path):
     data = longdoc_qa.measure(settings, modes=("siloed", "lmshare"))
     siloed, shared = data["modes"]["siloed"], data["modes"]["lmshare"]
     assert siloed["peer_hit_chunks"] == 0  # peer sharing off: nothing from peers
-    assert shared["peer_hit_chunks"] >= 3 * 512 // longdoc_qa.CHUNK  # every 2nd question
+    assert shared["peer_hit_chunks"] >= 3 * 512 // longdoc_qa.CHUNK, \
+        f"every 2nd question is a peer hit; missed: {shared['misses']}"
     assert len(shared["ttft_s"]) == 6 and all(t > 0 for t in shared["ttft_s"])
     assert [o[:1] for o in shared["outputs"]] == [o[:1] for o in siloed["outputs"]]
     text = longdoc_qa.report(data)
