@@ -59,7 +59,7 @@ class HeartbeatPacing:
 
     def tick(self, late: Callable[[], float] | None = None) -> bool:
         """End of a loop step; True when the interval changed. ``late`` gives the fraction of
-        workers whose heartbeat is late (asked once a window)."""
+        heartbeats that arrived late (asked once a window)."""
         now = self.clock()
         if self._window_start is None:
             self._window_start = now

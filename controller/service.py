@@ -160,6 +160,7 @@ class ControllerService:
         self._last_misses: dict[str, dict[str, int]] = {}  # worker → its counts last second
         self._last_sample = 0.0
         self._last_liveness_check = 0.0
+        self._heartbeats_arrived = self._heartbeats_late = 0  # since the pacing last asked
         self.slowest_step_cpu_s = 0.0  # CPU time of the longest message or index slice
         # per kind of step (a message type, or "absorb"): [steps, steps over 10 ms of CPU]
         self.step_counts: dict[str, list[int]] = {}
@@ -477,6 +478,8 @@ class ControllerService:
 
     def _on_heartbeat(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
+        self._heartbeats_arrived += 1
+        self._heartbeats_late += record.heartbeat_age() > self.pacing.timeout_s / 2
         record.record_heartbeat(WorkerCounters.from_dict(m["stats"]))
         record.namespaces = _namespace_report(m.get("namespaces"))
         if m.get("signatures") is not None:  # checked again: each must hash to its namespace
@@ -690,12 +693,13 @@ class ControllerService:
                               f"missed heartbeats for {record.heartbeat_age():.1f}s")
 
     def _late_fraction(self) -> float:
-        """The fraction of registered workers whose heartbeat is late (suspect)."""
-        workers = self.registry.workers
-        if not workers:
-            return 0.0
-        now, late_s = time.monotonic(), self.pacing.timeout_s / 2
-        return sum(1 for w in workers.values() if now - w.last_heartbeat > late_s) / len(workers)
+        """The fraction of the heartbeats answered since the last call that arrived late (more
+        than half the timeout after the worker's previous one): a controller behind its queue
+        sees many; a worker that died sends none, so it never counts (in a small cluster one
+        dead worker must not slow everyone's heartbeats and its own detection)."""
+        arrived, late = self._heartbeats_arrived, self._heartbeats_late
+        self._heartbeats_arrived = self._heartbeats_late = 0
+        return late / arrived if arrived else 0.0
 
     def _sample_hits(self) -> None:
         now = time.monotonic()

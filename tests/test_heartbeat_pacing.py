@@ -99,3 +99,38 @@ def test_many_workers_late_at_once_count_as_behind_even_when_the_loop_looks_idle
     now[0] += pacing.window_s
     assert pacing.tick(late=lambda: 0.05)  # on time and idle: halved
     assert pacing.interval_s == 2
+
+
+def test_a_dead_worker_is_no_late_heartbeat_and_a_late_arrival_is():
+    """In a cluster of three, one worker dying must not read as a controller behind its queue
+    (that would slow everyone's heartbeats and stretch the timeout that declares it dead)."""
+    from unittest import mock
+
+    import msgpack
+
+    from lmshare import protocol
+    from lmshare.controller import ControllerConfig, ControllerService
+
+    service = ControllerService(ControllerConfig(port=0, heartbeat_interval_s=0.3,
+                                                 heartbeat_timeout_s=1.5))
+
+    def answer(type_: str, **fields) -> dict:
+        reply = service.answer([b"id", protocol.encode(protocol.request(type_, 1, **fields))])
+        return msgpack.unpackb(reply[1])
+
+    epochs = {w: answer("register", worker_id=w, host="127.0.0.1", data_port=9000 + n,
+                        transports=["tcp"], capacity_bytes=1 << 30, host_id="h")["epoch"]
+              for n, w in enumerate(("a", "b", "dead"))}
+    now = [1000.0]
+    with mock.patch("time.monotonic", lambda: now[0]):
+        for record in service.registry.workers.values():
+            record.last_heartbeat = now[0]
+        service._late_fraction()
+        for _ in range(6):  # two seconds of heartbeats from a and b; none from "dead"
+            now[0] += 0.3
+            for w in ("a", "b"):
+                answer("heartbeat", worker_id=w, epoch=epochs[w], seq=0, stats={})
+        assert service._late_fraction() == 0.0
+        now[0] += 1.0  # b stalls for a second, then its heartbeat arrives
+        answer("heartbeat", worker_id="b", epoch=epochs["b"], seq=0, stats={})
+        assert service._late_fraction() == 1.0

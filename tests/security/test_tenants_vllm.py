@@ -53,6 +53,7 @@ def test_another_tenants_engine_gets_no_hit(tmp_path):
             wait_until(lambda: counters(cluster, "acme-1")["entries"] >= 3, 10, "acme's chunks")
             before = counters(cluster, "globex-1")
             second = globex.generate(prompt)
+            globex.flush()  # its own stores (below) are asynchronous too
             after = counters(cluster, "globex-1")
             assert second["token_ids"] == first["token_ids"]  # computed, and the same answer
             assert second["num_cached_tokens"] == 0
