@@ -6,8 +6,9 @@ top) falls behind, every message waits in its queue, and each late answer is a w
 and retry. So the controller watches how much of its time it is idle, waiting for messages:
 almost never idle over a window, it doubles the interval it asks for (up to ``max_factor``
 times the configured one); mostly idle, it halves it again. Heartbeat and registration replies
-carry the interval; workers adopt it. Many workers late at once (a fifth of them past half the
-timeout) also counts as behind: that backlog is where the loop cannot see it. The liveness timeout grows with the interval, and shrinks
+carry the interval; workers adopt it. Many heartbeats arriving late (a fifth of those of a
+window came more than half the timeout after the worker's previous one) also counts as behind:
+that backlog is where the loop cannot see it. A worker that died sends none, so it never counts. The liveness timeout grows with the interval, and shrinks
 only once every worker has had time to hear that the interval shrank.
 """
 
