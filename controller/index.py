@@ -627,10 +627,6 @@ class ChunkIndex:
         """The workers holding ``key`` (a departed one until its keys are swept out)."""
         return tuple(self._names[w] for w in self._holder_ids(key)[0])
 
-    def holds(self, key: bytes) -> bool:
-        """Whether any worker holds ``key``."""
-        return bool(self._holder_ids(key)[0])
-
     def holders(self, key: bytes) -> list[str]:
         """The workers holding ``key``, sorted ([] if none)."""
         return sorted(self.holders_of(key))
