@@ -196,3 +196,36 @@ def test_an_unanswered_batch_costs_a_full_sync_only_if_the_controller_lost_it(mo
     link._run()
     assert controller.calls[:2] == ["batch", "heartbeat"]
     assert ("sync" in controller.calls) is not applied
+
+
+def test_lookups_keep_asking_a_busy_controller_that_still_knows_the_worker(monkeypatch):
+    # a heartbeat that times out on a busy controller clears `registered` until the retry;
+    # the controller still knows the worker, so lookups keep asking it (within their own
+    # deadline) for a few heartbeat intervals, then treat it as gone
+    now = [1000.0]
+    monkeypatch.setattr(control_link.time, "monotonic", lambda: now[0])
+    link, stop = _link(_Controller([]), 1, monkeypatch, rand=lambda: 0.5)
+    assert not link.may_answer()  # never registered: nothing to ask
+    link.register(timeout_s=1.0)
+    link._need_sync = False
+    link._client.failures = [ControllerUnavailable("heartbeat timed out")]
+    link._run()
+    assert not link.registered.is_set()
+    grace = control_link.UNHEARD_GRACE_INTERVALS * link.heartbeat_interval_s
+    now[0] += grace - 0.01
+    assert link.may_answer()
+    link.heard()  # a lookup was answered: the controller is alive, only slow
+    now[0] += grace - 0.01
+    assert link.may_answer()
+    now[0] += 0.02
+    assert not link.may_answer()  # unheard for the whole grace: lookups answer locally
+
+
+def test_lookups_stop_asking_a_controller_that_forgot_the_worker(monkeypatch):
+    unknown = RemoteError(ErrorCode.UNKNOWN_WORKER, "not registered here")
+    link, stop = _link(_Controller([]), 1, monkeypatch, rand=lambda: 0.5)
+    link.register(timeout_s=1.0)
+    link._need_sync = False
+    link._client.failures = [unknown]
+    link._run()
+    assert not link.may_answer()  # a restarted controller: no holders to learn until re-synced

@@ -352,11 +352,12 @@ class WorkerAgent:
             return found
         if not peers:
             return self._why_local(keys, local_prefix, misses.PEERS_OFF, why, found)
-        if not self.link.registered.is_set():
+        if not self.link.may_answer():
             return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
         self._count(controller_lookups=1)
         try:
             reply = self._controller().call("lookup", namespace=namespace, keys=keys)
+            self.link.heard()
         except RemoteError as exc:
             if exc.code == ErrorCode.UNKNOWN_NAMESPACE:
                 return self._why_local(keys, local_prefix, misses.UNKNOWN_NAMESPACE, why, found)

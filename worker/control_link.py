@@ -10,6 +10,7 @@ controller together must not come back to it in step.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -35,6 +36,8 @@ REGISTER_TIMEOUT_S = 5.0  # a registration attempt's deadline, per controller tr
 RETRY_BASE_S = 0.5  # the first wait before registering again is uniform in [0, 0.5 s] ...
 RETRY_CAP_S = 8.0  # ... each later one's window doubles, up to 8 s (full jitter)
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.05, 120.0  # heartbeat intervals a controller may ask for
+UNHEARD_GRACE_INTERVALS = 5  # lookups still ask a controller unheard for up to this many
+# heartbeat intervals (its default liveness timeout: by then it has dropped this worker anyway)
 
 
 def retry_backoff() -> Backoff:
@@ -62,6 +65,7 @@ class ControlLink:
         self.heartbeat_interval_s = 1.0
         self.registered = threading.Event()  # set while the controller answers
         self._known = False  # registered, and not told since that the controller forgot it
+        self._heard_at = -math.inf  # monotonic time of the controller's last answer
         self.last_register_s = 0.0
         self.controller_id = ""
         self._seq = 0
@@ -89,10 +93,26 @@ class ControlLink:
         self.last_register_s = elapsed
         self._need_sync = True
         self._known = True
+        self.heard()
         self.registered.set()
         log.info("registered with controller %s as %s (epoch %d) in %.2f ms", self.controller_id,
                  self.worker_id, self.epoch, elapsed * 1000)
         return elapsed
+
+    def heard(self) -> None:
+        """The controller answered a call (this link's, or a lookup of the agent's)."""
+        self._heard_at = time.monotonic()
+
+    def may_answer(self) -> bool:
+        """Whether a lookup should still ask the controller: registered, or known to it and
+        heard within the last few heartbeat intervals. A heartbeat that timed out on a busy
+        controller clears ``registered`` until the retry; the controller still knows this
+        worker meanwhile, and a lookup has its own deadline. One unheard for longer is treated
+        as gone (lookups then answer from local chunks at once)."""
+        if self.registered.is_set():
+            return True
+        return self._known and time.monotonic() - self._heard_at \
+            < UNHEARD_GRACE_INTERVALS * self.heartbeat_interval_s
 
     def set_key(self, key) -> None:
         """Talk to the controller with ``key`` from the next message on (a reloaded file)."""
@@ -168,7 +188,9 @@ class ControlLink:
         return min(wait, self.heartbeat_interval_s) if self._known else wait
 
     def _call(self, type_: str, **fields: Any) -> dict[str, Any]:
-        return self._client.call(type_, worker_id=self.worker_id, epoch=self.epoch, **fields)
+        reply = self._client.call(type_, worker_id=self.worker_id, epoch=self.epoch, **fields)
+        self.heard()
+        return reply
 
     def _heartbeat(self) -> None:
         extra = self._heartbeat_fields() if self._heartbeat_fields is not None else {}
