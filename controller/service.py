@@ -31,6 +31,7 @@ from lmshare.controller.signatures import SignatureBook
 from lmshare.controller.tenants import ClusterTenants
 from lmshare.credentials import ClusterKey
 from lmshare.errors import ConfigError, ErrorCode, LMShareError
+from lmshare.shards import Shard
 from lmshare.signals import SignalLatch
 from lmshare.signatures import from_wire
 from lmshare.stats import MAX_MISMATCHES, ClusterEvent, ClusterStats, WorkerCounters, WorkerView
@@ -72,6 +73,8 @@ class ControllerConfig:
     # long its chunks stay in any pool (lmshare/tenancy.py)
     tenant_quotas: dict[str, int] = field(default_factory=dict)
     tenant_ttls: dict[str, float] = field(default_factory=dict)
+    # the part of the key space this controller indexes (lmshare/shards.py); 0/1 = every key
+    shard: Shard = field(default_factory=Shard)
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s"):
@@ -207,7 +210,8 @@ class ControllerService:
         signal reads the key file again)."""
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
-        log.info("controller %s listening on %s:%d", self.controller_id, self.config.host, self.port)
+        log.info("controller %s listening on %s:%d (shard %s)", self.controller_id,
+                 self.config.host, self.port, self.config.shard)
         gc_policy.rare_full_collections()  # (a full collection: 50-130 ms of one step)
         try:
             while not self._stop.is_set() and not (signals and signals.stop_requested):
@@ -349,6 +353,12 @@ class ControllerService:
         return self._handlers[message["type"]](message)
 
     # ------------------------------------------------------------------ helpers
+    def _check_owned(self, keys: list[bytes], what: str) -> None:
+        """Refuse (``wrong_shard``) a message carrying keys another shard owns, before any of
+        it is applied."""
+        if self.config.shard.count > 1:
+            self.config.shard.check_owned(keys, what)
+
     def _worker(self, message: dict[str, Any]) -> WorkerRecord:
         record = self.registry.get(message["worker_id"], message["epoch"])
         if record is not None and record.tenant != message.get(TENANT_FIELD, ""):
@@ -453,7 +463,8 @@ class ControllerService:
             existing.last_heartbeat = time.monotonic()
             return protocol.ok(m["id"], epoch=existing.epoch, controller_id=self.controller_id,
                                heartbeat_interval_s=self.pacing.interval_s,
-                               heartbeat_timeout_s=self.pacing.timeout_s)
+                               heartbeat_timeout_s=self.pacing.timeout_s,
+                               shard=str(self.config.shard))
         self._next_epoch += 1
         # a worker's epoch is its proof of registration in deregister, heartbeat, batch and
         # sync: random, so that nobody can guess it (sequential epochs were two guesses away)
@@ -474,7 +485,8 @@ class ControllerService:
         self.departed.pop(worker_id, None)
         return protocol.ok(m["id"], epoch=record.epoch, controller_id=self.controller_id,
                            heartbeat_interval_s=self.pacing.interval_s,
-                           heartbeat_timeout_s=self.pacing.timeout_s)
+                           heartbeat_timeout_s=self.pacing.timeout_s,
+                           shard=str(self.config.shard))
 
     def _on_heartbeat(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
@@ -499,6 +511,8 @@ class ControllerService:
 
     def _on_batch(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
+        self._check_owned([key for keys in m["admit"].values() for key in keys], "batch")
+        self._check_owned(m["evict"], "batch")
         if record.syncing or m["seq"] != record.last_seq + 1:
             return protocol.ok(m["id"], resync=True)
         self._apply_entries(record, m["admit"], m.get("digests"))
@@ -509,6 +523,7 @@ class ControllerService:
 
     def _on_sync(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
+        self._check_owned([key for keys in m["entries"].values() for key in keys], "sync part")
         if m["part"] == 0:
             self.index.drop_worker(record.worker_id)
             record.syncing = True
@@ -537,6 +552,8 @@ class ControllerService:
         source = record.worker_id
         self.draining.add(source)
         keys = m.get("keys")
+        if keys is not None:
+            self._check_owned(keys, "handoff")
         if keys is None:
             unique, copied, failed, pending = self.handoffs.status(
                 source, self._live_holders, self._can_take)
@@ -573,6 +590,7 @@ class ControllerService:
         if len(keys) > self.config.max_lookup_keys:
             raise LMShareError(f"lookup of {len(keys)} keys exceeds "
                                f"{self.config.max_lookup_keys}; split it", code=ErrorCode.TOO_LARGE)
+        self._check_owned(keys, "lookup")
         namespace = m["namespace"]
         tenant = m.get(TENANT_FIELD, "")
         seen = (tenant, namespace) in self.seen_namespaces  # it had chunks once
@@ -605,6 +623,7 @@ class ControllerService:
         if len(keys) > MAX_EXPLAIN_KEYS:
             raise LMShareError(f"explain of {len(keys)} keys exceeds {MAX_EXPLAIN_KEYS}; "
                                "explain a shorter prompt", code=ErrorCode.TOO_LARGE)
+        self._check_owned(keys, "explain")
         tenant = m.get(TENANT_FIELD, "")
         filtering = self._any_tenant or bool(tenant)
         chunks: list[list[Any]] = []
@@ -651,7 +670,8 @@ class ControllerService:
 
     def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], controller_id=self.controller_id, role=self.role,
-                           leader=self.election.leader if self.election is not None else "")
+                           leader=self.election.leader if self.election is not None else "",
+                           shard=str(self.config.shard))
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
         tenant = m.get(TENANT_FIELD, "")
@@ -660,7 +680,8 @@ class ControllerService:
         stats = self.cluster_stats(m.get("offset", 0), m.get("limit", STATS_PAGE))
         # the loop's steps by kind, [count, over 10 ms of CPU]: what a lookup can wait behind
         return protocol.ok(m["id"], stats=stats.to_dict(), steps=self.step_counts,
-                           heartbeat_interval_s=self.pacing.interval_s)
+                           heartbeat_interval_s=self.pacing.interval_s,
+                           shard=str(self.config.shard))
 
     def tenant_stats(self, tenant: str) -> ClusterStats:
         """What ``tenant`` may see: its live workers and its lookups' figures, no events."""
@@ -811,6 +832,6 @@ class ControllerService:
             refused_connections=self.guard.counts() if self.guard is not None else {},
             secure=self.guard is not None,
             leader=self.election.leader if self.election is not None else "",
-            workers_total=total, workers_offset=offset,
+            workers_total=total, workers_offset=offset, shard=str(self.config.shard),
             mismatches=[asdict(x) for x in self.signatures.all_mismatches()][:MAX_MISMATCHES],
             tenants=self.tenants.views())

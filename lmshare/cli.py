@@ -129,11 +129,13 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_controller(args: argparse.Namespace) -> int:
     from lmshare.controller import ControllerConfig, ControllerService
+    from lmshare.shards import Shard
     from lmshare.signals import SignalLatch
 
+    shard = Shard.parse(args.shard)
     key = _key(args)
     service = ControllerService(ControllerConfig(
-        host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval,
+        host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval, shard=shard,
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_message_bytes=args.max_message_bytes, key=key,
         tenants=tuple(t.strip() for t in (args.tenants or "").split(",") if t.strip()),
@@ -148,13 +150,18 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
         etcd_host, etcd_port = parse_address(args.etcd)
         advertise = args.advertise or f"{args.host}:{service.port}"
-        election = LeaderElection(etcd_host, etcd_port, advertise, key=args.election_key,
+        # each shard elects its own leader
+        election_key = args.election_key if shard.count == 1 else \
+            f"{args.election_key}/shard-{shard.index}-of-{shard.count}"
+        election = LeaderElection(etcd_host, etcd_port, advertise, key=election_key,
                                   ttl_s=args.election_ttl,
                                   on_change=service.on_leadership_change)
         service.election = election
         election.start()
     signals = SignalLatch().install()  # SIGHUP: a key rotation step
     role = f" (etcd election at {args.etcd})" if election else ""
+    if shard.count > 1:
+        role += f" as shard {shard}"
     security = f"cluster key {key.fingerprint}" if key else "INSECURE: no cluster key"
     print(f"lmshare controller listening on {args.host}:{service.port}{role}; {security}",
           flush=True)
@@ -419,7 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs lmshare[etcd]); standbys take over when the leader dies")
     p.add_argument("--advertise", default=None, metavar="HOST:PORT",
                    help="the address workers use for this controller (default --host:--port)")
-    p.add_argument("--election-key", default="/lmshare/controller/leader")
+    p.add_argument("--election-key", default="/lmshare/controller/leader",
+                   help="etcd key of the election (a shard's: this key + /shard-K-of-N)")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="index only the keys of shard K of N (counted from 0; workers list the "
+                        "N shards in order: --controller 'A;B;...'); default 0/1 = every key")
     p.add_argument("--election-ttl", type=_positive, default=2.0, metavar="S",
                    help="leader lease in etcd; a dead leader is replaced after about this long")
     p.add_argument("--tenants", default="", metavar="NAME[,NAME...]",

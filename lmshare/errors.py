@@ -21,6 +21,7 @@ class ErrorCode:
     POOL_FULL = "pool_full"
     WORKER_RESTARTED = "worker_restarted"
     NOT_LEADER = "not_leader"
+    WRONG_SHARD = "wrong_shard"  # keys another controller shard owns (lmshare/shards.py)
     NOT_FOUND = "not_found"
     BUSY = "busy"  # the worker's request queue is full or the request waited past its deadline
     INTERNAL = "internal"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmshare.errors import ConfigError
+from lmshare.errors import ConfigError, ErrorCode, LMShareError
 
 MAX_SHARDS = 256  # one first byte a shard at most
 
@@ -33,7 +33,8 @@ class Shard:
 
     def __post_init__(self) -> None:
         if not 1 <= self.count <= MAX_SHARDS:
-            raise ConfigError(f"a cluster has 1 to {MAX_SHARDS} shards, not {self.count}")
+            raise ConfigError(f"a cluster has 1 to {MAX_SHARDS} shards, not {self.count} "
+                              "(write --shard K/N with 1 <= N)")
         if not 0 <= self.index < self.count:
             raise ConfigError(f"shard {self.index} is outside 0..{self.count - 1} "
                               f"(write --shard K/N with 0 <= K < N)")
@@ -58,6 +59,25 @@ class Shard:
         if self.count == 1:
             return 0
         return sum(1 for key in keys if shard_of(key, self.count) != self.index)
+
+    def first_bytes(self) -> range:
+        """The first bytes of the keys this shard owns (a contiguous range)."""
+        return range(-(-256 * self.index // self.count),
+                     -(-256 * (self.index + 1) // self.count))
+
+    def check_owned(self, keys: Sequence[bytes], what: str) -> None:
+        """Raise a ``wrong_shard`` error when another shard owns any of ``keys`` (those of a
+        ``what``: a lookup, a batch...)."""
+        foreign = self.foreign(keys)
+        if foreign:
+            span = self.first_bytes()
+            raise LMShareError(
+                f"this controller is shard {self} and owns the keys whose first byte is "
+                f"0x{span.start:02x}-0x{span.stop - 1:02x}; {foreign} of the {len(keys)} keys "
+                f"of this {what} belong to other shards: send each key to the shard that owns "
+                f"it (check that --controller lists all {self.count} shards in order, "
+                "separated by ';', and that each controller runs with its own --shard "
+                f"K/{self.count})", code=ErrorCode.WRONG_SHARD)
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"

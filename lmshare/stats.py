@@ -193,6 +193,7 @@ class ClusterStats:
     # per tenant (lmshare/tenancy.py): every tenant for the cluster key, a tenant's own only
     # for its credential
     tenants: list[TenantView] = field(default_factory=list)
+    shard: str = "0/1"  # the controller's part of the key space (K/N, lmshare/shards.py)
 
     @property
     def bytes_cached(self) -> int:
@@ -252,7 +253,7 @@ class ClusterStats:
         rest = {k: v for k, v in data.items()
                 if k not in ("workers", "events", "hit_history", "mismatches", "miss_reasons",
                              "tenants")}
-        for name in ("controller_id", "role", "leader"):
+        for name in ("controller_id", "role", "leader", "shard"):
             if name in rest:
                 rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, mismatches=mismatches,
