@@ -188,18 +188,14 @@ def test_a_retried_registration_gets_the_same_epoch_and_a_new_process_a_new_one(
 def test_chunks_of_a_worker_that_left_are_missed_as_holder_gone_while_they_are_swept_out():
     """A leaving worker's keys leave the index slice by slice; until they are gone, a lookup
     past them says their holder is gone (not nothing, as if they were still held)."""
-    from lmshare import misses, protocol
+    from lmshare import misses
     from lmshare.controller import index as index_module
+    from lmshare.testing.in_process import answerer, register_workers
 
     service = ControllerService(ControllerConfig(port=0))
 
-    def answer(type_: str, **fields) -> dict:
-        reply = service.answer([b"id", protocol.encode(protocol.request(type_, 1, **fields))])
-        return msgpack.unpackb(reply[1])
-
-    epochs = {w: answer("register", worker_id=w, host="127.0.0.1", data_port=9000 + n,
-                        transports=["tcp"], capacity_bytes=1 << 30, host_id="h")["epoch"]
-              for n, w in enumerate(("leaver", "asker"))}
+    answer = answerer(service)
+    epochs = register_workers(answer, ("leaver", "asker"))
     keys = [k(i) for i in range(3 * index_module.SLICE_KEYS)]
     answer("batch", worker_id="leaver", epoch=epochs["leaver"], seq=1, admit={NS: keys}, evict=[])
     while service.index.pending:

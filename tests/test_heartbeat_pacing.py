@@ -106,21 +106,14 @@ def test_a_dead_worker_is_no_late_heartbeat_and_a_late_arrival_is():
     (that would slow everyone's heartbeats and stretch the timeout that declares it dead)."""
     from unittest import mock
 
-    import msgpack
-
-    from lmshare import protocol
     from lmshare.controller import ControllerConfig, ControllerService
+    from lmshare.testing.in_process import answerer, register_workers
 
     service = ControllerService(ControllerConfig(port=0, heartbeat_interval_s=0.3,
                                                  heartbeat_timeout_s=1.5))
 
-    def answer(type_: str, **fields) -> dict:
-        reply = service.answer([b"id", protocol.encode(protocol.request(type_, 1, **fields))])
-        return msgpack.unpackb(reply[1])
-
-    epochs = {w: answer("register", worker_id=w, host="127.0.0.1", data_port=9000 + n,
-                        transports=["tcp"], capacity_bytes=1 << 30, host_id="h")["epoch"]
-              for n, w in enumerate(("a", "b", "dead"))}
+    answer = answerer(service)
+    epochs = register_workers(answer, ("a", "b", "dead"))
     now = [1000.0]
     with mock.patch("time.monotonic", lambda: now[0]):
         for record in service.registry.workers.values():
