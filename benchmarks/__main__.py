@@ -22,6 +22,10 @@ BENCHMARKS = {
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip() + "\n\nbenchmarks: " + ", ".join(BENCHMARKS) + " (each has its own "
+              "--help: python -m benchmarks.NAME --help)")
+        return 0
     names = argv or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

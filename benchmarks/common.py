@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -26,6 +27,15 @@ def machine() -> str:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, "
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def command_line(doc: str | None, argv: list[str], **options: int) -> dict[str, int]:
+    """A benchmark's own command line: ``--help`` says what it measures (the first paragraph
+    of ``doc``) and runs nothing; ``options`` are integer options with their defaults."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    for name, default in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    return vars(parser.parse_args(argv))
 
 
 def header(command: str) -> str:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 
-from benchmarks.common import table
+from benchmarks.common import command_line, table
 from lmshare.keys import ModelSignature
 from lmshare.local_cluster import LocalCluster
 from lmshare.testing.waiting import wait_until
@@ -142,4 +143,5 @@ def run(window_s: float | None = None) -> tuple[str, dict]:
 
 
 if __name__ == "__main__":
+    command_line(__doc__, sys.argv[1:])
     print(run()[0])

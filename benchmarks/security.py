@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
-from benchmarks.common import median, progress, table
+from benchmarks.common import command_line, median, progress, table
 from benchmarks.transfer import holder_peer
 from lmshare.local_cluster import LocalCluster
 from lmshare.pool import KVPool
@@ -111,5 +112,6 @@ def report(data: dict) -> str:
 
 
 if __name__ == "__main__":
+    command_line(__doc__, sys.argv[1:])
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print(run()[0])

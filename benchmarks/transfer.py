@@ -11,11 +11,12 @@ import dataclasses
 import logging
 import os
 import statistics
+import sys
 import time
 
 from benchmarks import baselines, raw_socket
 from benchmarks.baselines import RedisServer
-from benchmarks.common import median, progress, table
+from benchmarks.common import command_line, median, progress, table
 from lmshare.errors import RemoteError
 from lmshare.keys import ModelSignature, signature_keys
 from lmshare.local_cluster import LocalCluster
@@ -199,5 +200,5 @@ def plot(data: dict[str, dict[str, list[float]]], path: str) -> None:
 
 
 if __name__ == "__main__":
-    text, results = run()
+    text, results = run(**command_line(__doc__, sys.argv[1:], rounds=9))
     print(text)
