@@ -28,6 +28,7 @@ MAX_LOGGED_ADDRESSES = 1024
 REASON_WRONG_KEY = "wrong_key"  # spoke CURVE, but not with the cluster's client key
 REASON_RETIRED = "retired_key"  # a connection opened with a key retired since (rotation)
 REASON_NO_CURVE = "handshake"  # no CURVE (no key / --insecure), a wrong server key, garbage
+# (libzmq's protocol failures; a connection closed mid-handshake is none of these)
 
 
 def secure_client(sock: zmq.Socket, keys: CurveKeys) -> None:
@@ -157,8 +158,12 @@ class CurveGuard:
         kind, value = event["event"], event["value"]
         if kind == zmq.EVENT_ACCEPTED:
             self._accepted[value] = _peer_address(value)
-        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self._pending_failure = REASON_NO_CURVE  # the engine's next event: its disconnect
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # the other end closed before the handshake finished: a client that gave up waiting
+            # on a busy server, or a port probe; nothing was refused (not counted)
+            log.debug("%s: a connection closed during its handshake", self.what)
         elif kind == zmq.EVENT_DISCONNECTED:
             address = self._accepted.pop(value, "an unknown address")
             if self._pending_failure is not None:
