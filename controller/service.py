@@ -55,7 +55,7 @@ MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the messa
 ORPHANS_KEPT = 131072
 NAMESPACES_KEPT = 4096
 MAX_EXPLAIN_KEYS = 4096
-MISS_CODES = 1024  # chunks past a lookup's held prefix that get a code (the rest: the stop's)
+MISS_CODES = misses.LOOKUP_CODES
 
 
 @dataclass

@@ -175,13 +175,16 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from lmshare.control import parse_controllers
+    from lmshare.shards import parse_shard_addresses
     from lmshare.worker import WorkerAgent, WorkerConfig
     from lmshare.worker.config import resolve_transports
 
-    (host, port), *standbys = parse_controllers(args.controller)
+    first, *others = (parse_controllers(group) for group in parse_shard_addresses(args.controller))
+    (host, port), *standbys = first
     key = _key(args)
     config = WorkerConfig(key=key,
         controller_host=host, controller_port=port, standby_controllers=tuple(standbys),
+        shard_controllers=tuple(tuple(group) for group in others),
         cache_bytes=args.cache_size,
         slab_bytes=args.slab_size, host=args.host, port=args.port,
         endpoint=args.endpoint, connect_timeout_s=args.connect_timeout,
@@ -441,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_controller)
 
     p = commands.add_parser("worker", help="run a worker beside a vLLM instance")
-    p.add_argument("--controller", required=True, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="the controller; several = etcd-elected leader and standbys")
+    p.add_argument("--controller", required=True, metavar="HOST:PORT[,HOST:PORT...][;...]",
+                   help="the controller; several = etcd-elected leader and standbys; "
+                        "controller shards (--shard K/N) in order, separated by ';'")
     p.add_argument("--cache-size", default="8GiB", type=_positive_size,
                    help="shared-memory pool size (default 8GiB)")
     p.add_argument("--name", default=None, help="worker name, unique in the cluster "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -171,11 +173,20 @@ class FailoverControllerClient:
                 return index
         return None
 
-    def call(self, type_: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+    def current(self) -> ControllerClient:
+        """The controller the next call goes to first (with the latest key applied)."""
         if self.key is not self._using:
             self._using = self.key
             for client in self._clients:
                 _set_key(client, self._using)
+        return self._clients[self._current]
+
+    def skip(self) -> None:
+        """The current controller did not answer: start the next call at the next one."""
+        self._current = (self._current + 1) % len(self._clients)
+
+    def call(self, type_: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        self.current()
         last: LMShareError | None = None
         fallback: dict[str, Any] | None = None
         for _ in range(len(self._clients)):
@@ -212,6 +223,109 @@ class FailoverControllerClient:
     def close(self) -> None:
         for client in self._clients:
             client.close()
+
+
+@dataclass
+class _Waiting:
+    """One request of :func:`call_all` not answered yet."""
+
+    client: RpcClient
+    request_id: int
+    payload: bytes
+    sent: bool
+
+
+def _is_standby(reply: dict[str, Any]) -> bool:
+    return reply.get("role") == "standby" or (
+        isinstance(reply.get("stats"), dict) and reply["stats"].get("role") == "standby")
+
+
+def call_all(calls: Sequence[tuple[FailoverControllerClient, str, dict[str, Any]]],
+             timeout_s: float) -> list[dict[str, Any] | LMShareError]:
+    """Make several calls at once, each to its own controller (``(client, type, fields)``, one
+    client each, e.g. one per shard): every request is sent first, then the replies are awaited
+    under one deadline, so the calls take one round trip in all. Each result is the reply, or
+    the error that call raised (``RemoteError``, ``ControllerUnavailable``); never raises. A
+    client of several controllers that was refused with ``not_leader`` tries the others in the
+    time left, as :meth:`FailoverControllerClient.call` does."""
+    deadline = time.monotonic() + timeout_s
+    results: list[dict[str, Any] | LMShareError | None] = [None] * len(calls)
+    waiting: dict[int, _Waiting] = {}
+    for index, (failover, type_, fields) in enumerate(calls):
+        client = failover.current()
+        request_id = next(client._ids)
+        payload = protocol.encode(protocol.request(type_, request_id, **fields))
+        sock = client._connect()
+        try:
+            sock.send(payload, zmq.NOBLOCK)
+            sent = True
+        except zmq.Again:  # still connecting: sent once it can be
+            sent = False
+        waiting[index] = _Waiting(client, request_id, payload, sent)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        poller = zmq.Poller()
+        for wait in waiting.values():
+            poller.register(wait.client._connect(), zmq.POLLIN if wait.sent else zmq.POLLOUT)
+        events = dict(poller.poll(max(1, int(left * 1000))))
+        for index, wait in list(waiting.items()):
+            sock = wait.client._connect()
+            ready = events.get(sock, 0)
+            if not wait.sent and ready & zmq.POLLOUT:
+                try:
+                    sock.send(wait.payload, zmq.NOBLOCK)
+                    wait.sent = True
+                except zmq.Again:
+                    pass
+                continue
+            while ready & zmq.POLLIN:
+                try:
+                    data = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    reply = protocol.decode_raw(data)
+                except ProtocolError as exc:
+                    log.warning("dropping undecodable reply from %s: %s", wait.client.endpoint,
+                                exc)
+                    continue
+                if reply.get("id") != wait.request_id:
+                    continue  # a late reply to an earlier, timed-out call
+                results[index] = RemoteError(str(reply.get("code")), str(reply.get("message"))) \
+                    if reply["type"] == "error" else reply
+                del waiting[index]
+                break
+    for index, wait in waiting.items():
+        wait.client.reset()  # a late reply must not be read as the answer to the next call
+        failover, type_, _ = calls[index]
+        if len(failover.addresses) > 1:
+            failover.skip()
+        results[index] = wait.client.unavailable_error(
+            f"{wait.client.what} at {wait.client.endpoint} did not answer {type_!r} within "
+            f"{timeout_s:.1f}s; check that it runs and the address")
+    for index, (failover, type_, fields) in enumerate(calls):
+        result = results[index]
+        moved = (isinstance(result, RemoteError) and result.code == "not_leader") or (
+            isinstance(result, dict) and _is_standby(result))
+        left = deadline - time.monotonic()
+        if moved and len(failover.addresses) > 1 and left > 0:
+            try:  # the leader is elsewhere: the time left is its
+                results[index] = failover.call(type_, timeout_s=left, **fields)
+            except LMShareError as exc:
+                results[index] = exc
+    return results  # type: ignore[return-value]
+
+
+def shard_clients(text: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                  key: ClusterKey | None = None) -> list[FailoverControllerClient]:
+    """A client of each controller shard named in ``text`` (``A[,B...][;C[,D...]...]``, see
+    :mod:`lmshare.shards`), in shard order; one without shards."""
+    from lmshare.shards import parse_shard_addresses
+
+    return [FailoverControllerClient(parse_controllers(group), timeout_s, key=key)
+            for group in parse_shard_addresses(text)]
 
 
 def parse_controllers(text: str) -> list[tuple[str, int]]:

@@ -43,13 +43,14 @@ def worker_stop_timeout(args: Sequence[str]) -> float:
     def option(name: str, default: float) -> float:
         return float(args[args.index(name) + 1]) if name in args[:-1] else default
 
-    controllers = args[args.index("--controller") + 1].split(",") \
-        if "--controller" in args[:-1] else [""]
+    shards = [group.split(",") for group in args[args.index("--controller") + 1].split(";")] \
+        if "--controller" in args[:-1] else [[""]]
     config = WorkerConfig(
         "127.0.0.1", 1, 1 << 20, name="budget",
         drain_timeout_s=option("--drain-timeout", WorkerConfig.drain_timeout_s),
         fetch_timeout_s=option("--fetch-timeout", WorkerConfig.fetch_timeout_s),
-        standby_controllers=tuple(("127.0.0.1", 1) for _ in controllers[1:]))
+        standby_controllers=tuple(("127.0.0.1", 1) for _ in shards[0][1:]),
+        shard_controllers=tuple(tuple(("127.0.0.1", 1) for _ in group) for group in shards[1:]))
     return config.shutdown_budget_s + STOP_MARGIN_S
 
 
@@ -100,6 +101,10 @@ class LocalCluster:
     runtime_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lmshare-")))
     python: str = sys.executable
     controller: ManagedProcess | None = None
+    # with key-range shards (start_shards): the controllers of shards 1..N-1, and every
+    # shard's port (shard 0's is controller_port)
+    shard_controllers: list[ManagedProcess] = field(default_factory=list)
+    shard_ports: list[int] = field(default_factory=list)
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
     routers: dict[str, ManagedProcess] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -158,13 +163,33 @@ class LocalCluster:
             self.wait_for_controller(timeout_s)
         return self.controller
 
-    def wait_for_controller(self, timeout_s: float = 15.0) -> None:
+    def start_shards(self, count: int, *extra: str,
+                     timeout_s: float = 15.0) -> list[ManagedProcess]:
+        """The controllers of ``count`` key-range shards, each started with ``--shard K/N``
+        (shard 0 on ``controller_port``, as :meth:`start_controller` starts it); workers
+        started next are given all of them, in order."""
+        self.shard_ports = [self.controller_port, *(free_port() for _ in range(count - 1))]
+        self.controllers = ";".join(f"{self.controller_host}:{port}" for port in self.shard_ports)
+        started = [self.start_controller("--shard", f"0/{count}", *extra, timeout_s=timeout_s)]
+        for index in range(1, count):
+            args = ["controller", "--host", self.controller_host,
+                    "--port", str(self.shard_ports[index]), "--shard", f"{index}/{count}",
+                    "--heartbeat-timeout", str(self.heartbeat_timeout_s),
+                    *self._security_args(), *extra]
+            process = self._spawn(f"controller-shard{index}", args)
+            self.shard_controllers.append(process)
+            started.append(process)
+            self.wait_for_controller(timeout_s, index)
+        return started
+
+    def wait_for_controller(self, timeout_s: float = 15.0, shard: int = 0) -> None:
         deadline = time.monotonic() + timeout_s
-        client = self.controller_client(timeout_s=0.5)
+        client = self.controller_client(timeout_s=0.5, shard=shard)
+        process = self.controller if shard == 0 else self.shard_controllers[shard - 1]
         try:
             while True:
-                if self.controller is not None and not self.controller.alive():
-                    raise LMShareError(f"controller exited: {self.controller.log_text()[-2000:]}")
+                if process is not None and not process.alive():
+                    raise LMShareError(f"controller exited: {process.log_text()[-2000:]}")
                 try:
                     client.call("ping")
                     return
@@ -227,10 +252,10 @@ class LocalCluster:
             time.sleep(0.05)
         return router
 
-    def controller_client(self, timeout_s: float = 2.0) -> ControllerClient:
-        """A client of the controller holding this cluster's key."""
-        return ControllerClient("127.0.0.1", self.controller_port, timeout_s=timeout_s,
-                                key=self.key)
+    def controller_client(self, timeout_s: float = 2.0, shard: int = 0) -> ControllerClient:
+        """A client of the controller (of shard ``shard``) holding this cluster's key."""
+        port = self.shard_ports[shard] if shard else self.controller_port
+        return ControllerClient("127.0.0.1", port, timeout_s=timeout_s, key=self.key)
 
     def worker_endpoint(self, name: str) -> str:
         return f"ipc://{self.runtime_dir / f'worker-{name}.sock'}"
@@ -261,8 +286,9 @@ class LocalCluster:
                 worker.process.send_signal(signal.SIGTERM)
         for worker in self.workers.values():
             worker.terminate(timeout_s=worker.stop_timeout_s)  # its own shutdown budget
-        if self.controller is not None:
-            self.controller.terminate(timeout_s=10)
+        for controller in [self.controller, *self.shard_controllers]:
+            if controller is not None:
+                controller.terminate(timeout_s=10)
 
     def __enter__(self) -> LocalCluster:
         return self

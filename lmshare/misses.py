@@ -50,6 +50,7 @@ DESCRIPTIONS = {
 
 # The controller's word on a chunk past the held prefix of a lookup: one byte per chunk.
 HELD, NEW, GONE, EVICTED_CODE = 0, 1, 2, 3
+LOOKUP_CODES = 1024  # chunks past a lookup's held prefix that get a code (the rest: the stop's)
 MAX_RUNS = 65537  # a lookup's keys, plus its partial chunk
 
 

@@ -96,3 +96,34 @@ def test_a_bad_shard_option_is_one_line_and_exit_2(spec, capsys):
     assert cli.main(["controller", "--insecure", "--port", "0", "--shard", spec]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "shard" in err and "K/N" in err
+
+
+def test_calls_to_several_controllers_take_one_deadline_in_all(shard0):
+    """call_all sends every request before waiting: silent controllers cost one deadline
+    together, and the one that answers is answered."""
+    import time
+
+    import zmq
+
+    from lmshare.control import FailoverControllerClient, call_all
+    from lmshare.errors import ControllerUnavailable
+    from lmshare.testing.waiting import slack
+
+    service, _ = shard0
+    context = zmq.Context.instance()
+    silent = [context.socket(zmq.ROUTER) for _ in range(3)]  # they read, never answer
+    try:
+        ports = [sock.bind_to_random_port("tcp://127.0.0.1") for sock in silent]
+        clients = [FailoverControllerClient([("127.0.0.1", port)]) for port in
+                   [service.port, *ports]]
+        started = time.monotonic()
+        results = call_all([(client, "ping", {}) for client in clients], timeout_s=1.0)
+        elapsed = time.monotonic() - started
+        assert results[0]["shard"] == "0/2"
+        assert all(isinstance(r, ControllerUnavailable) for r in results[1:])
+        assert elapsed < 1.5 * slack()  # not one deadline after another (3 s)
+        for client in clients:
+            client.close()
+    finally:
+        for sock in silent:
+            sock.close(linger=0)

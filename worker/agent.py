@@ -27,7 +27,7 @@ from typing import Any
 
 from lmshare import misses, protocol
 from lmshare.client import worker_endpoint
-from lmshare.control import FailoverControllerClient
+from lmshare.control import FailoverControllerClient, call_all
 from lmshare.credentials import reload_on_sighup
 from lmshare.errors import (
     ConfigError,
@@ -41,6 +41,8 @@ from lmshare.errors import (
 )
 from lmshare.local_files import ensure_private_dir
 from lmshare.pool import Entry, KVPool
+from lmshare.shard_lookup import merge_lookups
+from lmshare.shards import Shard, split_by_shard
 from lmshare.shm import NameLock, remove_stale_regions
 from lmshare.signals import SignalLatch
 from lmshare.stats import WorkerCounters
@@ -168,13 +170,20 @@ class WorkerAgent:
         self.namespaces = NamespaceLog()  # what the clients look up (reported to routers)
         self.tenants = PoolTenants(self.pool, config.key.tenant if config.key else "",
                                    config.tenant_quotas, config.tenant_ttls)
-        self.link = ControlLink(
-            FailoverControllerClient(config.controller_addresses, config.rpc_timeout_s,
-                                     key=config.key),
+        # one link per controller shard; shard 0's heartbeats carry what the clients use and
+        # its replies drive the duties the controller hands out (signature mismatches, tenant
+        # caps): the other shards' replies only carry hand-off orders for their own keys
+        shards = config.shard_addresses
+        self.links = [ControlLink(
+            FailoverControllerClient(addresses, config.rpc_timeout_s, key=config.key),
             self.pool, registration, self.counter_snapshot,
-            lambda: {**self.namespaces.heartbeat_fields(), **self.tenants.heartbeat_fields()},
+            (lambda: {**self.namespaces.heartbeat_fields(), **self.tenants.heartbeat_fields()})
+            if index == 0 else None,
             digest_of=self.digests.get if config.digests else None,
-            on_heartbeat_reply=self._on_heartbeat_reply)
+            on_heartbeat_reply=self._on_heartbeat_reply if index == 0 else self._on_replicate,
+            shard=Shard(index, len(shards)))
+            for index, addresses in enumerate(shards)]
+        self.link = self.links[0]
         self.handoff = Handoff(self)  # graceful drain: chunks only it holds go to peers
         self._lookup_clients = threading.local()
         if self.endpoint.startswith("ipc://"):
@@ -206,13 +215,15 @@ class WorkerAgent:
     def start(self) -> WorkerAgent:
         """Register with the controller (raises ControllerUnavailable) and start serving."""
         try:
-            self.link.register(timeout_s=self.config.connect_timeout_s)
-        except (ControllerUnavailable, RemoteError):
+            for link in self.links:
+                link.register(timeout_s=self.config.connect_timeout_s)
+        except (ControllerUnavailable, RemoteError, ConfigError):
             self.close()
             raise
         self.peer_server.start()
         self.local_server.start()
-        self.link.start()
+        for link in self.links:
+            link.start()
         threading.Thread(target=self._sweep_leases, name="lmshare-leases", daemon=True).start()
         log.info("worker %s serving: peers on %s:%d, clients on %s, cache %d bytes",
                  self.worker_id, self.peer_server.host, self.peer_server.port, self.endpoint,
@@ -242,7 +253,8 @@ class WorkerAgent:
         self.config.key = key
         self.peer_server.set_key(key)
         self.tcp.set_key(key)
-        self.link.set_key(key)
+        for link in self.links:
+            link.set_key(key)
         return True
 
     def shutdown(self) -> None:
@@ -251,7 +263,10 @@ class WorkerAgent:
             return
         self._stopped.set()
         self.handoff.drain(self.config.drain_timeout_s)  # the peers keep its unique chunks
-        self.link.stop(deregister=True)
+        for link in self.links:
+            link.request_stop()
+        for link in self.links:
+            link.stop(deregister=True)
         self.peer_server.stop(self.config.peer_drain_s)  # in-flight reads
         self.local_server.stop()
         self.close()
@@ -324,20 +339,34 @@ class WorkerAgent:
         return self.pool.views(entry), lambda: self.pool.unpin(entry)
 
     def _on_heartbeat_reply(self, reply: dict[str, Any]) -> None:
+        """Shard 0's heartbeat replies (the only controller's, without shards)."""
         self.namespaces.on_heartbeat_reply(reply)  # signature mismatches
         self.tenants.on_heartbeat_reply(reply)  # the controller's tenant caps and TTLs
+        self._on_replicate(reply)
+
+    def _on_replicate(self, reply: dict[str, Any]) -> None:
         if reply.get("replicate"):  # chunks to take over from a draining peer
             self.handoff.receive(reply["replicate"])
 
+    def registered(self) -> bool:
+        """Registered with every controller shard."""
+        return all(link.registered.is_set() for link in self.links)
+
+    def controllers(self) -> list[FailoverControllerClient]:
+        """This thread's clients of the controllers, one per shard."""
+        clients = getattr(self._lookup_clients, "clients", None)
+        if clients is None:
+            clients = [FailoverControllerClient(addresses, self.config.rpc_timeout_s,
+                                                key=self.config.key)
+                       for addresses in self.config.shard_addresses]
+            self._lookup_clients.clients = clients
+        for client in clients:
+            if client.key is not self.config.key:
+                client.set_key(self.config.key)  # reloaded (applied by this thread's next call)
+        return clients
+
     def _controller(self) -> FailoverControllerClient:
-        client = getattr(self._lookup_clients, "client", None)
-        if client is not None and client.key is not self.config.key:
-            client.set_key(self.config.key)  # reloaded (applied by this thread's next call)
-        if client is None:
-            client = FailoverControllerClient(self.config.controller_addresses,
-                                              self.config.rpc_timeout_s, key=self.config.key)
-            self._lookup_clients.client = client
-        return client
+        return self.controllers()[0]
 
     def plan(self, namespace: bytes, keys: list[bytes], peers: bool,
              why: list[str | None] | None = None) -> AcquirePlan:
@@ -352,6 +381,8 @@ class WorkerAgent:
             return found
         if not peers:
             return self._why_local(keys, local_prefix, misses.PEERS_OFF, why, found)
+        if len(self.links) > 1:
+            return self._plan_sharded(namespace, keys, local_prefix, why, found)
         if not self.link.may_answer():
             return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
         self._count(controller_lookups=1)
@@ -374,6 +405,47 @@ class WorkerAgent:
             if why is not None:
                 why.clear()
             return self._why_local(keys, local_prefix, misses.CONTROLLER_UNREACHABLE, why, found)
+
+    def _plan_sharded(self, namespace: bytes, keys: list[bytes], local_prefix: int,
+                      why: list[str | None] | None, found: AcquirePlan) -> AcquirePlan:
+        """:meth:`plan`'s lookup over controller shards: each shard is sent its own keys, all
+        at once, and the replies are awaited under one deadline; a shard that does not answer
+        ends the prefix at its first key (``controller_unreachable`` from there)."""
+        positions = split_by_shard(keys, len(self.links))
+        answers: list[Any] = [None] * len(self.links)
+        calls, asked = [], []
+        clients = self.controllers()
+        for shard, where in enumerate(positions):
+            if not where:
+                continue
+            if not self.links[shard].may_answer():
+                answers[shard] = ControllerUnavailable(f"controller shard {shard} is away")
+                continue
+            calls.append((clients[shard], "lookup",
+                          {"namespace": namespace, "keys": [keys[i] for i in where]}))
+            asked.append(shard)
+        if calls:
+            self._count(controller_lookups=1)
+        for shard, answer in zip(asked, call_all(calls, self.config.rpc_timeout_s)):
+            answers[shard] = answer
+            if isinstance(answer, dict):
+                self.links[shard].heard()
+            elif not (isinstance(answer, RemoteError)
+                      and answer.code == ErrorCode.UNKNOWN_NAMESPACE):
+                log.warning("lookup on controller shard %d failed (%s); its keys count as "
+                            "missed", shard, answer)
+        merged = merge_lookups(keys, positions, answers)
+        if merged.unknown_namespace:
+            return self._why_local(keys, local_prefix, misses.UNKNOWN_NAMESPACE, why, found)
+        start = len(why) if why is not None else 0
+        plan = self._plan_remote(keys, local_prefix, merged.reply(), why)
+        if why is not None and merged.unreachable:
+            for offset in range(len(why) - start):
+                position = plan.length + offset
+                if position in merged.unreachable and why[start + offset] is not None \
+                        and why[start + offset] != misses.EVICTED:
+                    why[start + offset] = misses.CONTROLLER_UNREACHABLE
+        return plan
 
     def _why_local(self, keys: list[bytes], start: int, otherwise: str,
                    why: list[str | None] | None, found: AcquirePlan) -> AcquirePlan:
@@ -510,7 +582,7 @@ class WorkerAgent:
         return protocol.ok(m["id"], **proof, worker_id=self.worker_id,
                            incarnation=self.incarnation,
                            pool=self.pool.export().to_wire(),
-                           registered=self.link.registered.is_set(),
+                           registered=self.registered(),
                            register_ms=round(self.link.last_register_s * 1000, 3))
 
     def _on_lookup(self, m: dict[str, Any]) -> dict[str, Any]:
@@ -775,7 +847,7 @@ class WorkerAgent:
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], worker_id=self.worker_id, counters=self.counter_snapshot(),
-                           registered=self.link.registered.is_set(),
+                           registered=self.registered(),
                            controller_id=self.link.controller_id,
                            register_ms=round(self.link.last_register_s * 1000, 3),
                            leases=len(self.leases), data_port=self.peer_server.port,

@@ -69,6 +69,9 @@ class WorkerConfig:
     transports: tuple[str, ...] = ("shm", "tcp")  # what this worker offers and uses, best first
     # more controllers (etcd-elected leader and standbys), tried in order after the first
     standby_controllers: tuple[tuple[str, int], ...] = ()
+    # the controllers of shards 1..N-1 when the key space is in shards (lmshare/shards.py),
+    # each with its standbys; the controllers above are shard 0's
+    shard_controllers: tuple[tuple[tuple[str, int], ...], ...] = ()
     key: ClusterKey | None = None  # the cluster key (control and data plane); None = insecure
     # record each chunk's digest as it is stored and check fetched chunks against the record
     digests: bool = True
@@ -81,7 +84,13 @@ class WorkerConfig:
 
     @property
     def controller_addresses(self) -> list[tuple[str, int]]:
+        """Shard 0's controllers (the only shard's, without shards)."""
         return [(self.controller_host, self.controller_port), *self.standby_controllers]
+
+    @property
+    def shard_addresses(self) -> list[list[tuple[str, int]]]:
+        """Each shard's controllers, in shard order."""
+        return [self.controller_addresses, *(list(group) for group in self.shard_controllers)]
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or len(self.name) > 100:
@@ -104,6 +113,11 @@ class WorkerConfig:
         if self.encrypt and self.key is None:
             raise ConfigError("--encrypt needs a cluster key (--key-file): keys derived from "
                               "no secret would protect nothing; drop --insecure")
+        from lmshare.shards import MAX_SHARDS
+
+        if len(self.shard_controllers) >= MAX_SHARDS or not all(self.shard_controllers):
+            raise ConfigError(f"name 1 to {MAX_SHARDS} controller shards, each with at least "
+                              "one controller")
         if "tcp" not in self.transports:
             self.transports = (*self.transports, "tcp")
 
@@ -121,8 +135,8 @@ class WorkerConfig:
         from lmshare.worker import control_link, local_server
 
         handoff = self.drain_timeout_s + self.rpc_timeout_s  # its last status call
-        deregister = control_link.STOP_JOIN_S + control_link.DEREGISTER_TIMEOUT_S * len(
-            self.controller_addresses)
+        deregister = control_link.STOP_JOIN_S + control_link.DEREGISTER_TIMEOUT_S * sum(
+            len(group) for group in self.shard_addresses)  # the links stop together
         local = local_server.STOP_JOIN_S + self.fetch_timeout_s + self.rpc_timeout_s
         return handoff + deregister + self.peer_drain_s + local
 

@@ -5,6 +5,10 @@ as sequenced batches; a gap the controller notices (or a controller restart) tri
 sync. While the controller is away the worker keeps serving local hits and keeps retrying,
 after waits of jittered exponential backoff (``lmshare.backoff``): a fleet that lost its
 controller together must not come back to it in step.
+
+With the controller's key space in shards (:mod:`lmshare.shards`), a worker runs one link per
+shard: each registers and heartbeats, and sends its shard only the admits, evictions and
+full-sync keys that shard owns.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 
 from lmshare.backoff import Backoff
 from lmshare.control import FailoverControllerClient
-from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError
+from lmshare.errors import ConfigError, ControllerUnavailable, LMShareError, RemoteError
 from lmshare.pool import KVPool
 from lmshare.protocol import ErrorCode
+from lmshare.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,10 @@ class ControlLink:
                  counters: Callable[[], dict[str, int]],
                  heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
                  digest_of: Callable[[bytes], bytes | None] | None = None,
-                 on_heartbeat_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_heartbeat_reply: Callable[[dict[str, Any]], None] | None = None,
+                 shard: Shard | None = None) -> None:
         self._client = client
+        self.shard = shard or Shard()  # the keys this link's controller indexes
         self._on_heartbeat_reply = on_heartbeat_reply  # sees each heartbeat's reply
         self._digest_of = digest_of  # the writer's digest of a chunk, sent with its admit
         self._heartbeat_fields = heartbeat_fields  # more fields of each heartbeat
@@ -75,11 +82,15 @@ class ControlLink:
         self._stop = threading.Event()
         self.backoff = retry_backoff()
         self._thread = threading.Thread(target=self._run, name="lmshare-control", daemon=True)
-        pool.add_listener(self._on_pool_event)
+        pool.add_listener(self._on_pool_event if self.shard.count == 1 else self._on_owned_event)
 
     def _on_pool_event(self, event: str, namespace: bytes, key: bytes) -> None:
         with self._pending_lock:
             self._pending.append((event, namespace, key))
+
+    def _on_owned_event(self, event: str, namespace: bytes, key: bytes) -> None:
+        if self.shard.owns(key):  # another shard's link sends the rest
+            self._on_pool_event(event, namespace, key)
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, timeout_s: float) -> float:
@@ -87,6 +98,7 @@ class ControlLink:
         started = time.perf_counter()
         reply = self._client.call("register", timeout_s=timeout_s, **self._registration)
         elapsed = time.perf_counter() - started
+        self._check_shard(reply)
         self.epoch = reply["epoch"]
         self.controller_id = reply["controller_id"]
         self.heartbeat_interval_s = float(reply["heartbeat_interval_s"])
@@ -98,6 +110,17 @@ class ControlLink:
         log.info("registered with controller %s as %s (epoch %d) in %.2f ms", self.controller_id,
                  self.worker_id, self.epoch, elapsed * 1000)
         return elapsed
+
+    def _check_shard(self, reply: dict[str, Any]) -> None:
+        """A register reply must come from the shard this link was configured as (a controller
+        that does not say is an unsharded one, 0/1)."""
+        shard = reply.get("shard", "0/1")
+        if shard != str(self.shard):
+            answered = shard if isinstance(shard, str) else "unreadable"
+            raise ConfigError(
+                f"the controller at {self._client.endpoint} is shard {answered[:20]}, but this "
+                f"worker's --controller lists it as shard {self.shard}: list every shard, in "
+                "order from shard 0, separated by ';' (the controllers of one shard by ',')")
 
     def heard(self) -> None:
         """The controller answered a call (this link's, or a lookup of the agent's)."""
@@ -120,6 +143,10 @@ class ControlLink:
 
     def start(self) -> None:
         self._thread.start()
+
+    def request_stop(self) -> None:
+        """Stop the loop without waiting (:meth:`stop` waits): several links stop together."""
+        self._stop.set()
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
@@ -165,6 +192,12 @@ class ControlLink:
                     log.warning("controller unreachable (%s); serving local hits, retrying", exc)
                 self.registered.clear()
                 self._stop.wait(self._retry_wait())
+                continue
+            except ConfigError as exc:  # a controller of another shard answered
+                log.error("%s", exc)
+                self.registered.clear()
+                self._known = False
+                self._stop.wait(self.backoff.next_wait())
                 continue
             except RemoteError as exc:
                 if exc.code == ErrorCode.UNKNOWN_WORKER:
@@ -248,6 +281,9 @@ class ControlLink:
         with self._pending_lock:
             self._pending = []
             snapshot = self._pool.entries_by_namespace()
+            if self.shard.count > 1:
+                snapshot = {ns: [k for k in keys if self.shard.owns(k)]
+                            for ns, keys in snapshot.items()}
             self._seq += 1
             seq = self._seq
         parts: list[dict[bytes, list[bytes]]] = [{}]

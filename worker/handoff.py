@@ -11,6 +11,10 @@ input: bounded, typed, only as many as fit in this pool's free slabs (nothing is
 them), fetched through the ordinary path (the controller's lookup names the holders and the
 writers' digests, the holder must pass the data-plane handshake, sizes are checked before
 anything is reserved). A worker that is leaving itself takes nothing.
+
+With the controller's keys in shards, each shard is handed the keys it owns and hands them to
+peers itself (only it knows who else holds them): a drain asks and polls every shard, and the
+orders of each shard's heartbeat replies name that shard's keys only.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from lmshare.errors import LMShareError
 from lmshare.keys import KEY_BYTES
 from lmshare.protocol import MAX_KEYS, MAX_NAME
+from lmshare.shards import split_by_shard
 
 if TYPE_CHECKING:
     from lmshare.worker.agent import WorkerAgent
@@ -104,26 +109,42 @@ class Handoff:
             if timeout_s <= 0:
                 report.note = "drain timeout 0: no hand-off"
                 return report
-            if not agent.link.registered.is_set():
+            shards = [shard for shard, link in enumerate(agent.links)
+                      if link.registered.is_set()]
+            if not shards:
                 report.note = "not registered with a controller: nothing can be handed off"
                 return report
             entries = agent.pool.entries_by_recency()[:MAX_KEYS]
             report.chunks = len(entries)
             if not entries:
                 return report
-            call = self._call(deadline)
-            reply = call(keys=[key for key, _ in entries], sizes=[size for _, size in entries])
-            report.unique, report.assigned = int(reply["unique"]), int(reply["assigned"])
-            report.peers = int(reply["peers"])
-            pending = report.assigned
+            positions = split_by_shard([key for key, _ in entries], len(agent.links))
+            calls = {}  # shard → its hand-off call, for the shards holding some of the keys
+            pending_of: dict[int, int] = {}
+            for shard in shards:
+                if not positions[shard]:
+                    continue
+                calls[shard] = call = self._call(deadline, shard)
+                mine = [entries[i] for i in positions[shard]]
+                reply = call(keys=[key for key, _ in mine], sizes=[size for _, size in mine])
+                report.unique += int(reply["unique"])
+                report.assigned += int(reply["assigned"])
+                report.peers = max(report.peers, int(reply["peers"]))
+                pending_of[shard] = int(reply["assigned"])
+            pending = sum(pending_of.values())
             # peers get their orders with their next heartbeat; one that takes fewer (its
             # pool filled meanwhile) says nothing: progress that stops ends the wait early
             stall_s = max(STALL_S, 3 * agent.link.heartbeat_interval_s)
             progress = time.monotonic()
+            copied_of: dict[int, int] = {}
             while pending and time.monotonic() < deadline:
                 time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-                status = call()
-                copied, pending = int(status["copied"]), int(status["pending"])
+                for shard, call in calls.items():
+                    if pending_of[shard]:
+                        status = call()
+                        copied_of[shard] = int(status["copied"])
+                        pending_of[shard] = int(status["pending"])
+                copied, pending = sum(copied_of.values()), sum(pending_of.values())
                 if copied > report.copied:
                     report.copied, progress = copied, time.monotonic()
                 elif time.monotonic() - progress > stall_s:
@@ -145,14 +166,16 @@ class Handoff:
             self.done.set()
         return report
 
-    def _call(self, deadline: float) -> Callable[..., dict[str, Any]]:
+    def _call(self, deadline: float, shard: int = 0) -> Callable[..., dict[str, Any]]:
+        """``handoff`` requests to controller shard ``shard`` (the only one, without shards)."""
         agent = self._agent
-        client = agent._controller()
+        client = agent.controllers()[shard]
+        link = agent.links[shard]
 
         def call(**fields: Any) -> dict[str, Any]:
             left = max(0.05, min(agent.config.rpc_timeout_s, deadline - time.monotonic()))
             return client.call("handoff", timeout_s=left, worker_id=agent.worker_id,
-                               epoch=agent.link.epoch, **fields)
+                               epoch=link.epoch, **fields)
         return call
 
     # ------------------------------------------------------------------ taking over

@@ -45,7 +45,7 @@ class WorkerCollector(Collector):
         yield info
         yield GaugeMetricFamily("lmshare_worker_registered",
                                 "1 while the worker is registered with a controller",
-                                value=1.0 if agent.link.registered.is_set() else 0.0)
+                                value=1.0 if agent.registered() else 0.0)
         for name, key, doc in (
                 ("capacity_bytes", "capacity_bytes", "Size of the shared-memory pool"),
                 ("used_bytes", "used_bytes", "Bytes of committed chunks in the pool"),
