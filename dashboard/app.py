@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.live import Live
 
-from lmshare.control import FailoverControllerClient, parse_controllers
+from lmshare.control import shard_clients
 from lmshare.credentials import ClusterKey
 from lmshare.dashboard.view import SORTS, ViewState, budget, render
 from lmshare.errors import LMShareError
-from lmshare.stats import ClusterStats, RouterStats, fetch_cluster_stats
+from lmshare.stats import ClusterStats, RouterStats, fetch_shard_stats
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class StatsPoller:
         self.router_stats: RouterStats | None = None
         self.router_error: str | None = None
         self.interval_s = interval_s
-        self._client = FailoverControllerClient(parse_controllers(controller), timeout_s,
-                                                key=key)
+        self._clients = shard_clients(controller, timeout_s, key)  # one per controller shard
         self.stats: ClusterStats | None = None
         self.error: str | None = None
         self.error_since = 0.0
@@ -62,7 +61,7 @@ class StatsPoller:
     def poll_once(self) -> ClusterStats | None:
         """One fetch; on failure remembers the error (and since when) instead of raising."""
         try:
-            self.stats = fetch_cluster_stats(self._client)
+            self.stats = fetch_shard_stats(self._clients)
             self.error = None
         except (LMShareError, KeyError, TypeError, ValueError) as exc:
             if self.error is None:
@@ -91,7 +90,8 @@ class StatsPoller:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=3)
-        self._client.close()
+        for client in self._clients:
+            client.close()
 
 
 KEY_NAMES = {"\x1b[6~": "next", "\x1b[5~": "prev", "\x1b[B": "next", "\x1b[A": "prev",
@@ -166,11 +166,12 @@ def print_once(controller: str, console: Console | None = None, timeout_s: float
                key: ClusterKey | None = None, router: str = "") -> int:
     """Print a single frame (``lmshare dashboard --once``). Raises if the controller is away."""
     console = console or Console()
-    client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
+    clients = shard_clients(controller, timeout_s, key)
     try:
-        stats = fetch_cluster_stats(client)
+        stats = fetch_shard_stats(clients)
     finally:
-        client.close()
+        for client in clients:
+            client.close()
     state = ViewState(controller=controller, keys_help=False, router=router)
     if router:
         try:

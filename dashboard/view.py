@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmshare.stats import ClusterEvent, ClusterStats, RouterStats, WorkerView
-from lmshare.status_view import mismatch_line, tenant_name
+from lmshare.status_view import mismatch_line, shard_line, tenant_name
 from lmshare.units import format_size
 
 SORTS = ("state", "name", "used", "chunks", "peer", "served")
@@ -150,6 +150,7 @@ def budget(stats: ClusterStats | None, height: int | None, state: ViewState) -> 
     fixed = 1 + 2 + hits + 2 + 1 + 1 + (1 if state.footer else 0)  # title..footer
     fixed += router_lines(state)
     fixed += mismatch_lines(stats)
+    fixed += shard_lines(stats)
     fixed += tenant_lines(stats)
     remaining = max(2, height - fixed)
     want_events = min(events, 20 if height >= TALL else 10)
@@ -273,6 +274,29 @@ def _mismatch_panel(stats: ClusterStats, width: int) -> list[RenderableType]:
         f"signature mismatches: {count} namespace{'s' * (count != 1)} shared with no other "
         "worker", style="yellow", align="left")]
     parts.extend(_line(mismatch_line(m), width) for m in stats.mismatches[:MAX_MISMATCH_LINES])
+    return parts
+
+
+MAX_SHARD_LINES = 8
+
+
+def shard_lines(stats: ClusterStats | None) -> int:
+    """Lines of the controller shards' section (0 without shards)."""
+    count = len(stats.shards) if stats else 0
+    return min(count, MAX_SHARD_LINES) + (count > MAX_SHARD_LINES)
+
+
+def _shard_panel(stats: ClusterStats, width: int) -> list[RenderableType]:
+    """A line per controller shard: its part of the index, or that it does not answer."""
+    parts: list[RenderableType] = [_line(shard_line(view), width)
+                                   for view in stats.shards[:MAX_SHARD_LINES]]
+    hidden = stats.shards[MAX_SHARD_LINES:]
+    if hidden:
+        down = sum(1 for view in hidden if view.error)
+        chunks = sum(view.chunks_indexed for view in hidden)
+        parts.append(_line(Text(f"… {len(hidden)} more shards, {chunks:,} chunks"
+                                + (f", {down} unreachable" if down else ""),
+                                style="red" if down else "dim"), width))
     return parts
 
 
@@ -445,6 +469,8 @@ def render(stats: ClusterStats | None, width: int, height: int | None,
     fit = budget(stats, height, state)
     page = min(max(0, state.page), fit.pages - 1)
     parts.extend(_summary(stats, width))
+    if stats.shards:
+        parts.extend(_shard_panel(stats, width))
     parts.extend(_hits(stats, width, tall=height is not None and height >= TALL))
     if state.router:
         parts.extend(_router_panel(state, width))

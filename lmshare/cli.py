@@ -211,15 +211,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cluster_stats(controller: str, timeout_s: float, key=None):
-    """The controller's ClusterStats (``lmshare status``)."""
-    from lmshare.control import FailoverControllerClient, parse_controllers
-    from lmshare.stats import fetch_cluster_stats
+    """The controller's ClusterStats (``lmshare status``; with shards, every shard's part)."""
+    from lmshare.control import shard_clients
+    from lmshare.stats import fetch_shard_stats
 
-    client = FailoverControllerClient(parse_controllers(controller), timeout_s, key=key)
+    clients = shard_clients(controller, timeout_s, key)
     try:
-        return fetch_cluster_stats(client)
+        return fetch_shard_stats(clients)
     finally:
-        client.close()
+        for client in clients:
+            client.close()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -311,20 +312,20 @@ def _explain_signature(args: argparse.Namespace, stats) -> tuple[bytes, int]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from lmshare.control import FailoverControllerClient, parse_controllers
-    from lmshare.explain import explain, render
+    from lmshare.control import shard_clients
+    from lmshare.explain import ShardedController, explain, render
     from lmshare.stats import fetch_cluster_stats
 
     tokens = _prompt_tokens(args)
-    client = FailoverControllerClient(parse_controllers(args.controller), args.timeout,
-                                      key=_key(args))
+    clients = shard_clients(args.controller, args.timeout, _key(args))
     try:
-        stats = fetch_cluster_stats(client)
+        stats = fetch_cluster_stats(clients[0])  # the workers, as every shard knows them
         namespace, chunk_tokens = _explain_signature(args, stats)
-        result = explain(client, stats, namespace, chunk_tokens, tokens,
-                         args.worker or args.like_worker or "")
+        result = explain(ShardedController(clients, args.timeout), stats, namespace,
+                         chunk_tokens, tokens, args.worker or args.like_worker or "")
     finally:
-        client.close()
+        for client in clients:
+            client.close()
     print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
     return 0
 
@@ -348,9 +349,10 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from lmshare.control import shard_clients
     from lmshare.dashboard import print_once, run_dashboard
 
-    parse_address(args.controller)  # a bad address is a usage error, not a retry loop
+    shard_clients(args.controller)  # a bad address is a usage error, not a retry loop
     key = _key(args)
     if args.once:
         return print_once(args.controller, timeout_s=args.timeout, key=key, router=args.router)
@@ -489,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--policy", default="prefix+load",
                    help="round-robin | least-loaded | prefix | prefix+load (default)")
-    p.add_argument("--controller", default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="the lmshare controller (needed by the prefix policies)")
+    p.add_argument("--controller", default=None, metavar="HOST:PORT[,HOST:PORT...][;...]",
+                   help="the lmshare controller (needed by the prefix policies); controller "
+                        "shards in order, separated by ';'")
     p.add_argument("--tokenizer", default="", metavar="DIR_OR_ID",
                    help="the served model's tokenizer (default: what the backends report)")
     p.add_argument("--lookup-timeout", type=_positive, default=0.05, metavar="S",
@@ -520,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_drain)
 
     p = commands.add_parser("status", help="print the cluster's workers and numbers")
-    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
+    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT[;...]",
+                   help="the controller; controller shards in order, separated by ';'")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=_positive, default=3.0, metavar="S")
     _add_key_options(p)
@@ -528,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("explain", help="where a prompt's prefix is held, chunk by chunk, "
                                             "and why it stops where it stops")
-    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
+    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT[;...]",
+                   help="the controller; controller shards in order, separated by ';'")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--tokens", metavar="IDS", help="the prompt as token ids (1,2,3 or "
                                                         "@FILE)")
@@ -552,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_explain)
 
     p = commands.add_parser("dashboard", help="live terminal dashboard of a cluster")
-    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT")
+    p.add_argument("--controller", default="127.0.0.1:7800", metavar="HOST:PORT[;...]",
+                   help="the controller; controller shards in order, separated by ';'")
     p.add_argument("--refresh", type=_positive, default=0.5, metavar="S",
                    help="seconds between frames (at most 0.5; default 0.5)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")

@@ -7,17 +7,21 @@ The classification follows the workers' own (lmshare/misses.py): the available p
 ``local`` or ``peer``; from the first chunk not available on, a chunk held nowhere keeps its own
 reason, one still held behind the stop takes the stop's. What only a real lookup can know
 (a fetch that fails, a late answer, a peer skipped because recomputing wins) is in the
-workers' metrics and the connector's log, not here.
+workers' metrics and the connector's log, not here. With the controller's keys in shards,
+:class:`ShardedController` asks each shard about its own keys and puts the answers together.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from lmshare import misses
-from lmshare.errors import ConfigError, ErrorCode, RemoteError
+from lmshare.control import FailoverControllerClient, call_all
+from lmshare.errors import ConfigError, ErrorCode, LMShareError, RemoteError
 from lmshare.keys import KEY_BYTES, chunk_keys
+from lmshare.shards import split_by_shard
 from lmshare.stats import ClusterStats, WorkerView, printable
 from lmshare.transports.base import PeerInfo
 from lmshare.transports.choice import choose_transport
@@ -25,6 +29,43 @@ from lmshare.transports.choice import choose_transport
 
 class _Controller(Protocol):
     def call(self, type_: str, **fields: Any) -> dict[str, Any]: ...
+
+
+class ShardedController:
+    """The controller shards (one client each, in shard order) as one controller to explain
+    with: an ``explain`` asks every shard about its own keys at once and puts the answers
+    together in the keys' order; a shard that fails fails the whole explanation (it is a
+    diagnosis: half of one would mislead). With one shard, its client as it is."""
+
+    def __init__(self, clients: Sequence[FailoverControllerClient], timeout_s: float) -> None:
+        self.clients = list(clients)
+        self.timeout_s = timeout_s
+
+    def call(self, type_: str, **fields: Any) -> dict[str, Any]:
+        if type_ != "explain" or len(self.clients) == 1:
+            return self.clients[0].call(type_, **fields)
+        keys = fields["keys"]
+        positions = split_by_shard(keys, len(self.clients))
+        asked = [shard for shard, where in enumerate(positions) if where]
+        results = call_all([(self.clients[shard], "explain",
+                             {**fields, "keys": [keys[i] for i in positions[shard]]})
+                            for shard in asked], self.timeout_s)
+        merged: dict[str, Any] = {"known": False, "chunks": [None] * len(keys), "workers": {},
+                                  "departed": {}}
+        for shard, reply in zip(asked, results):
+            if isinstance(reply, LMShareError):
+                raise reply
+            chunks = reply.get("chunks")
+            if not isinstance(chunks, list) or len(chunks) != len(positions[shard]):
+                raise RemoteError(ErrorCode.BAD_MESSAGE,
+                                  f"controller shard {shard}'s explain reply is malformed")
+            for position, entry in zip(positions[shard], chunks):
+                merged["chunks"][position] = entry
+            for name in ("workers", "departed"):
+                if isinstance(reply.get(name), dict):
+                    merged[name].update(reply[name])
+            merged["known"] = merged["known"] or reply.get("known") is True
+        return merged
 
 
 @dataclass

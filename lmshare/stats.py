@@ -4,9 +4,11 @@ dashboard both read this one data model (from the controller's ``stats`` reply).
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+from lmshare.errors import LMShareError
 from lmshare.misses import MISS_REASONS, counter_name
 
 MAX_NAME_CHARS = 200
@@ -152,6 +154,26 @@ class TenantView:
 
 
 @dataclass
+class ShardView:
+    """One controller shard's part of the index (``lmshare status`` and the dashboard show a
+    line per shard when the key space is in shards)."""
+
+    shard: str  # K/N
+    chunks_indexed: int = 0
+    lookups: int = 0
+    error: str = ""  # why it did not answer ("" = it did)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShardView | None:
+        if not isinstance(data, dict):
+            return None
+        numbers = [data.get(name, 0) for name in ("chunks_indexed", "lookups")]
+        return cls(printable(data.get("shard", ""), 20),
+                   *(int(n) if isinstance(n, (int, float)) else 0 for n in numbers),
+                   printable(data.get("error", ""), 400))
+
+
+@dataclass
 class ClusterEvent:
     time: float  # unix time
     kind: str  # join | leave | dead | restart | refused | resync
@@ -194,6 +216,9 @@ class ClusterStats:
     # for its credential
     tenants: list[TenantView] = field(default_factory=list)
     shard: str = "0/1"  # the controller's part of the key space (K/N, lmshare/shards.py)
+    # with shards: each shard's part, in order (``chunks_indexed`` is then their sum, and the
+    # workers are shard 0's view of them); empty without shards
+    shards: list[ShardView] = field(default_factory=list)
 
     @property
     def bytes_cached(self) -> int:
@@ -222,6 +247,7 @@ class ClusterStats:
         out["workers"] = [_worker_dict(w) for w in self.workers]
         out["events"] = [asdict(e) for e in self.events]
         out["tenants"] = [asdict(t) for t in self.tenants]
+        out["shards"] = [asdict(s) for s in self.shards]
         out["hit_history"] = [tuple(h) for h in self.hit_history]
         for name in ("refused_connections", "miss_reasons"):
             out[name] = dict(out[name])
@@ -250,14 +276,16 @@ class ClusterStats:
                    if r in MISS_REASONS and isinstance(n, (int, float))}
         tenants = [t for t in (TenantView.from_dict(d) for d in list(data.get("tenants") or [])
                                [:MAX_TENANT_VIEWS]) if t is not None]
+        shards = [v for v in (ShardView.from_dict(d) for d in list(data.get("shards") or [])
+                              [:256]) if v is not None]
         rest = {k: v for k, v in data.items()
                 if k not in ("workers", "events", "hit_history", "mismatches", "miss_reasons",
-                             "tenants")}
+                             "tenants", "shards")}
         for name in ("controller_id", "role", "leader", "shard"):
             if name in rest:
                 rest[name] = printable(rest[name])
         return cls(workers=workers, events=events, hit_history=history, mismatches=mismatches,
-                   miss_reasons=reasons, tenants=tenants, **rest)
+                   miss_reasons=reasons, tenants=tenants, shards=shards, **rest)
 
 
 def _mismatch(data: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +297,26 @@ def _mismatch(data: dict[str, Any]) -> dict[str, Any]:
     out["fields"] = [{k: printable(f.get(k, ""), 60) for k in ("field", "mine", "theirs")}
                      for f in list(data.get("fields") or [])[:32] if isinstance(f, dict)]
     return out
+
+
+def fetch_shard_stats(sources: Sequence[StatsSource]) -> ClusterStats:
+    """The ClusterStats of a cluster whose controller is in shards (one source per shard, in
+    order): shard 0's, with every shard's part of the index (``shards``) and their sum as
+    ``chunks_indexed``. Raises what shard 0's ``call`` raises; a later shard that does not
+    answer is shown as such. One source: :func:`fetch_cluster_stats`."""
+    stats = fetch_cluster_stats(sources[0])
+    if len(sources) == 1:
+        return stats
+    views = [ShardView(stats.shard, stats.chunks_indexed, stats.lookups)]
+    for index, source in enumerate(sources[1:], 1):
+        try:
+            part = ClusterStats.from_dict(source.call("stats", limit=1)["stats"])
+            views.append(ShardView(part.shard, part.chunks_indexed, part.lookups))
+        except (LMShareError, KeyError, TypeError, ValueError) as exc:
+            views.append(ShardView(f"{index}/{len(sources)}", error=printable(str(exc), 400)))
+    stats.shards = views
+    stats.chunks_indexed = sum(view.chunks_indexed for view in views)
+    return stats
 
 
 class StatsSource(Protocol):

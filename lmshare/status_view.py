@@ -1,5 +1,6 @@
-"""What ``lmshare status`` prints: the workers' table, then each signature mismatch (the
-dashboard shows mismatches with :func:`mismatch_line` too)."""
+"""What ``lmshare status`` prints: the workers' table, a line per controller shard (with
+shards), then each signature mismatch (the dashboard shows shards and mismatches with
+:func:`shard_line` and :func:`mismatch_line` too)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from lmshare.stats import ClusterStats
+from lmshare.stats import ClusterStats, ShardView
 from lmshare.units import format_size
 
 
@@ -20,7 +21,9 @@ def status_table(stats: ClusterStats) -> Table:
         f"{format_size(stats.bytes_cached)} of {format_size(stats.capacity_bytes)} · "
         f"hits local {local:.0%} peer {peer:.0%} miss {miss:.0%} · "
         f"lookup p50 {stats.lookup_p50_us:.0f}µs p99 {stats.lookup_p99_us:.0f}µs"))
-    for column in ("worker", "address", "state", "hb age", "chunks", "used", "capacity",
+    # with shards, the workers are shard 0's view of them: their chunks are those it indexes
+    chunks = "chunks (shard 0)" if stats.shards else "chunks"
+    for column in ("worker", "address", "state", "hb age", chunks, "used", "capacity",
                    "local hits", "peer hits", "served", "fetched", "to peers via"):
         table.add_column(column)
     for w in sorted(stats.workers, key=lambda w: w.worker_id):
@@ -63,6 +66,15 @@ def mismatch_line(mismatch: dict) -> Text:
                          f"({mismatch.get('model', '')}): {mismatch.get('differs', '')}")
 
 
+def shard_line(view: ShardView) -> Text:
+    """One controller shard's part of the index, or why it did not answer."""
+    if view.error:
+        return Text.assemble((f"shard {view.shard} ", "bold"), ("unreachable", "bold red"),
+                             f": {view.error}")
+    return Text.assemble((f"shard {view.shard} ", "bold"),
+                         f"{view.chunks_indexed:,} chunks indexed · {view.lookups:,} lookups")
+
+
 def misses_line(stats: ClusterStats) -> Text:
     """Why the last minute's missed chunks were missed, by reason, most first."""
     reasons = sorted(((r, n) for r, n in stats.miss_reasons.items() if n > 0),
@@ -77,5 +89,5 @@ def status_report(stats: ClusterStats) -> Group:
     why the last minute's chunks were missed (when any were), then each signature mismatch."""
     tenants = [tenant_table(stats)] if any(t.tenant for t in stats.tenants) else []
     missed = [misses_line(stats)] if any(stats.miss_reasons.values()) else []
-    return Group(status_table(stats), *tenants, *missed,
-                 *(mismatch_line(m) for m in stats.mismatches))
+    return Group(status_table(stats), *(shard_line(view) for view in stats.shards), *tenants,
+                 *missed, *(mismatch_line(m) for m in stats.mismatches))

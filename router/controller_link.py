@@ -1,6 +1,10 @@
 """The router's asynchronous link to the lmshare controller (the controller's public protocol:
 ``lookup`` and ``stats``), on one zmq.asyncio DEALER socket. Every call has a deadline; a late
-reply is dropped, never read as the answer to a later call."""
+reply is dropped, never read as the answer to a later call.
+
+With the controller's keys in shards (:mod:`lmshare.shards`), :class:`AsyncShardLinks` keeps one
+link per shard: a lookup asks every shard for its own keys at once and merges the answers
+(:mod:`lmshare.shard_lookup`); everything else goes to shard 0."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import zmq.asyncio
 
 from lmshare import protocol
 from lmshare.control import parse_controllers
-from lmshare.errors import ControllerUnavailable, ProtocolError, RemoteError
+from lmshare.errors import ControllerUnavailable, LMShareError, ProtocolError, RemoteError
+from lmshare.shard_lookup import merge_lookups
+from lmshare.shards import parse_shard_addresses, split_by_shard
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +127,51 @@ class AsyncControllerLink:
         for future in self._pending.values():
             future.cancel()
         self._context.term()
+
+
+class AsyncShardLinks:
+    """Requests to the controller shards at ``HOST:PORT[,HOST:PORT...][;...]`` (one shard, the
+    controllers of a cluster without shards, when there is no ``;``)."""
+
+    def __init__(self, controllers: str, key: Any = None) -> None:
+        self.shards = [AsyncControllerLink(group, key)
+                       for group in parse_shard_addresses(controllers)]
+
+    async def call(self, type_: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
+        """A request to shard 0 (which knows every worker, as every shard does)."""
+        return await self.shards[0].call(type_, timeout_s, **fields)
+
+    async def lookup(self, timeout_s: float, namespace: bytes,
+                     keys: list[bytes]) -> dict[str, Any]:
+        """A ``lookup`` reply for ``keys``: with shards, every shard is asked for its own keys
+        at once and the answers merged (a shard that fails ends the prefix at its first key).
+        Raises as :meth:`AsyncControllerLink.call` does when no shard could answer."""
+        if len(self.shards) == 1:
+            return await self.shards[0].call("lookup", timeout_s, namespace=namespace, keys=keys)
+        positions = split_by_shard(keys, len(self.shards))
+        asked = [shard for shard, where in enumerate(positions) if where]
+        results = await asyncio.gather(
+            *(self.shards[shard].call("lookup", timeout_s, namespace=namespace,
+                                      keys=[keys[i] for i in positions[shard]])
+              for shard in asked), return_exceptions=True)
+        answers: list[Any] = [None] * len(self.shards)
+        for shard, result in zip(asked, results):
+            if isinstance(result, BaseException) and not isinstance(result, LMShareError):
+                raise result  # cancelled, or a bug: not a shard's answer
+            answers[shard] = result
+        merged = merge_lookups(keys, positions, answers)
+        if merged.unknown_namespace:
+            raise RemoteError(protocol.ErrorCode.UNKNOWN_NAMESPACE,
+                              "no controller shard ever saw this namespace")
+        failed = [r for r in results if isinstance(r, LMShareError)
+                  and r.code != protocol.ErrorCode.UNKNOWN_NAMESPACE]
+        if len(failed) == len(asked):
+            raise failed[0]
+        for shard, result in zip(asked, results):
+            if result in failed:
+                log.debug("prefix lookup on shard %d: %s", shard, result)
+        return merged.reply()
+
+    def close(self) -> None:
+        for link in self.shards:
+            link.close()

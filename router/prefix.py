@@ -12,7 +12,7 @@ from lmshare.errors import ControllerUnavailable, LMShareError, RemoteError
 from lmshare.keys import KEY_BYTES, chunk_keys
 from lmshare.protocol import ErrorCode
 from lmshare.router.backends import Backend
-from lmshare.router.controller_link import AsyncControllerLink
+from lmshare.router.controller_link import AsyncShardLinks
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def held_by_worker(holders: Sequence[object]) -> dict[str, int]:
     return held
 
 
-async def lookup_prefix(link: AsyncControllerLink, backends: Sequence[Backend],
+async def lookup_prefix(link: AsyncShardLinks, backends: Sequence[Backend],
                         tokens: Sequence[int], timeout_s: float) -> PrefixAnswer:
     """Ask the controller once who holds the prompt's leading chunks (the candidates' namespace);
     never waits longer than ``timeout_s``."""
@@ -67,7 +67,7 @@ async def lookup_prefix(link: AsyncControllerLink, backends: Sequence[Backend],
         return PrefixAnswer({}, chunk_tokens, policy.SHORT)
     started = time.perf_counter()
     try:
-        reply = await link.call("lookup", timeout_s, namespace=namespace, keys=keys)
+        reply = await link.lookup(timeout_s, namespace, keys)
     except ControllerUnavailable as exc:
         log.debug("prefix lookup: %s", exc)
         return PrefixAnswer({}, chunk_tokens, policy.LOOKUP_TIMEOUT,
@@ -107,7 +107,7 @@ def _namespace_of(view: dict) -> tuple[bytes, int] | None:
     return (best[1], best[2]) if best is not None else None
 
 
-async def refresh_signatures(link: AsyncControllerLink, backends: Sequence[Backend],
+async def refresh_signatures(link: AsyncShardLinks, backends: Sequence[Backend],
                              timeout_s: float) -> bool:
     """Read each backend's KV namespace from its worker's report in the controller's stats.
     False when the controller did not answer (the namespaces known so far are kept)."""

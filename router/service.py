@@ -60,7 +60,7 @@ class Router:
         self.metrics = RouterMetrics(self.backends)
         self.rotation = Rotation()
         self.session: aiohttp.ClientSession | None = None
-        self.link: Any = None  # AsyncControllerLink, with the prefix policies
+        self.link: Any = None  # AsyncShardLinks, with the prefix policies
         self.tokenizer: Any = None  # router.tokens.Tokenizer once loaded
         self.tokenizer_status = "not needed" if not self._prefix else "not loaded yet"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmshare-router-tokenize")
@@ -94,9 +94,9 @@ class Router:
         self._tasks.append(loop.create_task(health_loop(
             self.session, self.backends, self.config.health_interval_s, timeout)))
         if self._prefix:
-            from lmshare.router.controller_link import AsyncControllerLink
+            from lmshare.router.controller_link import AsyncShardLinks
 
-            self.link = AsyncControllerLink(self.config.controller, self.config.key)
+            self.link = AsyncShardLinks(self.config.controller, self.config.key)
             self._tasks.append(loop.create_task(self._signature_loop()))
             self._tasks.append(loop.create_task(self._load_tokenizer()))
 

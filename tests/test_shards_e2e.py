@@ -4,6 +4,7 @@ them: separate processes started through the ``lmshare`` CLI."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -145,6 +146,38 @@ def test_a_foreign_key_is_refused_and_the_shard_keeps_serving(cluster):
         a.put(SIG, tokens, payloads())
         wait_until(lambda: b.lookup(SIG, tokens + [7]).peer_tokens == CHUNKS * SIG.chunk_tokens,
                    10, "a new doc found across both shards")
+
+
+def run_cli(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "lmshare", *args, "--controller",
+                             cluster.controller_address], capture_output=True, text=True,
+                            env=cluster.env(), timeout=120 * slack())
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_status_dashboard_and_explain_read_every_shard(cluster):
+    tokens, keys, first_of_shard1 = spanning_doc(400)
+    with cluster.client("a") as a, cluster.client("b") as b:
+        a.put(SIG, tokens, payloads())
+        wait_until(lambda: b.lookup(SIG, tokens + [7]).peer_tokens == CHUNKS * SIG.chunk_tokens,
+                   10, "the doc indexed on both shards")
+    parts = [shard_stats(cluster, shard)["stats"]["chunks_indexed"] for shard in (0, 1)]
+    status = json.loads(run_cli(cluster, "status", "--json").stdout)
+    assert [(v["shard"], v["chunks_indexed"], v["error"]) for v in status["shards"]] == [
+        ("0/2", parts[0], ""), ("1/2", parts[1], "")]
+    assert status["chunks_indexed"] == sum(parts)
+    assert {w["worker_id"] for w in status["workers"]} >= {"a", "b"}
+    text = run_cli(cluster, "status").stdout
+    assert f"shard 0/2 {parts[0]:,} chunks indexed" in text
+    assert f"shard 1/2 {parts[1]:,} chunks indexed" in text
+    frame = run_cli(cluster, "dashboard", "--once").stdout
+    assert "shard 0/2" in frame and "shard 1/2" in frame
+    explained = json.loads(run_cli(cluster, "explain", "--tokens", ",".join(map(str, tokens)),
+                                   "--namespace", SIG.namespace().hex(), "--chunk-tokens",
+                                   str(SIG.chunk_tokens), "--worker", "b", "--json").stdout)
+    assert explained["hit_chunks"] == CHUNKS  # both shards' chunks, in the prompt's order
+    assert [c["holders"][0]["worker"] for c in explained["chunks"]] == ["a"] * CHUNKS
 
 
 def test_a_leaving_worker_hands_its_chunks_on_through_every_shard(cluster):
