@@ -41,6 +41,15 @@ def payloads() -> list[bytes]:
     return [os.urandom(4096) for _ in range(CHUNKS)]
 
 
+WRITTEN: set[bytes] = set()  # the keys this module's tests stored (they are never evicted)
+
+
+def put(client, tokens: list[int], data: list[bytes] | None = None) -> int:
+    """Store ``tokens``' chunks through ``client``, remembering their keys in WRITTEN."""
+    WRITTEN.update(signature_keys(SIG, tokens))
+    return client.put(SIG, tokens, data or payloads())
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = LocalCluster(heartbeat_timeout_s=3.0, runtime_dir=tmp_path_factory.mktemp("shards"))
@@ -65,28 +74,31 @@ def test_chunks_written_on_one_worker_are_found_through_the_other(cluster):
     tokens, keys, _ = spanning_doc(1)
     data = payloads()
     with cluster.client("a") as a, cluster.client("b") as b:
-        assert a.put(SIG, tokens, data) == CHUNKS
+        assert put(a, tokens, data) == CHUNKS
         wait_until(lambda: b.lookup(SIG, tokens + [7]).peer_tokens == CHUNKS * SIG.chunk_tokens,
                    10, "b to find all of a's chunks through both shards")
         assert b.get(SIG, tokens) == data
-    # each shard indexes only the keys it owns, and knows both workers
     for shard in (0, 1):
-        own = sum(1 for key in keys if shard_of(key, 2) == shard)
-
-        def indexed(shard=shard, own=own):
-            reply = shard_stats(cluster, shard)
-            held = {w["worker_id"]: w["chunks_indexed"] for w in reply["stats"]["workers"]}
-            # a wrote them, b fetched them: each holds them all, each shard indexes its own
-            return reply if held == {"a": own, "b": own} \
-                and reply["stats"]["chunks_indexed"] == own else None
-        reply = wait_until(indexed, 10, f"shard {shard} to index its keys of both workers")
+        own = [key for key in keys if shard_of(key, 2) == shard]
+        client = cluster.controller_client(timeout_s=5.0, shard=shard)
+        try:
+            # a wrote them, b fetched them: the shard that owns them lists both
+            wait_until(lambda client=client, own=own: [sorted(h) for h in client.call(
+                "lookup", namespace=SIG.namespace(), keys=own)["holders"]]
+                == [["a", "b"]] * len(own), 10, f"shard {shard} to index a's and b's chunks")
+        finally:
+            client.close()
+        # and it indexes its own keys only (of every prompt this module's tests stored)
+        reply = shard_stats(cluster, shard)
+        assert reply["stats"]["chunks_indexed"] == sum(
+            1 for key in WRITTEN if shard_of(key, 2) == shard)
         assert reply["shard"] == reply["stats"]["shard"] == f"{shard}/2"
 
 
 def test_a_stopped_shard_ends_the_prefix_at_its_first_key(cluster):
     tokens, keys, first_of_shard1 = spanning_doc(100)
     with cluster.client("a") as a, cluster.client("b") as b:
-        a.put(SIG, tokens, payloads())
+        put(a, tokens)
         full = CHUNKS * SIG.chunk_tokens
         wait_until(lambda: b.lookup(SIG, tokens + [7]).tokens == full, 10, "the doc indexed")
         before = b.stats()["counters"]["miss_controller_unreachable"]
@@ -143,7 +155,7 @@ def test_a_foreign_key_is_refused_and_the_shard_keeps_serving(cluster):
     finally:
         client.close()
     with cluster.client("a") as a, cluster.client("b") as b:  # the cluster still works
-        a.put(SIG, tokens, payloads())
+        put(a, tokens)
         wait_until(lambda: b.lookup(SIG, tokens + [7]).peer_tokens == CHUNKS * SIG.chunk_tokens,
                    10, "a new doc found across both shards")
 
@@ -159,7 +171,7 @@ def run_cli(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
 def test_status_dashboard_and_explain_read_every_shard(cluster):
     tokens, keys, first_of_shard1 = spanning_doc(400)
     with cluster.client("a") as a, cluster.client("b") as b:
-        a.put(SIG, tokens, payloads())
+        put(a, tokens)
         wait_until(lambda: b.lookup(SIG, tokens + [7]).peer_tokens == CHUNKS * SIG.chunk_tokens,
                    10, "the doc indexed on both shards")
     parts = [shard_stats(cluster, shard)["stats"]["chunks_indexed"] for shard in (0, 1)]
@@ -185,7 +197,7 @@ def test_a_leaving_worker_hands_its_chunks_on_through_every_shard(cluster):
     data = payloads()
     cluster.start_worker("c")
     with cluster.client("c") as c:
-        assert c.put(SIG, tokens, data) == CHUNKS
+        assert put(c, tokens, data) == CHUNKS
     with cluster.client("a") as a:
         wait_until(lambda: a.lookup(SIG, tokens + [7]).peer_tokens == CHUNKS * SIG.chunk_tokens,
                    10, "c's chunks indexed on both shards")
