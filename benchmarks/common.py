@@ -43,8 +43,8 @@ def header(command: str) -> str:
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                          stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without the history
+        commit = os.environ.get("LMSHARE_COMMIT", "unknown")
     return f"Machine: {machine()}  \nDate: {date}, commit {commit}  \nCommand: `{command}`\n"
 
 
