@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import select
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ DEADLINE_S = {"register": REGISTER_TIMEOUT_S, "sync": 5.0}
 LOOKUP_TIMEOUT_S = 0.5  # a lookup client gives up and asks again after this
 PINNED = 16  # each worker's first chunks are never evicted: the prompts lookups ask for
 REGISTER_RATE = 1000  # workers a simulating process starts a second
+SCAN_S = 0.05  # a simulating process looks for heartbeats due and deadlines passed this often
 # issue 16's targets
 TARGET_BYTES_PER_KEY = 120
 TARGET_RSS = 1.5 * 2**30
@@ -170,7 +172,7 @@ class _Link:
         return out
 
 
-def _controller_socket(context: zmq.Context, poller: zmq.Poller, key, port: int,
+def _controller_socket(context: zmq.Context, poller: zmq.Poller | None, key, port: int,
                        reconnect_max_ms: int) -> zmq.Socket:
     """A CURVE DEALER connected to a controller on loopback, registered with ``poller``."""
     sock = context.socket(zmq.DEALER)
@@ -180,8 +182,37 @@ def _controller_socket(context: zmq.Context, poller: zmq.Poller, key, port: int,
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)
     secure_client(sock, key.curve_client())
     sock.connect(f"tcp://127.0.0.1:{port}")
-    poller.register(sock, zmq.POLLIN)
+    if poller is not None:
+        poller.register(sock, zmq.POLLIN)
     return sock
+
+
+class _Ready:
+    """Which of thousands of sockets have replies: epoll on each socket's ZMQ_FD. (A zmq.Poller
+    walks every socket it holds on every call: with 5,000 connections a simulating process
+    spent its core polling.) ZMQ_FD only says that the socket's state may have changed, and a
+    send can take that signal: a socket sent on is drained on the next turn as well."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.by_fd: dict[int, _Link] = {}
+        self.touched: list[_Link] = []
+
+    def add(self, link: _Link) -> None:
+        fd = link.socket.getsockopt(zmq.FD)
+        self.by_fd[fd] = link
+        self.epoll.register(fd, select.EPOLLIN)
+
+    def remove(self, link: _Link) -> None:
+        fd = link.socket.getsockopt(zmq.FD)
+        self.epoll.unregister(fd)
+        del self.by_fd[fd]
+
+    def wait(self, timeout_s: float) -> list[_Link]:
+        ready = [self.by_fd[fd] for fd, _ in self.epoll.poll(timeout_s) if fd in self.by_fd]
+        ready += self.touched
+        self.touched = []
+        return ready
 
 
 def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_s: float,
@@ -193,27 +224,27 @@ def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_
     context = zmq.Context(io_threads=1)
     # closed sockets are reaped a while later
     context.set(zmq.MAX_SOCKETS, 2 * count * shards + 64)
-    poller = zmq.Poller()
-    links: dict[zmq.Socket, _Link] = {}  # by socket
+    ready = _Ready()
+    links: list[_Link] = []
     of_worker: dict[int, list[_Link]] = {}  # a worker's links, in shard order
     for i in range(first, first + count):
         instance = os.urandom(16)
         of_worker[i] = []
         for shard, port in enumerate(ports):
-            sock = _controller_socket(context, poller, key, port, reconnect_max_ms=1000)
+            sock = _controller_socket(context, None, key, port, reconnect_max_ms=1000)
             link = _Link(i, shard, sock, instance)
-            links[sock] = link
+            ready.add(link)
+            links.append(link)
             of_worker[i].append(link)
     generation = dict.fromkeys(of_worker, 0)  # each worker's next keys_of generation
     pinned = dict.fromkeys(of_worker, 0)  # how many of its PINNED keys it has made
 
     def reset(w: _Link) -> None:
         """A new socket (and CURVE handshake) for ``w``, as RpcClient.reset() after a timeout."""
-        poller.unregister(w.socket)
-        del links[w.socket]
+        ready.remove(w)
         w.socket.close(linger=0)
-        w.socket = _controller_socket(context, poller, key, ports[w.shard], reconnect_max_ms=1000)
-        links[w.socket] = w
+        w.socket = _controller_socket(context, None, key, ports[w.shard], reconnect_max_ms=1000)
+        ready.add(w)
     ids = iter(range(1, 1 << 62))
     sent = {"register": 0, "sync": 0, "heartbeat": 0, "batch": 0, "timeouts": 0}
     applied = [0]  # admits plus evictions in batches the controllers answered
@@ -234,6 +265,7 @@ def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_
         w.pending = (request_id, type_, time.monotonic())
         try:
             w.socket.send(payload, zmq.NOBLOCK)
+            ready.touched.append(w)
         except zmq.Again:  # not connected yet (IMMEDIATE, as a worker's socket): sent once
             w.unsent = payload  # it is, within the call's deadline
 
@@ -375,15 +407,15 @@ def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_
                 conn.send(("big_sync", big_sync["worker"]))
             elif command == "status":
                 states: dict[str, int] = {}
-                for w in links.values():
+                for w in links:
                     states[w.state] = states.get(w.state, 0) + 1
                 conn.send(("status", {"states": states, "queued": queued[0], "sent": dict(sent),
                                       "interval_s": max(paced), "applied_keys": applied[0],
                                       "errors": dict(refused),
-                                      "dead_seen": sum(w.dead_seen for w in links.values()),
+                                      "dead_seen": sum(w.dead_seen for w in links),
                                       "big_sync": big_sync,
                                       "keys": sum(len(w.pinned) + sum(map(len, w.blocks))
-                                                  for w in links.values())}))
+                                                  for w in links)}))
             elif command == "mark":
                 mark[0] = arg
                 conn.send(("marked", arg))
@@ -403,14 +435,15 @@ def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_
                         enqueue(w, {"admit": part, "evict": evict})
                 stream_carry -= stream_batch
         last = now
-        # heartbeats, deadlines, re-registration (a scan of every link: every 20 ms, so that
+        # heartbeats, deadlines, re-registration (a scan of every link: every 50 ms, so that
         # the simulation leaves the CPU to the controllers)
-        for w in list(links.values()) if now - last_scan[0] >= 0.02 else ():
+        for w in links if now - last_scan[0] >= SCAN_S else ():
             if w.pending is not None:
                 if w.unsent is not None:
                     try:
                         w.socket.send(w.unsent, zmq.NOBLOCK)
                         w.unsent = None
+                        ready.touched.append(w)
                     except zmq.Again:
                         pass
                 if now - w.pending[2] > DEADLINE_S.get(w.pending[1], DEFAULT_TIMEOUT_S):
@@ -430,15 +463,12 @@ def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_
                 heartbeat(w)
             else:
                 next_change(w)
-        if now - last_scan[0] >= 0.02:
+        if now - last_scan[0] >= SCAN_S:
             last_scan[0] = now
-        for sock, _ in poller.poll(5):
-            w = links.get(sock)
-            if w is None:
-                continue
+        for w in ready.wait(0.005):
             while True:
                 try:
-                    raw = sock.recv(zmq.NOBLOCK)
+                    raw = w.socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 reply = msgpack.unpackb(raw, raw=False, strict_map_key=False)
@@ -452,8 +482,8 @@ def _simulate(first: int, count: int, ports: list[int], key_file: str, interval_
                         if not big_links:
                             big_sync["done"] = time.time()
                     next_change(w)
-    for sock in links:
-        sock.close(linger=0)
+    for w in links:
+        w.socket.close(linger=0)
     context.term()
 
 
@@ -484,7 +514,8 @@ def _lookups(ports: list[int], key_file: str, workers: int, clients: int, rate: 
         prompts.append([(shard, positions, [keys[p] for p in positions])
                         for shard, positions in enumerate(split_by_shard(keys, shards))
                         if positions])
-    # client → [request id, sent, shards left, positions by shard, prefix so far, all ok]
+    # client → [request id, sent, shards left, positions by shard, prefix so far, all ok,
+    # the shard that answered last]
     outstanding: dict[int, list] = {}
     samples: list[tuple[float, float, int]] = []
     errors = 0
@@ -504,7 +535,7 @@ def _lookups(ports: list[int], key_file: str, workers: int, clients: int, rate: 
             except zmq.Again:  # not connected yet (a controller restarting): ask again later
                 return  # the answers of the shards already asked are dropped (their id)
         outstanding[client] = [request_id, started, {s for s, _, _ in prompt},
-                               {s: p for s, p, _ in prompt}, PINNED, True]
+                               {s: p for s, p, _ in prompt}, PINNED, True, -1]
 
     while True:
         while conn.poll(0):
@@ -541,6 +572,7 @@ def _lookups(ports: list[int], key_file: str, workers: int, clients: int, rate: 
             if pending is None or reply.get("id") != pending[0] or shard not in pending[2]:
                 continue
             pending[2].discard(shard)
+            pending[6] = shard
             if reply.get("type") == "ok":
                 positions = pending[3][shard]
                 matched = reply.get("matched", 0)
@@ -553,7 +585,7 @@ def _lookups(ports: list[int], key_file: str, workers: int, clients: int, rate: 
             outstanding.pop(client)
             if active:
                 samples.append((time.time(), (time.perf_counter() - pending[1]) * 1e6,
-                                pending[4] if pending[5] else -1))
+                                pending[4] if pending[5] else -1, pending[6]))
 
 
 # ---------------------------------------------------------------------------- the controllers
@@ -708,8 +740,12 @@ class Fleet:
 
     def steps(self) -> dict:
         """The controllers' loop steps so far, by kind, all shards together: [count, over 10 ms
-        of CPU] (only a controller that counts them says)."""
-        return self.stats()["steps"]
+        of CPU] (only a controller that counts them says; none from a controller that did not
+        answer within 30 s)."""
+        try:
+            return self.stats()["steps"]
+        except TimeoutError:
+            return {}
 
     def rss(self) -> list[int]:
         return [rss_bytes(proc.pid) for proc in self.controllers]
@@ -784,6 +820,17 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _timed_stats(fleet: Fleet) -> dict:
+    try:
+        return fleet.timed_stats()
+    except TimeoutError:  # a controller did not answer within 30 s
+        return {"first_page_ms": None, "all_pages_ms": None, "listed": None}
+
+
+def _ms(v: float | None) -> str:
+    return "over 30 s" if v is None else f"{v:.0f} ms"
+
+
 def _merge_steps(each: list[dict]) -> dict:
     out: dict[str, list[int]] = {}
     for steps in each:
@@ -798,8 +845,13 @@ def _latency(samples: list, errors: int = 0) -> dict:
     rtts = [s[1] for s in samples if s[2] >= 0]
     if not rtts:
         return {"count": 0, "timeouts": errors}
+    slow: dict[int, int] = {}  # lookups over 10 ms by the shard that answered last
+    for s in samples:
+        if s[2] >= 0 and s[1] > 10_000:
+            slow[s[3]] = slow.get(s[3], 0) + 1
     return {"count": len(rtts), "p50_us": percentile(rtts, 0.5), "p99_us": percentile(rtts, 0.99),
             "max_us": max(rtts), "over_10ms": sum(r > 10_000 for r in rtts),
+            "over_10ms_last_shard": slow,
             "hits": sum(1 for s in samples if s[2] == PINNED), "timeouts": errors}
 
 
@@ -865,7 +917,7 @@ def measure(tree: Path, label: str, shards: int, args: argparse.Namespace, key_f
             wait_for("registration", lambda t=target: fleet.stats()["workers_total"] >= t,
                      timeout, 0.5)
             bar.advance(count)
-            out["stats_ms"].append({"workers": target, **fleet.timed_stats()})
+            out["stats_ms"].append({"workers": target, **_timed_stats(fleet)})
         bar.close()
         wait_for("every worker up", lambda: all(
             s["states"].get("up", 0) == sum(s["states"].values())
@@ -900,7 +952,7 @@ def measure(tree: Path, label: str, shards: int, args: argparse.Namespace, key_f
         out["fill_steps"] = _step_diff(steps_before, fleet.steps())
         indexed = out["curve"][-1]["keys"]
         out["bytes_per_key"] = (out["curve"][-1]["rss"] - out["rss_registered"]) / indexed
-        out["stats_full"] = {"workers": args.workers, **fleet.timed_stats()}
+        out["stats_full"] = {"workers": args.workers, **_timed_stats(fleet)}
         checkpoint()
         # 3. streaming admits and evictions, then a big full sync while they go on
         if not args.restart_only:
@@ -956,7 +1008,7 @@ def _restart(fleet: Fleet, label: str, args: argparse.Namespace) -> dict:
     """Kill every controller process at once, start them again; time the first lookup answered
     (by every shard asked) and the index complete (all shards together), count the workers
     declared dead and the calls the workers made on the way."""
-    expected_keys = fleet.stats()["chunks_indexed"]
+    expected_keys = wait_for("stats", fleet.stats, args.phase_timeout_s)["chunks_indexed"]
     sent_before = _sent(fleet)
     fleet.kill_controllers()
     restarted = time.time()
@@ -989,7 +1041,7 @@ def _restart(fleet: Fleet, label: str, args: argparse.Namespace) -> dict:
     _, samples, errors = fleet.lookup_conn.recv()
     answered = [s for s in samples if s[2] >= 0]
     full = [s for s in samples if s[2] == PINNED]
-    stats = fleet.stats()
+    stats = wait_for("stats", fleet.stats, args.phase_timeout_s)
     status = fleet.sims_call("status")
     sent_after = _sent(fleet, status)
     return {
@@ -1141,7 +1193,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     text += "\n\n" + table(
         ["variant", *[f"stats at {p['workers']:,} workers (1st page / all)"
                       for p in results[0].get("stats_ms", [])]],
-        [[r["label"], *[f"{p['first_page_ms']:.0f} / {p['all_pages_ms']:.0f} ms"
+        [[r["label"], *[f"{_ms(p['first_page_ms'])} / {_ms(p['all_pages_ms'])}"
                         for p in r.get("stats_ms", [])]] for r in results])
     text += "\n\n" + table(
         ["variant", "indexed chunks", "RSS (all shards)", "lookup p50 / p99 / max", "fill"],
