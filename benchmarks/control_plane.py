@@ -884,11 +884,24 @@ class _Cpu:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet, self.started, self.before = fleet, time.monotonic(), fleet.cpu()
+        self.others = self._others()
+
+    def _others(self) -> float:
+        """CPU of the simulating processes and the lookup clients."""
+        procs = [p for p, _ in self.fleet.sims] + [self.fleet.lookup_proc]
+        total = 0.0
+        for proc in procs:
+            try:
+                total += cpu_seconds(proc.pid) if proc is not None else 0.0
+            except OSError:
+                pass
+        return total
 
     def read(self) -> dict:
         wall = time.monotonic() - self.started
         used = [a - b for a, b in zip(self.fleet.cpu(), self.before)]
         return {"wall_s": wall, "busiest_cores": max(used) / wall, "all_cores": sum(used) / wall,
+                "simulation_cores": (self._others() - self.others) / wall,
                 "load": os.getloadavg()[0]}
 
 
@@ -1180,9 +1193,10 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
             if c:
                 rows.append([r["label"], phase, f"{c['wall_s']:.0f} s",
                              f"{c['busiest_cores']:.2f}", f"{c['all_cores']:.2f}",
-                             f"{c['load']:.1f}"])
+                             f"{c.get('simulation_cores', 0):.2f}", f"{c['load']:.1f}"])
     text += "\n\n" + table(["variant", "phase", "wall", "busiest controller, cores",
-                            "all controllers, cores", "load average"], rows)
+                            "all controllers, cores", "simulated workers and lookup clients, "
+                            "cores", "load average"], rows)
     text += "\n\n" + table(
         ["variant", "phase", "loop steps over 10 ms of CPU (of all), all shards, by kind"],
         [[r["label"], phase, _steps_cell((r.get(key) or {}).get("steps") if key != "fill" else
