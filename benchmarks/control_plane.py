@@ -974,9 +974,50 @@ def measure(tree: Path, label: str, shards: int, args: argparse.Namespace, key_f
         # 4. restart: kill, start again, every worker re-registers and re-syncs
         out["restart"] = _restart(fleet, label, args)
         checkpoint()
+    except Exception:
+        out["at_failure"] = _diagnose(fleet)
+        raise
     finally:
         fleet.stop()
     return out
+
+
+def _diagnose(fleet: Fleet) -> dict:
+    """Where a variant stood when a phase failed: the simulated links' states and calls, and
+    what each shard says within 5 s (or that it did not answer)."""
+    found: dict[str, Any] = {"time": time.time(), "load": os.getloadavg()}
+    try:
+        status = fleet.sims_call("status")
+        states: dict[str, int] = {}
+        for st in status:
+            for k, v in st["states"].items():
+                states[k] = states.get(k, 0) + v
+        found["links"] = {"states": states, "queued": sum(st["queued"] for st in status),
+                          "calls": _sent(fleet, status), "errors": _errors(status),
+                          "interval_s": max(st["interval_s"] for st in status),
+                          "dead_seen": sum(st["dead_seen"] for st in status)}
+    except (OSError, EOFError) as e:
+        found["links"] = f"{type(e).__name__}: {e}"
+    shards = []
+    for shard, proc in enumerate(fleet.controllers):
+        entry: dict[str, Any] = {"alive": proc.poll() is None}
+        try:
+            entry["rss"] = rss_bytes(proc.pid)
+            entry["cpu_s"] = cpu_seconds(proc.pid)
+            started = time.perf_counter()
+            reply = fleet.call("stats", shard=shard, timeout_s=5, limit=1)
+            entry.update(answered_ms=(time.perf_counter() - started) * 1000,
+                         chunks=reply["stats"]["chunks_indexed"],
+                         workers=reply["stats"]["workers_total"],
+                         heartbeat_interval_s=reply.get("heartbeat_interval_s"),
+                         steps=reply.get("steps"))
+        except TimeoutError:
+            entry["answered_ms"] = None  # not within 5 s
+        except OSError as e:
+            entry["error"] = str(e)
+        shards.append(entry)
+    found["shards"] = shards
+    return found
 
 
 def _stream_and_big_sync(fleet: Fleet, args: argparse.Namespace, out: dict, checkpoint) -> None:
@@ -1262,7 +1303,10 @@ def plot(data: dict, path: str, title: str | None = None) -> None:
         ax1.plot(keys, [p["lookup"].get("p50_us", 0) for p in curve], marker=".",
                  linestyle="--", color=line.get_color(), label=f"{r['label']} p50")
         ax2.plot(keys, [p["rss"] / 2**30 for p in curve], marker="o", color=line.get_color(),
-                 label=f"{r['label']} (all processes)")
+                 label=f"{r['label']}, all processes")
+        if any(len(p.get("rss_each", [])) > 1 for p in curve):
+            ax2.plot(keys, [max(p["rss_each"]) / 2**30 for p in curve], marker=".",
+                     linestyle="--", color=line.get_color(), label=f"{r['label']}, largest")
     ax1.axhline(TARGET_P99_US, color="grey", linewidth=0.8, linestyle=":")
     ax1.set(xlabel="indexed chunks (millions)", ylabel="lookup round trip (µs, log scale)",
             title=title or f"16-key lookups, {data['workers']:,} workers heartbeating")
