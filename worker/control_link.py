@@ -94,7 +94,8 @@ class ControlLink:
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, timeout_s: float) -> float:
-        """Register now; returns how long it took. Raises ControllerUnavailable."""
+        """Register now; returns how long it took. Raises ControllerUnavailable, or ConfigError
+        when the controller is not of the shard this link was configured for."""
         started = time.perf_counter()
         reply = self._client.call("register", timeout_s=timeout_s, **self._registration)
         elapsed = time.perf_counter() - started
@@ -281,11 +282,11 @@ class ControlLink:
         with self._pending_lock:
             self._pending = []
             snapshot = self._pool.entries_by_namespace()
-            if self.shard.count > 1:
-                snapshot = {ns: [k for k in keys if self.shard.owns(k)]
-                            for ns, keys in snapshot.items()}
             self._seq += 1
             seq = self._seq
+        if self.shard.count > 1:  # (a copy: filtered without holding up the pool's events)
+            snapshot = {ns: [k for k in keys if self.shard.owns(k)]
+                        for ns, keys in snapshot.items()}
         parts: list[dict[bytes, list[bytes]]] = [{}]
         count = 0
         for namespace, keys in snapshot.items():
