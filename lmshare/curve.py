@@ -1,10 +1,10 @@
 """CurveZMQ on the control plane: the server side's key check, refusal log and counters.
 
 A ROUTER socket made a CURVE server by :func:`secure_server` only completes handshakes with
-clients that know the server's key; :class:`CurveGuard` answers the socket's ZAP requests (only
-the cluster's client key passes) and watches the socket's handshake failures (no CURVE at all,
-garbage, a wrong server key). Each refused peer address is logged once, and every refusal is
-counted by reason in :attr:`CurveGuard.refused`.
+clients that know the server's key; :class:`CurveGuard` answers the ZAP requests of every socket it
+secured (only the cluster's client key passes) and watches each socket's handshake failures (no
+CURVE at all, garbage, a wrong server key). Each refused peer address is logged once, and every
+refusal is counted by reason in :attr:`CurveGuard.refused` and by socket (:meth:`by_socket`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 from collections import Counter
+from dataclasses import dataclass, field
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -39,12 +40,14 @@ def secure_client(sock: zmq.Socket, keys: CurveKeys) -> None:
 
 
 class CurveGuard:
-    """ZAP handler and handshake watcher of one CURVE server socket (one per zmq context)."""
+    """ZAP handler (one per zmq context) and handshake watcher of the CURVE server sockets it
+    secured (:meth:`secure_server`, each under its own name)."""
 
     def __init__(self, context: zmq.Context, key: ClusterKey, what: str,
                  tenants: tuple[str, ...] | list[str] = ()) -> None:
         self.what = what
         self.refused: Counter[str] = Counter()
+        self._refused_by: dict[str, Counter[str]] = {}  # socket name -> reason -> count
         self._tenants = tuple(tenants)
         self._allowed: dict[bytes, str] = {}
         self.set_key(key)
@@ -55,9 +58,9 @@ class CurveGuard:
         self._zap = context.socket(zmq.REP)
         self._zap.setsockopt(zmq.LINGER, 0)
         self._zap.bind(ZAP_ENDPOINT)
-        self._monitor: zmq.Socket | None = None
-        self._accepted: dict[int, str] = {}  # fd -> peer address, for handshake failures
-        self._pending_failure: str | None = None
+        # socket name -> its monitor (handed to the thread on its next turn)
+        self._monitors: dict[str, zmq.Socket] = {}
+        self._watching: list[_Watch] = []  # the thread's own: one per monitor it polls
         self._thread = threading.Thread(target=self._loop, name=f"lmshare-{what}-auth",
                                         daemon=True)
 
@@ -82,17 +85,22 @@ class CurveGuard:
         """Count (and log once) a message on a connection whose key was retired."""
         self._refuse(REASON_RETIRED, "a connection opened before the key rotation")
 
-    def secure_server(self, sock: zmq.Socket, key: ClusterKey) -> None:
-        """Make ``sock`` (before bind) a CURVE server checked by this guard; start watching."""
+    def secure_server(self, sock: zmq.Socket, key: ClusterKey, name: str = "control") -> None:
+        """Make ``sock`` (before bind) a CURVE server checked by this guard; start watching it.
+        ``name`` tells its refusals apart from other sockets' (:meth:`by_socket`)."""
         public, secret = key.curve_server()
         sock.curve_server = True
         sock.curve_publickey = public
         sock.curve_secretkey = secret
-        sock.zap_domain = ZAP_DOMAIN.encode()
-        self._monitor = sock.get_monitor_socket(
+        sock.zap_domain = _domain(name)
+        monitor = sock.get_monitor_socket(
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        self._thread.start()
+        with self._lock:
+            self._monitors[name] = monitor
+            self._refused_by.setdefault(name, Counter())
+        if not self._thread.is_alive():
+            self._thread.start()
 
     def total(self) -> int:
         with self._lock:
@@ -102,10 +110,18 @@ class CurveGuard:
         with self._lock:
             return dict(self.refused)
 
-    def _refuse(self, reason: str, address: str) -> None:
+    def by_socket(self) -> dict[str, dict[str, int]]:
+        """Refusals by socket name, then reason (connections on a retired key: counted in
+        :meth:`counts` only, as the controller's loop finds them)."""
+        with self._lock:
+            return {name: dict(counts) for name, counts in self._refused_by.items()}
+
+    def _refuse(self, reason: str, address: str, name: str = "") -> None:
         host = address.rsplit(":", 1)[0]  # a client retrying comes from ever new ports
         with self._lock:
             self.refused[reason] += 1
+            if name in self._refused_by:
+                self._refused_by[name][reason] += 1
             first = (reason, host) not in self._logged and len(self._logged) < MAX_LOGGED_ADDRESSES
             if first:
                 self._logged.add((reason, host))
@@ -121,32 +137,41 @@ class CurveGuard:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self._watch_new(poller)
                 ready = dict(poller.poll(200))
                 if self._zap in ready:
                     self._answer_zap(self._zap.recv_multipart())
-                if self._monitor is not None and self._monitor in ready:
-                    self._on_event(parse_monitor_message(self._monitor.recv_multipart()))
+                for watch in self._watching:
+                    if watch.monitor in ready:
+                        self._on_event(watch, parse_monitor_message(watch.monitor.recv_multipart()))
         except zmq.ZMQError as exc:
             if not self._stop.is_set():
                 log.error("%s: authentication thread stopped: %s", self.what, exc)
         finally:
             self._zap.close(linger=0)
-            if self._monitor is not None:
-                self._monitor.close(linger=0)
+            for watch in self._watching:
+                watch.monitor.close(linger=0)
+
+    def _watch_new(self, poller: zmq.Poller) -> None:
+        """Poll the monitors of sockets secured since the last turn."""
+        with self._lock:
+            fresh, self._monitors = self._monitors, {}
+        for name, monitor in fresh.items():
+            self._watching.append(_Watch(name, monitor))
+            poller.register(monitor, zmq.POLLIN)
 
     def _answer_zap(self, frames: list[bytes]) -> None:
         # version, request id, domain, address, identity, mechanism, credentials...
         if len(frames) < 6:
             return
-        version, request_id, _domain, address, _identity, mechanism = frames[:6]
+        version, request_id, domain, address, _identity, mechanism = frames[:6]
         public = _z85(frames[6]) if mechanism == b"CURVE" and len(frames) >= 7 else b""
         tenant = self._allowed.get(public) if public else None
         if tenant is None:
-            self._refuse(REASON_WRONG_KEY, address.decode(errors="replace"))
+            self._refuse(REASON_WRONG_KEY, address.decode(errors="replace"),
+                         _name_of(domain))
         status, text = (b"200", b"OK") if tenant is not None else \
             (b"400", b"not a member of this cluster")
         # the user id travels with each message: the tenant the controller serves it as, and
@@ -154,23 +179,23 @@ class CurveGuard:
         user_id = f"{tenant}/{public.decode()}".encode() if tenant is not None else b""
         self._zap.send_multipart([version, request_id, status, text, user_id, b""])
 
-    def _on_event(self, event: dict) -> None:
+    def _on_event(self, watch: _Watch, event: dict) -> None:
         kind, value = event["event"], event["value"]
         if kind == zmq.EVENT_ACCEPTED:
-            self._accepted[value] = _peer_address(value)
+            watch.accepted[value] = _peer_address(value)
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            self._pending_failure = REASON_NO_CURVE  # the engine's next event: its disconnect
+            watch.pending_failure = REASON_NO_CURVE  # the engine's next event: its disconnect
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             # the other end closed before the handshake finished: a client that gave up waiting
             # on a busy server, or a port probe; nothing was refused (not counted)
             log.debug("%s: a connection closed during its handshake", self.what)
         elif kind == zmq.EVENT_DISCONNECTED:
-            address = self._accepted.pop(value, "an unknown address")
-            if self._pending_failure is not None:
-                self._refuse(self._pending_failure, address)
-                self._pending_failure = None
-        if len(self._accepted) > 65536:  # fds of connections whose disconnect we missed
-            self._accepted.clear()
+            address = watch.accepted.pop(value, "an unknown address")
+            if watch.pending_failure is not None:
+                self._refuse(watch.pending_failure, address, watch.name)
+                watch.pending_failure = None
+        if len(watch.accepted) > 65536:  # fds of connections whose disconnect we missed
+            watch.accepted.clear()
 
     def close(self) -> None:
         self._stop.set()
@@ -178,6 +203,28 @@ class CurveGuard:
             self._thread.join(timeout=2)
         else:
             self._zap.close(linger=0)
+            for monitor in self._monitors.values():
+                monitor.close(linger=0)
+
+
+@dataclass
+class _Watch:
+    """One secured socket's monitor, as the guard's thread follows it."""
+
+    name: str
+    monitor: zmq.Socket
+    accepted: dict[int, str] = field(default_factory=dict)  # fd -> peer address
+    pending_failure: str | None = None  # a handshake failure awaiting its disconnect
+
+
+def _domain(name: str) -> bytes:
+    """The ZAP domain of socket ``name`` (the main socket keeps the historical one)."""
+    return (ZAP_DOMAIN if name == "control" else f"{ZAP_DOMAIN}.{name}").encode()
+
+
+def _name_of(domain: bytes) -> str:
+    text = domain.decode(errors="replace")
+    return text[len(ZAP_DOMAIN) + 1:] if text.startswith(f"{ZAP_DOMAIN}.") else "control"
 
 
 def _z85(public: bytes) -> bytes:
