@@ -1,4 +1,9 @@
-"""The controller service: one ROUTER socket, one thread, every message validated.
+"""The controller service: one thread, every message validated, on two ROUTER sockets.
+
+The main socket takes everything (worker registrations, heartbeats, batches, syncs, stats,
+lookups); the lookup socket (its own port, advertised in register, ping and stats replies) takes
+``lookup`` and ``ping`` only, and the loop drains it before each step of other work: a lookup
+there waits behind at most the one step in progress, never behind the main socket's queue.
 
 Handlers never raise out of the loop: a bad message gets an error reply (and counts as refused),
 and the controller keeps serving everyone else.
@@ -49,6 +54,11 @@ CONTROLLER_TYPES = {"register", "heartbeat", "batch", "sync", "deregister", "loo
                     "stats", "ping", "handoff"}
 STATS_PAGE = 1000  # workers in one stats reply unless the request asks for another page size
 LIVENESS_CHECK_S = 0.1  # how often the loop looks for workers whose heartbeats stopped
+# what the lookup socket answers (nothing that changes state), and how many of its messages the
+# loop serves before each step of other work: worker traffic is never starved by lookups
+LOOKUP_LANE_TYPES = frozenset({"lookup", "ping"})
+LOOKUP_BURST = 64
+MAIN, LANE = "control", "lookup"  # the sockets' names (stats, refusal counts)
 MAX_FRAMES = 3  # routing id (+ an empty delimiter from REQ sockets) + the message
 # chunks whose last holder let them go (left, died or evicted them), remembered for miss
 # reasons; and namespaces (per tenant) that ever had chunks, to tell "never seen" from "empty"
@@ -62,6 +72,7 @@ MISS_CODES = misses.LOOKUP_CODES
 class ControllerConfig:
     host: str = "127.0.0.1"
     port: int = 7800
+    lookup_port: int = 0  # the lookup socket's port; 0 = any free port (it is advertised)
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
@@ -87,6 +98,14 @@ class ControllerConfig:
             if not (isinstance(value, int) and value > 0):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, "
                                   f"not {value!r}")
+        for name in ("port", "lookup_port"):
+            value = getattr(self, name)
+            if not (type(value) is int and 0 <= value <= 65535):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a port number 0..65535 "
+                                  f"(0 = any free port), not {value!r}")
+        if self.lookup_port and self.lookup_port == self.port:
+            raise ConfigError(f"--lookup-port {self.lookup_port} is the control port too; give "
+                              "the lookup socket a port of its own (or 0 for any free port)")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError(f"heartbeat timeout ({self.heartbeat_timeout_s}s) must be longer "
                               f"than the heartbeat interval ({self.heartbeat_interval_s}s)")
@@ -174,28 +193,25 @@ class ControllerService:
         self._leadership_changed = threading.Event()
         # a keyed controller has its own context: a context has one ZAP handler
         self._context = context or (zmq.Context() if config.key else zmq.Context.instance())
-        self._socket = self._context.socket(zmq.ROUTER)
         self.guard = None
         if config.key is not None:
             from lmshare.curve import CurveGuard
 
             self.guard = CurveGuard(self._context, config.key, "controller", config.tenants)
-            self.guard.secure_server(self._socket, config.key)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        # A frame up to twice the limit is read and refused with a too_large reply; a larger
-        # one disconnects its sender before it is buffered whole.
-        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes)
+        # per socket: messages taken, lookups answered, messages refused there
+        self.served = {name: {"messages": 0, "lookups": 0, "refused": 0} for name in (MAIN, LANE)}
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._lookup_socket = self._context.socket(zmq.ROUTER)
         try:
-            self._socket.bind(f"tcp://{config.host}:{config.port}")
-        except zmq.ZMQError as exc:
-            self._socket.close()
+            self.port = self._bind(self._socket, MAIN, config.port, "--port")
+            self.lookup_port = self._bind(self._lookup_socket, LANE, config.lookup_port,
+                                          "--lookup-port")
+        except ConfigError:
+            self._socket.close(linger=0)
+            self._lookup_socket.close(linger=0)
             if self.guard is not None:
                 self.guard.close()
-            raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); "
-                              "choose another --port or stop the process using it") from None
-        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.port = int(endpoint.rsplit(":", 1)[1])
+            raise
         self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "register": self._on_register, "heartbeat": self._on_heartbeat,
             "batch": self._on_batch, "sync": self._on_sync, "deregister": self._on_deregister,
@@ -204,14 +220,32 @@ class ControllerService:
         }
         self.event("restart", f"controller {self.controller_id} started (pid {os.getpid()})")
 
+    def _bind(self, sock: zmq.Socket, name: str, port: int, option: str) -> int:
+        """Secure (with a key), limit and bind one of the ROUTER sockets; its port."""
+        if self.guard is not None:
+            self.guard.secure_server(sock, self.config.key, name)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A frame up to twice the limit is read and refused with a too_large reply; a larger
+        # one disconnects its sender before it is buffered whole.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_message_bytes)
+        try:
+            sock.bind(f"tcp://{self.config.host}:{port}")
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot listen on {self.config.host}:{port} ({exc.strerror}); "
+                              f"choose another {option} or stop the process using it") from None
+        return int(sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+
     # ------------------------------------------------------------------ loop
     def serve_forever(self, signals: SignalLatch | None = None) -> None:
         """Serve until :meth:`stop` or a stop signal recorded by ``signals`` (whose reload
         signal reads the key file again)."""
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
-        log.info("controller %s listening on %s:%d (shard %s)", self.controller_id,
-                 self.config.host, self.port, self.config.shard)
+        poller.register(self._lookup_socket, zmq.POLLIN)
+        log.info("controller %s listening on %s:%d, lookups also on %d (shard %s)",
+                 self.controller_id, self.config.host, self.port, self.lookup_port,
+                 self.config.shard)
         gc_policy.rare_full_collections()  # (a full collection: 50-130 ms of one step)
         try:
             while not self._stop.is_set() and not (signals and signals.stop_requested):
@@ -223,21 +257,14 @@ class ControllerService:
                 if ready:
                     drained = False
                     for _ in range(1000):  # drain what is queued, then check timers
-                        try:
-                            parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            drained = True
-                            break
-                        # the tenant the ZAP check found for the sender's key ("" = cluster)
-                        tenant = self.guard.member(parts[-1].get("User-Id")) \
-                            if self.guard is not None else ""
-                        if tenant is None:  # opened with a key retired since: no answer
-                            self.guard.refuse_retired()
+                        lookups = self.serve_lookups()  # the lookup lane first, every step
+                        if not self._serve_one(self._socket, MAIN):
+                            if lookups < LOOKUP_BURST:
+                                drained = True
+                                break
                             continue
-                        self._step_kind = "message"  # answer() names the type
-                        self._timed(self._handle, [p.bytes for p in parts], tenant)
-                        self._step_kind = "absorb"
                         if self.index.pending:
+                            self.serve_lookups()
                             self._timed(self.index.absorb)
                 elif self.index.pending:
                     self._timed(self.index.absorb)
@@ -253,8 +280,35 @@ class ControllerService:
         finally:
             gc_policy.restore()
             self._socket.close(linger=0)
+            self._lookup_socket.close(linger=0)
             if self.guard is not None:
                 self.guard.close()
+
+    def serve_lookups(self, limit: int = LOOKUP_BURST) -> int:
+        """Answer what waits on the lookup socket, up to ``limit`` messages (never blocks):
+        the loop calls it before each step of other work. Returns how many it took."""
+        for served in range(limit):
+            if not self._serve_one(self._lookup_socket, LANE):
+                return served
+        return limit
+
+    def _serve_one(self, sock: zmq.Socket, name: str) -> bool:
+        """Take one message from ``sock`` (without waiting) and answer it; False when none
+        was queued."""
+        try:
+            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        self.served[name]["messages"] += 1
+        # the tenant the ZAP check found for the sender's key ("" = cluster)
+        tenant = self.guard.member(parts[-1].get("User-Id")) if self.guard is not None else ""
+        if tenant is None:  # opened with a key retired since: no answer
+            self.guard.refuse_retired()
+            return True
+        self._step_kind = "message"  # answer() names the type
+        self._timed(self._handle, [p.bytes for p in parts], tenant, sock, name)
+        self._step_kind = "absorb"
+        return True
 
     def _timed(self, step: Callable[..., Any], *args: Any) -> None:
         started = time.thread_time()
@@ -312,19 +366,22 @@ class ControllerService:
         self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         log.info("%s: %s", kind, detail)
 
-    def _handle(self, frames: list[bytes], tenant: str = "") -> None:
+    def _handle(self, frames: list[bytes], tenant: str = "", sock: zmq.Socket | None = None,
+                name: str = MAIN) -> None:
         if len(frames) < 2:
             return
-        envelope, reply = self.answer(frames, tenant)
+        envelope, reply = self.answer(frames, tenant, name)
         try:
-            self._socket.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            (sock or self._socket).send_multipart([*envelope, reply], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
 
-    def answer(self, frames: list[bytes], tenant: str = "") -> tuple[list[bytes], bytes]:
+    def answer(self, frames: list[bytes], tenant: str = "",
+               socket_name: str = MAIN) -> tuple[list[bytes], bytes]:
         """The reply to one received message (routing frames, then the message) from a sender
-        of ``tenant`` ("" = the cluster key): the frames to send it back on and its encoded
-        bytes. Never raises."""
+        of ``tenant`` ("" = the cluster key) on socket ``socket_name`` (the lookup socket
+        refuses what it does not serve): the frames to send it back on and its encoded bytes.
+        Never raises."""
         envelope, payload = frames[:-1], frames[-1]
         size = sum(len(f) for f in frames)
         if len(frames) > MAX_FRAMES or size > self.config.max_message_bytes:
@@ -335,17 +392,26 @@ class ControllerService:
                                    "frame")
         else:
             reply = serving.answer(payload, CONTROLLER_TYPES,
-                                   lambda message: self._dispatch(message, tenant),
+                                   lambda message: self._dispatch(message, tenant, socket_name),
                                    self.config.max_message_bytes)
         if reply["type"] == "error" and reply["code"] not in _NOT_COUNTED:
             self.refused += 1
+            self.served[socket_name]["refused"] += 1
             self.event("refused", reply["message"][:200])
         return envelope, protocol.encode_reply(reply)
 
-    def _dispatch(self, message: dict[str, Any], tenant: str) -> dict[str, Any]:
+    def _dispatch(self, message: dict[str, Any], tenant: str,
+                  socket_name: str = MAIN) -> dict[str, Any]:
         message[TENANT_FIELD] = tenant  # after decoding: nobody names their own tenant
         if self._step_kind == "message":
             self._step_kind = message["type"]
+        if socket_name == LANE and message["type"] not in LOOKUP_LANE_TYPES:
+            raise LMShareError(f"port {self.lookup_port} is this controller's lookup port; it "
+                               f"answers {' and '.join(sorted(LOOKUP_LANE_TYPES))} only: send "
+                               f"{message['type']!r:.30} to its control port {self.port}",
+                               code=ErrorCode.WRONG_PORT)
+        if message["type"] == "lookup":
+            self.served[socket_name]["lookups"] += 1
         if message["type"] in LEADER_ONLY and self.role == "standby":
             leader = self.election.leader or "being elected"
             raise LMShareError(f"this controller is a standby; the leader is {leader}; send "
@@ -464,7 +530,7 @@ class ControllerService:
             return protocol.ok(m["id"], epoch=existing.epoch, controller_id=self.controller_id,
                                heartbeat_interval_s=self.pacing.interval_s,
                                heartbeat_timeout_s=self.pacing.timeout_s,
-                               shard=str(self.config.shard))
+                               shard=str(self.config.shard), lookup_port=self.lookup_port)
         self._next_epoch += 1
         # a worker's epoch is its proof of registration in deregister, heartbeat, batch and
         # sync: random, so that nobody can guess it (sequential epochs were two guesses away)
@@ -486,7 +552,7 @@ class ControllerService:
         return protocol.ok(m["id"], epoch=record.epoch, controller_id=self.controller_id,
                            heartbeat_interval_s=self.pacing.interval_s,
                            heartbeat_timeout_s=self.pacing.timeout_s,
-                           shard=str(self.config.shard))
+                           shard=str(self.config.shard), lookup_port=self.lookup_port)
 
     def _on_heartbeat(self, m: dict[str, Any]) -> dict[str, Any]:
         record = self._worker(m)
@@ -671,7 +737,7 @@ class ControllerService:
     def _on_ping(self, m: dict[str, Any]) -> dict[str, Any]:
         return protocol.ok(m["id"], controller_id=self.controller_id, role=self.role,
                            leader=self.election.leader if self.election is not None else "",
-                           shard=str(self.config.shard))
+                           shard=str(self.config.shard), lookup_port=self.lookup_port)
 
     def _on_stats(self, m: dict[str, Any]) -> dict[str, Any]:
         tenant = m.get(TENANT_FIELD, "")
@@ -681,7 +747,16 @@ class ControllerService:
         # the loop's steps by kind, [count, over 10 ms of CPU]: what a lookup can wait behind
         return protocol.ok(m["id"], stats=stats.to_dict(), steps=self.step_counts,
                            heartbeat_interval_s=self.pacing.interval_s,
-                           shard=str(self.config.shard))
+                           shard=str(self.config.shard), lookup_port=self.lookup_port,
+                           sockets=self.socket_counts())
+
+    def socket_counts(self) -> dict[str, dict[str, Any]]:
+        """Per socket: its port, messages taken, lookups answered, messages refused, and
+        connections refused by the key check (by reason)."""
+        refused = self.guard.by_socket() if self.guard is not None else {}
+        ports = {MAIN: self.port, LANE: self.lookup_port}
+        return {name: {"port": ports[name], **counts, "refused_connections": refused.get(name, {})}
+                for name, counts in self.served.items()}
 
     def tenant_stats(self, tenant: str) -> ClusterStats:
         """What ``tenant`` may see: its live workers and its lookups' figures, no events."""

@@ -135,7 +135,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     shard = Shard.parse(args.shard)
     key = _key(args)
     service = ControllerService(ControllerConfig(
-        host=args.host, port=args.port, heartbeat_interval_s=args.heartbeat_interval, shard=shard,
+        host=args.host, port=args.port, lookup_port=args.lookup_port,
+        heartbeat_interval_s=args.heartbeat_interval, shard=shard,
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_message_bytes=args.max_message_bytes, key=key,
         tenants=tuple(t.strip() for t in (args.tenants or "").split(",") if t.strip()),
@@ -163,7 +164,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     if shard.count > 1:
         role += f" as shard {shard}"
     security = f"cluster key {key.fingerprint}" if key else "INSECURE: no cluster key"
-    print(f"lmshare controller listening on {args.host}:{service.port}{role}; {security}",
+    print(f"lmshare controller listening on {args.host}:{service.port} (lookups also on "
+          f"{service.lookup_port}){role}; {security}",
           flush=True)
     try:
         service.serve_forever(signals)
@@ -421,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("controller", help="run the controller")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7800, help="control port (default 7800)")
+    p.add_argument("--lookup-port", type=int, default=0, metavar="PORT",
+                   help="port of the lookup socket, served before worker traffic (advertised to "
+                        "workers and routers; default 0 = any free port: pin it where a "
+                        "firewall must let it through)")
     p.add_argument("--heartbeat-interval", type=_positive, default=1.0, metavar="S")
     p.add_argument("--heartbeat-timeout", type=_positive, default=5.0, metavar="S",
                    help="declare a worker dead after this long without heartbeats (default 5)")

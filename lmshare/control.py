@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -132,6 +133,45 @@ class ControllerClient(RpcClient):
         self.host, self.port = host, port
 
 
+def advertised_lookup_port(reply: dict[str, Any]) -> int | None:
+    """The lookup port a controller's register, ping or stats reply advertises, checked (an
+    int in 1..65535); None when it names none or something else."""
+    port = reply.get("lookup_port") if isinstance(reply, dict) else None
+    return port if type(port) is int and 1 <= port <= 65535 else None
+
+
+@dataclass
+class LookupPorts:
+    """The lookup ports controllers advertised, by control address (``(host, port)``): learned
+    from their replies, forgotten when a lookup there goes unanswered. Any thread may use it."""
+
+    _ports: dict[tuple[str, int], int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def learn(self, address: tuple[str, int], reply: dict[str, Any]) -> None:
+        """What ``reply`` (from the controller at ``address``) advertises; a reply naming no
+        lookup port (an older controller) forgets the one known."""
+        port = advertised_lookup_port(reply)
+        with self._lock:
+            if port is None:
+                self._ports.pop(address, None)
+            else:
+                self._ports[address] = port
+
+    def get(self, address: tuple[str, int]) -> int | None:
+        with self._lock:
+            return self._ports.get(address)
+
+    def forget(self, address: tuple[str, int], port: int) -> None:
+        """A lookup on ``port`` went unanswered: use the control port until a reply advertises
+        one again (unless a newer port was learned meanwhile)."""
+        with self._lock:
+            if self._ports.get(address) == port:
+                del self._ports[address]
+                log.info("lookup port %d of the controller at %s:%d did not answer; asking its "
+                         "control port until it advertises one again", port, *address)
+
+
 def _set_key(client: RpcClient, key: ClusterKey | None) -> None:
     client.curve = key.curve_client() if key is not None else None
     client.reset()  # the next call connects with the new client key
@@ -144,10 +184,14 @@ class FailoverControllerClient:
     (or to the leader the refusal names). Each try has its own deadline, so a call takes at most
     ``len(addresses)`` deadlines. With one address it behaves like :class:`ControllerClient`.
     Not thread-safe (make one per thread).
+
+    Given ``lookup_ports``, its calls go to each controller's advertised lookup port once known
+    (else its control port): a client for lookups. A call unanswered there forgets that port.
     """
 
     def __init__(self, addresses: list[tuple[str, int]], timeout_s: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None, key: ClusterKey | None = None) -> None:
+                 context: zmq.Context | None = None, key: ClusterKey | None = None,
+                 lookup_ports: LookupPorts | None = None) -> None:
         if not addresses:
             raise ValueError("at least one controller address is needed")
         self.addresses = list(addresses)
@@ -157,6 +201,7 @@ class FailoverControllerClient:
         self._current = 0
         self.key = key
         self._using = key
+        self.lookup_ports = lookup_ports
 
     def set_key(self, key: ClusterKey | None) -> None:
         """Connect with ``key`` from the next call on (a reloaded key file). Any thread may
@@ -166,6 +211,12 @@ class FailoverControllerClient:
     @property
     def endpoint(self) -> str:
         return self._clients[self._current].endpoint
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The control address of the controller the next call goes to first (the last one
+        that answered)."""
+        return self.addresses[self._current]
 
     def _index_of(self, hint: str) -> int | None:
         for index, (host, port) in enumerate(self.addresses):
@@ -179,7 +230,22 @@ class FailoverControllerClient:
             self._using = self.key
             for client in self._clients:
                 _set_key(client, self._using)
+        if self.lookup_ports is not None:
+            for (host, port), client in zip(self.addresses, self._clients):
+                wanted = self.lookup_ports.get((host, port)) or port
+                if client.port != wanted:  # learned, moved or forgotten: reconnect there
+                    client.reset()
+                    client.port, client.endpoint = wanted, f"tcp://{host}:{wanted}"
         return self._clients[self._current]
+
+    def unanswered(self, client: ControllerClient) -> None:
+        """``client`` (one of this one's) did not answer in time: forget the lookup port it
+        used, so the next call asks that controller's control port."""
+        if self.lookup_ports is None:
+            return
+        for address, own in zip(self.addresses, self._clients):
+            if own is client and client.port != address[1]:
+                self.lookup_ports.forget(address, client.port)
 
     def skip(self) -> None:
         """The current controller did not answer: start the next call at the next one."""
@@ -194,8 +260,11 @@ class FailoverControllerClient:
             try:
                 reply = client.call(type_, timeout_s=timeout_s, **fields)
             except ControllerUnavailable as exc:
+                self.unanswered(client)
                 last = exc
             except RemoteError as exc:
+                if exc.code in _NOT_A_LOOKUP_PORT:
+                    self.unanswered(client)  # something else listens there now
                 if exc.code != "not_leader":
                     raise
                 last = exc
@@ -223,6 +292,10 @@ class FailoverControllerClient:
     def close(self) -> None:
         for client in self._clients:
             client.close()
+
+
+# refusals that say the port is not (or no longer) a controller's lookup port
+_NOT_A_LOOKUP_PORT = frozenset({"wrong_port", "unknown_type", "bad_version"})
 
 
 @dataclass
@@ -295,11 +368,14 @@ def call_all(calls: Sequence[tuple[FailoverControllerClient, str, dict[str, Any]
                     continue  # a late reply to an earlier, timed-out call
                 results[index] = RemoteError(str(reply.get("code")), str(reply.get("message"))) \
                     if reply["type"] == "error" else reply
+                if reply["type"] == "error" and reply.get("code") in _NOT_A_LOOKUP_PORT:
+                    calls[index][0].unanswered(wait.client)
                 del waiting[index]
                 break
     for index, wait in waiting.items():
         wait.client.reset()  # a late reply must not be read as the answer to the next call
         failover, type_, _ = calls[index]
+        failover.unanswered(wait.client)
         if len(failover.addresses) > 1:
             failover.skip()
         results[index] = wait.client.unavailable_error(

@@ -22,6 +22,7 @@ class ErrorCode:
     WORKER_RESTARTED = "worker_restarted"
     NOT_LEADER = "not_leader"
     WRONG_SHARD = "wrong_shard"  # keys another controller shard owns (lmshare/shards.py)
+    WRONG_PORT = "wrong_port"  # a message the controller's lookup port does not serve
     NOT_FOUND = "not_found"
     BUSY = "busy"  # the worker's request queue is full or the request waited past its deadline
     INTERNAL = "internal"

@@ -27,7 +27,7 @@ from typing import Any
 
 from lmshare import misses, protocol
 from lmshare.client import worker_endpoint
-from lmshare.control import FailoverControllerClient, call_all
+from lmshare.control import FailoverControllerClient, LookupPorts, call_all
 from lmshare.credentials import reload_on_sighup
 from lmshare.errors import (
     ConfigError,
@@ -174,6 +174,8 @@ class WorkerAgent:
         # its replies drive the duties the controller hands out (signature mismatches, tenant
         # caps): the other shards' replies only carry hand-off orders for their own keys
         shards = config.shard_addresses
+        # each controller's lookup port, as its register replies advertise it: lookups go there
+        self.lookup_ports = LookupPorts()
         self.links = [ControlLink(
             FailoverControllerClient(addresses, config.rpc_timeout_s, key=config.key),
             self.pool, registration, self.counter_snapshot,
@@ -181,11 +183,11 @@ class WorkerAgent:
             if index == 0 else None,
             digest_of=self.digests.get if config.digests else None,
             on_heartbeat_reply=self._on_heartbeat_reply if index == 0 else self._on_replicate,
-            shard=Shard(index, len(shards)))
+            shard=Shard(index, len(shards)), lookup_ports=self.lookup_ports)
             for index, addresses in enumerate(shards)]
         self.link = self.links[0]
         self.handoff = Handoff(self)  # graceful drain: chunks only it holds go to peers
-        self._lookup_clients = threading.local()
+        self._controller_clients = threading.local()  # per thread, by kind
         if self.endpoint.startswith("ipc://"):
             try:
                 ensure_private_dir(os.path.dirname(self.endpoint[len("ipc://"):]))
@@ -352,14 +354,19 @@ class WorkerAgent:
         """Registered with every controller shard."""
         return all(link.registered.is_set() for link in self.links)
 
-    def controllers(self) -> list[FailoverControllerClient]:
-        """This thread's clients of the controllers, one per shard."""
-        clients = getattr(self._lookup_clients, "clients", None)
+    def controllers(self, lookups: bool = True) -> list[FailoverControllerClient]:
+        """This thread's clients of the controllers, one per shard: for lookups (to each
+        controller's advertised lookup port once known), or for other requests (``lookups``
+        False: the control ports)."""
+        name = "lookup" if lookups else "control"
+        clients = getattr(self._controller_clients, name, None)
         if clients is None:
             clients = [FailoverControllerClient(addresses, self.config.rpc_timeout_s,
-                                                key=self.config.key)
+                                                key=self.config.key,
+                                                lookup_ports=self.lookup_ports if lookups
+                                                else None)
                        for addresses in self.config.shard_addresses]
-            self._lookup_clients.clients = clients
+            setattr(self._controller_clients, name, clients)
         for client in clients:
             if client.key is not self.config.key:
                 client.set_key(self.config.key)  # reloaded (applied by this thread's next call)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lmshare.backoff import Backoff
-from lmshare.control import FailoverControllerClient
+from lmshare.control import FailoverControllerClient, LookupPorts
 from lmshare.errors import ConfigError, ControllerUnavailable, LMShareError, RemoteError
 from lmshare.pool import KVPool
 from lmshare.protocol import ErrorCode
@@ -57,8 +57,10 @@ class ControlLink:
                  heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
                  digest_of: Callable[[bytes], bytes | None] | None = None,
                  on_heartbeat_reply: Callable[[dict[str, Any]], None] | None = None,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, lookup_ports: LookupPorts | None = None) -> None:
         self._client = client
+        # where the controllers' lookup ports are learned (from each register reply)
+        self.lookup_ports = lookup_ports
         self.shard = shard or Shard()  # the keys this link's controller indexes
         self._on_heartbeat_reply = on_heartbeat_reply  # sees each heartbeat's reply
         self._digest_of = digest_of  # the writer's digest of a chunk, sent with its admit
@@ -100,6 +102,8 @@ class ControlLink:
         reply = self._client.call("register", timeout_s=timeout_s, **self._registration)
         elapsed = time.perf_counter() - started
         self._check_shard(reply)
+        if self.lookup_ports is not None:
+            self.lookup_ports.learn(self._client.address, reply)
         self.epoch = reply["epoch"]
         self.controller_id = reply["controller_id"]
         self.heartbeat_interval_s = float(reply["heartbeat_interval_s"])

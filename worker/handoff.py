@@ -169,7 +169,7 @@ class Handoff:
     def _call(self, deadline: float, shard: int = 0) -> Callable[..., dict[str, Any]]:
         """``handoff`` requests to controller shard ``shard`` (the only one, without shards)."""
         agent = self._agent
-        client = agent.controllers()[shard]
+        client = agent.controllers(lookups=False)[shard]
         link = agent.links[shard]
 
         def call(**fields: Any) -> dict[str, Any]:

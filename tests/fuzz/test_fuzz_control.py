@@ -44,8 +44,8 @@ def service():
         yield service
 
 
-def check(service, frames: list[bytes]) -> dict:
-    envelope, data = service.answer(frames)
+def check(service, frames: list[bytes], socket_name: str = "control") -> dict:
+    envelope, data = service.answer(frames, "", socket_name)
     reply = msgpack.unpackb(data, strict_map_key=False)
     assert reply["type"] in ("ok", "error")
     if reply["type"] == "error":
@@ -75,13 +75,42 @@ def check_frames(service, frames: list[bytes]) -> None:
     check(service, frames)
 
 
+def check_lane_message(service, case: tuple[dict, str | None]) -> None:
+    """Anything on the lookup socket: a lookup or ping answered, everything else refused, and
+    nothing it carries changes the registry or the index."""
+    message, worker = case
+    if worker is not None and message["type"] not in ("register", "deregister"):
+        message["worker_id"] = worker
+        message["epoch"] = service.known[worker]
+    before = (dict(service.registry.workers), len(service.index))
+    reply = check(service, [b"peer", pack(message)], "lookup")
+    if message.get("type") not in ("lookup", "ping"):
+        assert reply["type"] == "error"
+    assert (dict(service.registry.workers), len(service.index)) == before
+
+
+def check_advertised_port(service, reply: object) -> None:
+    """Whatever a reply carries as ``lookup_port``, a client learns a port or nothing."""
+    from lmshare.control import advertised_lookup_port
+
+    port = advertised_lookup_port(reply if isinstance(reply, dict) else {"lookup_port": reply})
+    assert port is None or (type(port) is int and 1 <= port <= 65535)
+
+
 PAYLOADS = payloads(CONTROLLER_TYPES)
 WORKER_MESSAGES = st.tuples(messages(CONTROLLER_TYPES), st.sampled_from(["w1", "w2", None]))
 FRAMES = st.lists(st.binary(max_size=64), min_size=2, max_size=6)
+REPLY_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4), max_leaves=12)
 # name: (what the fuzzer draws, the check, the context that makes the checked object)
 TARGETS = {"control-payload": (PAYLOADS, check_payload, controller),
            "control-worker-message": (WORKER_MESSAGES, check_worker_message, controller),
-           "control-frames": (FRAMES, check_frames, controller)}
+           "control-frames": (FRAMES, check_frames, controller),
+           "lookup-lane-message": (WORKER_MESSAGES, check_lane_message, controller),
+           "lookup-port-advertised": (REPLY_VALUES, check_advertised_port, controller)}
 
 
 @FUZZ
@@ -100,3 +129,15 @@ def test_messages_of_registered_workers_get_a_clean_reply(service, case):
 @given(FRAMES)
 def test_any_frames_get_a_clean_reply(service, frames):
     check_frames(service, frames)
+
+
+@FUZZ
+@given(WORKER_MESSAGES)
+def test_the_lookup_lane_changes_nothing(service, case):
+    check_lane_message(service, case)
+
+
+@FUZZ
+@given(REPLY_VALUES)
+def test_an_advertised_lookup_port_is_checked(service, reply):
+    check_advertised_port(service, reply)
