@@ -89,3 +89,33 @@ def test_a_silent_shard_ends_the_prefix_at_its_first_key(shards):
         finally:
             links.close()
     assert asyncio.run(run())["holders"] == [["w1"], ["w1"]]  # up to KEYS[2], shard 1's first
+
+
+def test_lookups_move_to_each_shards_advertised_lookup_port(shards):
+    """A ping tells the router each shard's lookup port; the lookups after it go there, and a
+    lookup port that stops answering is forgotten (the control port is asked again)."""
+    services, _ = shards
+
+    async def run():
+        links = await connected(services)
+        try:
+            await links.learn_lookup_ports(5.0)
+            for service, link in zip(services, links.shards):
+                assert links.lookup_ports.get(link.address) == service.lookup_port
+            reply = await links.lookup(5.0, NS, KEYS)
+            assert reply["holders"] == [["w1"]] * len(KEYS)
+            # shard 1's lookup port moves away (a controller restarted on another one)
+            from lmshare.local_cluster import free_port
+
+            links.lookup_ports.learn(links.shards[1].address, {"lookup_port": free_port()})
+            await links.lookup(0.5, NS, KEYS)  # shard 1 does not answer there: forgotten
+            assert links.lookup_ports.get(links.shards[1].address) is None
+            return await links.lookup(5.0, NS, KEYS)
+        finally:
+            links.close()
+    reply = asyncio.run(run())
+    assert reply["holders"] == [["w1"]] * len(KEYS)
+    assert services[0].served["lookup"]["lookups"] == 3
+    assert services[0].served["control"]["lookups"] == 0
+    assert services[1].served["lookup"]["lookups"] == 1
+    assert services[1].served["control"]["lookups"] == 1
