@@ -498,6 +498,8 @@ def _lookups(ports: list[int], key_file: str, workers: int, clients: int, rate: 
     key = load_key_file(key_file)
     shards = len(ports)
     context = zmq.Context()
+    ports = _advertised_ports(context, key, ports)  # the lookup lane, where there is one
+    print(f"lookup clients ask ports {ports}", file=sys.stderr, flush=True)
     poller = zmq.Poller()
     socks: list[list[zmq.Socket]] = []  # client → a socket per shard
     owner: dict[zmq.Socket, tuple[int, int]] = {}  # socket → (client, shard)
@@ -589,13 +591,36 @@ def _lookups(ports: list[int], key_file: str, workers: int, clients: int, rate: 
 
 
 # ---------------------------------------------------------------------------- the controllers
-def shard_option(tree: Path) -> bool:
-    """Whether the controller of ``tree`` takes ``--shard K/N``."""
+def _controller_help(tree: Path) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)}
-    out = subprocess.run([sys.executable, "-m", "lmshare", "controller", "--help"], cwd=tree,
-                         env=env, capture_output=True, text=True, timeout=60).stdout
-    return "--shard" in out
+    return subprocess.run([sys.executable, "-m", "lmshare", "controller", "--help"], cwd=tree,
+                          env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def shard_option(tree: Path) -> bool:
+    """Whether the controller of ``tree`` takes ``--shard K/N``."""
+    return "--shard" in _controller_help(tree)
+
+
+def lookup_port_option(tree: Path) -> bool:
+    """Whether the controller of ``tree`` has a lookup socket (``--lookup-port``)."""
+    return "--lookup-port" in _controller_help(tree)
+
+
+def _advertised_ports(context: zmq.Context, key, ports: list[int]) -> list[int]:
+    """Each controller's lookup port as its ``ping`` reply advertises it (as routers learn
+    it), else its control port (a controller without a lookup socket)."""
+    from lmshare.control import advertised_lookup_port
+
+    out = []
+    for port in ports:
+        sock = _controller_socket(context, None, key, port, reconnect_max_ms=500)
+        sock.send(protocol.encode(protocol.request("ping", 1)))
+        reply = msgpack.unpackb(sock.recv(), raw=False) if sock.poll(30_000) else {}
+        sock.close(linger=0)
+        out.append(advertised_lookup_port(reply) or port)
+    return out
 
 
 class Fleet:
@@ -608,7 +633,10 @@ class Fleet:
         self.shards = shards
         self.digests = digests
         self.workdir = workdir
-        self.ports = _free_ports(shards)
+        # a lookup socket's port is fixed, so that it stays the same across the restart phase
+        self.lookup_flag = lookup_port_option(tree)
+        every = _free_ports(2 * shards if self.lookup_flag else shards)
+        self.ports, self.lookup_ports = every[:shards], every[shards:]
         self.controllers: list[subprocess.Popen] = []
         self.sims: list[tuple[mp.Process, Any]] = []
         self.lookup_proc: mp.Process | None = None
@@ -631,6 +659,8 @@ class Fleet:
         for shard, port in enumerate(self.ports):
             log = open(self.workdir / f"controller-{self.label}-{shard}.log", "ab")
             extra = ["--shard", f"{shard}/{self.shards}"] if self.shard_flag else []
+            if self.lookup_flag:
+                extra += ["--lookup-port", str(self.lookup_ports[shard])]
             self.controllers.append(subprocess.Popen(
                 [sys.executable, "-m", "lmshare", "--log-level", "warning", "controller", "--host",
                  "127.0.0.1", "--port", str(port), "--key-file", self.key_file, *extra],
@@ -910,7 +940,7 @@ def measure(tree: Path, label: str, shards: int, args: argparse.Namespace, key_f
     """Every phase against one variant; ``out`` filled as they go (``checkpoint()`` saves)."""
     fleet = Fleet(tree, label, shards, args, key_file, workdir, digests)
     out.update({"label": label, "shards": shards, "digests": digests,
-                "shard_option": fleet.shard_flag})
+                "shard_option": fleet.shard_flag, "lookup_lane": fleet.lookup_flag})
     timeout = args.phase_timeout_s
     try:
         fleet.start_controllers()
@@ -972,7 +1002,8 @@ def measure(tree: Path, label: str, shards: int, args: argparse.Namespace, key_f
             _stream_and_big_sync(fleet, args, out, checkpoint)
         time.sleep(2.0)
         # 4. restart: kill, start again, every worker re-registers and re-syncs
-        out["restart"] = _restart(fleet, label, args)
+        if not args.no_restart:
+            out["restart"] = _restart(fleet, label, args)
         checkpoint()
     except Exception:
         out["at_failure"] = _diagnose(fleet)
@@ -1346,6 +1377,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-settle-s", type=float, default=10.0,
                    help="heartbeats watched after the index is complete (workers declared "
                         "dead show within --heartbeat-timeout)")
+    p.add_argument("--no-restart", action="store_true",
+                   help="end each variant after the streaming phase (no restart phase)")
     p.add_argument("--restart-only", action="store_true",
                    help="register and index, then only the restart (no streaming, no big sync)")
     p.add_argument("--baseline", default="",
@@ -1398,7 +1431,7 @@ def run(argv: list[str] | None = None) -> tuple[str, dict]:
             # (its digest records cost ~220 µs an admit once full, a bug fixed with the compact
             # index: with digests it would not get far past 1M chunks, so it runs without)
             variants.append((baseline_tree(args.baseline, workdir),
-                             f"dict index ({args.baseline})", 1, args.baseline_digests))
+                             f"baseline {args.baseline}", 1, args.baseline_digests))
         for tree, label, shards, digests in variants:
             out: dict[str, Any] = {}
             results.append(out)
