@@ -59,14 +59,20 @@ def check_payload(service, payload: bytes) -> None:
     check(service, [b"peer", payload])
 
 
-def check_worker_message(service, case: tuple[dict, str | None]) -> None:
-    """Near-valid messages that name a registered worker and its epoch, so they reach the
-    handlers' logic (batches, syncs, heartbeats, lookups of what was indexed)."""
+def as_worker(service, case: tuple[dict, str | None]) -> dict:
+    """The drawn message, sent as the drawn registered worker (its id and epoch) unless it
+    is a registration or none was drawn."""
     message, worker = case
     if worker is not None and message["type"] not in ("register", "deregister"):
         message["worker_id"] = worker
         message["epoch"] = service.known[worker]
-    check(service, [b"peer", pack(message)])
+    return message
+
+
+def check_worker_message(service, case: tuple[dict, str | None]) -> None:
+    """Near-valid messages that name a registered worker and its epoch, so they reach the
+    handlers' logic (batches, syncs, heartbeats, lookups of what was indexed)."""
+    check(service, [b"peer", pack(as_worker(service, case))])
     reply = check(service, [b"peer", pack(protocol.request("stats", 2))])
     assert reply["type"] == "ok"
 
@@ -78,10 +84,7 @@ def check_frames(service, frames: list[bytes]) -> None:
 def check_lane_message(service, case: tuple[dict, str | None]) -> None:
     """Anything on the lookup socket: a lookup or ping answered, everything else refused, and
     nothing it carries changes the registry or the index."""
-    message, worker = case
-    if worker is not None and message["type"] not in ("register", "deregister"):
-        message["worker_id"] = worker
-        message["epoch"] = service.known[worker]
+    message = as_worker(service, case)
     before = (dict(service.registry.workers), len(service.index))
     reply = check(service, [b"peer", pack(message)], "lookup")
     if message.get("type") not in ("lookup", "ping"):
