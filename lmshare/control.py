@@ -18,6 +18,7 @@ from lmshare.credentials import ClusterKey, CurveKeys
 from lmshare.errors import (
     ConfigError,
     ControllerUnavailable,
+    ErrorCode,
     LMShareError,
     ProtocolError,
     RemoteError,
@@ -131,6 +132,11 @@ class ControllerClient(RpcClient):
         super().__init__(f"tcp://{host}:{port}", timeout_s, context,
                          key.curve_client() if key is not None else None)
         self.host, self.port = host, port
+
+
+# refusals that say a port is not (or no longer) a controller's lookup port
+NOT_A_LOOKUP_PORT = frozenset({ErrorCode.WRONG_PORT, ErrorCode.UNKNOWN_TYPE,
+                               ErrorCode.BAD_VERSION})
 
 
 def advertised_lookup_port(reply: dict[str, Any]) -> int | None:
@@ -263,7 +269,7 @@ class FailoverControllerClient:
                 self.unanswered(client)
                 last = exc
             except RemoteError as exc:
-                if exc.code in _NOT_A_LOOKUP_PORT:
+                if exc.code in NOT_A_LOOKUP_PORT:
                     self.unanswered(client)  # something else listens there now
                 if exc.code != "not_leader":
                     raise
@@ -294,8 +300,6 @@ class FailoverControllerClient:
             client.close()
 
 
-# refusals that say the port is not (or no longer) a controller's lookup port
-_NOT_A_LOOKUP_PORT = frozenset({"wrong_port", "unknown_type", "bad_version"})
 
 
 @dataclass
@@ -368,7 +372,7 @@ def call_all(calls: Sequence[tuple[FailoverControllerClient, str, dict[str, Any]
                     continue  # a late reply to an earlier, timed-out call
                 results[index] = RemoteError(str(reply.get("code")), str(reply.get("message"))) \
                     if reply["type"] == "error" else reply
-                if reply["type"] == "error" and reply.get("code") in _NOT_A_LOOKUP_PORT:
+                if reply["type"] == "error" and reply.get("code") in NOT_A_LOOKUP_PORT:
                     calls[index][0].unanswered(wait.client)
                 del waiting[index]
                 break

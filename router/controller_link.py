@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from lmshare import protocol
-from lmshare.control import LookupPorts, parse_controllers
+from lmshare.control import NOT_A_LOOKUP_PORT, LookupPorts, parse_controllers
 from lmshare.errors import ControllerUnavailable, LMShareError, ProtocolError, RemoteError
 from lmshare.shard_lookup import merge_lookups
 from lmshare.shards import parse_shard_addresses, split_by_shard
@@ -28,8 +28,6 @@ from lmshare.shards import parse_shard_addresses, split_by_shard
 log = logging.getLogger(__name__)
 
 LEARN_INTERVAL_S = 5.0  # how often a router without a shard's lookup port pings for it
-# refusals that say a port is not (or no longer) a controller's lookup port
-_NOT_A_LOOKUP_PORT = frozenset({"wrong_port", "unknown_type", "bad_version"})
 
 
 class AsyncControllerLink:
@@ -157,7 +155,7 @@ class AsyncControllerLink:
     def _checked(self, reply: dict[str, Any]) -> dict[str, Any]:
         """An ok reply as it is; an error reply raised as RemoteError."""
         if reply["type"] == "error":
-            if reply.get("code") in _NOT_A_LOOKUP_PORT:
+            if reply.get("code") in NOT_A_LOOKUP_PORT:
                 self._lane_failed()
             if reply.get("code") == protocol.ErrorCode.NOT_LEADER and len(self.addresses) > 1:
                 self._move_on()
